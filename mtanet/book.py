@@ -1,0 +1,205 @@
+"""Build the book: py:percent notebooks -> papermill (per-profile parameters) -> Jupyter Book HTML.
+
+``python -m mtanet.book --profile cpu`` is what ``make book`` runs. Steps:
+
+1. Each ``notebooks/NN_name.py`` is read with jupytext and executed by papermill with the parameters in
+   ``notebooks/params/NN_name/<profile>.yaml``, with an explicit kernel and the notebooks folder as working directory
+   (as in JupyterLab). Outputs go to ``<build>/src/book/chapters/``, never beside the paired notebooks.
+2. The book sources (``_config.yml``, ``_toc.yml``, ``book/``) are staged next to the executed chapters, and Jupyter
+   Book renders them with execution off and warnings as errors.
+
+A failing cell stops the build with the notebook's name, the cell's number and its first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES: tuple[str, ...] = ("smoke", "cpu", "gpu")
+KERNEL_NAME = "mtanet"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook cell raised; the message names the notebook, the cell and the error."""
+
+
+def project_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """The checkout: the nearest folder at or above ``start`` (default: cwd) holding ``_toc.yml`` and ``mtanet/``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "mtanet").is_dir():
+            return folder
+    # an installed (non-editable) package: fall back to the folder above the package, then cwd
+    package_parent = Path(__file__).resolve().parents[1]
+    if (package_parent / "_toc.yml").is_file():
+        return package_parent
+    return here
+
+
+def notebooks(root: Path | None = None) -> list[Path]:
+    """The chapter sources, in book order (their ``NN_`` prefix)."""
+    root = root or project_root()
+    return sorted((root / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def parameters_for(notebook: Path, profile: str) -> dict[str, Any]:
+    """The profile's parameters for one notebook (``notebooks/params/<stem>/<profile>.yaml``)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    path = notebook.parent / "params" / notebook.stem / f"{profile}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no parameters for profile {profile!r}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def toc_chapters(root: Path) -> list[str]:
+    """The chapter files that ``_toc.yml`` lists under ``book/chapters/``, in order."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    files: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(str(node["file"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(toc)
+    return [Path(f).name for f in files if f.startswith("book/chapters/")]
+
+
+def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel: str = KERNEL_NAME,
+            timeout: int | None = None) -> float:
+    """Execute one py:percent notebook with papermill; returns the wall time in seconds.
+
+    Raises:
+        NotebookFailed: naming the notebook, the failing cell and its error (the partly executed notebook is still
+            written to ``output`` so the traceback can be read).
+    """
+    import jupytext
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    unexecuted = output.with_suffix(".unexecuted.ipynb")
+    jupytext.write(jupytext.read(notebook), unexecuted, fmt="ipynb")
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout)
+    except PapermillExecutionError as err:
+        first_line = (err.source or "").strip().splitlines()[:1]
+        raise NotebookFailed(f"{notebook.name}: cell {err.cell_index} ({first_line[0] if first_line else ''!s}) "
+                             f"raised {err.ename}: {err.evalue}\n(executed notebook with the traceback: {output})") from None
+    finally:
+        unexecuted.unlink(missing_ok=True)
+    return time.perf_counter() - started
+
+
+def stage_sources(root: Path, src: Path) -> None:
+    """Copy the book's own pages and configuration next to where the executed chapters go."""
+    if src.exists():
+        shutil.rmtree(src)
+    (src / "book").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, src / name)
+    for item in (root / "book").iterdir():
+        if item.name.startswith("_") or item.name == "chapters":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, src / "book" / item.name)
+        else:
+            shutil.copy2(item, src / "book" / item.name)
+
+
+def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | None = None,
+          only: list[str] | None = None, html: bool = True, kernel: str = KERNEL_NAME) -> dict[str, Any]:
+    """Execute every chapter for ``profile`` and render the HTML book.
+
+    Args:
+        profile: ``smoke``, ``cpu`` or ``gpu`` (selects the parameter files).
+        root: the checkout (default: found from cwd).
+        build_dir: where ``src/`` (staged sources and executed chapters) and ``html/`` go; default ``book/_build``.
+        only: stems of the notebooks to execute (default: all); the others must already be executed in build_dir.
+        html: render with Jupyter Book after executing.
+
+    Returns:
+        A summary with the wall time of each notebook and of the HTML build; also written to
+        ``<build_dir>/timings-<profile>.json``.
+    """
+    root = root or project_root()
+    build_dir = Path(build_dir or root / "book" / "_build")
+    src = build_dir / "src"
+    chapters_dir = src / "book" / "chapters"
+    executed_keep = {p.name: p.read_bytes() for p in chapters_dir.glob("*.ipynb")} if chapters_dir.exists() else {}
+    stage_sources(root, src)
+    chapters_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in executed_keep.items():  # keep chapters that this call does not re-execute
+        (chapters_dir / name).write_bytes(content)
+    sources = notebooks(root)
+    listed = toc_chapters(root)
+    missing = sorted({p.stem for p in sources} ^ set(listed))
+    if missing:
+        raise RuntimeError(f"_toc.yml and notebooks/ disagree on {missing}: every notebook is a chapter, and only those")
+    timings: dict[str, Any] = {"profile": profile, "notebooks": {}}
+    for nb in sources:
+        if only and nb.stem not in only:
+            continue
+        params = parameters_for(nb, profile)
+        seconds = execute(nb, chapters_dir / f"{nb.stem}.ipynb", params, kernel=kernel)
+        timings["notebooks"][nb.stem] = round(seconds, 1)
+        print(f"[book] {nb.stem}: {seconds:.1f} s", flush=True)
+    if html:
+        started = time.perf_counter()
+        render_html(src, build_dir)
+        timings["html_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"[book] html: {timings['html_seconds']:.1f} s -> {build_dir / 'html' / 'index.html'}", flush=True)
+    (build_dir / f"timings-{profile}.json").write_text(json.dumps(timings, indent=2))
+    return timings
+
+
+def render_html(src: Path, build_dir: Path) -> None:
+    """Run Jupyter Book (Sphinx) on the staged sources: warnings are errors, the HTML lands in ``build_dir/html``."""
+    out = build_dir / "jb"
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out), "--all",
+           "-W", "-n", "--keep-going", "--builder", "html"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Jupyter Book build failed ({' '.join(cmd)}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    html = build_dir / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    shutil.move(str(out / "_build" / "html"), str(html))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtanet.book", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
+    parser.add_argument("--build-dir", type=Path, default=None, help="default: book/_build")
+    parser.add_argument("--only", nargs="*", help="notebook stems to execute (default: all)")
+    parser.add_argument("--no-html", action="store_true", help="execute only, do not render")
+    args = parser.parse_args(argv)
+    try:
+        build(args.profile, build_dir=args.build_dir, only=args.only, html=not args.no_html)
+    except (NotebookFailed, RuntimeError, FileNotFoundError) as err:
+        print(f"[book] FAILED: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,715 @@
+"""Reading an Aff-Wild2 root (real or synthetic) into one frame table, and feeding it to a model.
+
+The on-disk contract is `ABAW2020.md` (in the project's shared notes): one folder of 112x112 crops per name
+(`cropped_aligned/<name>/00001.jpg`), one annotation file per name, task and split
+(`annotations/VA_Set/Training_Set/<name>.txt`), a header line, then one line per frame, sentinels for "no label".
+Frame *i* (1-based) is line *i* after the header and image ``f"{i:05d}.jpg"``; frames without a detected face have no
+jpg, so images are matched by the number in their file name, never by listing order.
+
+Everything is read into a single pandas DataFrame with a row per (name, frame) that has an image or a label. Problems
+in the input either raise :class:`DataFormatError` naming the file and line, or are skipped and counted in a
+:class:`LoadReport` (the skips are documented in :data:`SKIP_KINDS`): nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtanet.tasks import (
+    EDITIONS,
+    EXPR_NAMES_2020,
+    EXPR_NAMES_2022,
+    LABEL_SENTINEL,
+    TASKS,
+    VA_NAMES,
+    Edition,
+)
+
+SPLITS: tuple[str, ...] = ("train", "val")
+IMAGE_DIR = "cropped_aligned"
+ANNOTATION_DIR = "annotations"
+
+#: What a :class:`LoadReport` may count instead of raising, and why each is a skip rather than an error.
+SKIP_KINDS: dict[str, str] = {
+    "va_out_of_range": "a valence/arousal value outside [-1, 1] that is not the -5 sentinel; ABAW2020.md says to treat "
+    "any such value as missing, so the row is unlabeled for VA",
+    "images_beyond_annotations": "a jpg whose frame number is past the last annotation line; kept as an image row "
+    "without labels",
+    "image_folder_without_annotations": "a crop folder whose name has no annotation file in any task or split",
+    "annotated_name_without_images": "a name with annotations but no crop folder; its rows are scored, never fed",
+    "unexpected_file": "a file in a crop folder that is not a five-digit .jpg",
+    "crlf_line_endings": "an annotation file with CRLF line endings; read correctly, counted so it can be fixed",
+    "unreadable_image": "a jpg that fails to decode (truncated or not a JPEG), found with verify_images=True; the row "
+    "keeps its labels for scoring but loses its image",
+    "labels_masked_cross_task_leak": "a training label of a video that is in another task's validation split; masked "
+    "unless allow_cross_task_leak=True",
+}
+
+
+class DataFormatError(ValueError):
+    """Malformed dataset input. The message always starts with ``path:line:`` (line omitted for whole files)."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str):
+        self.path = str(path)
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load skipped or noticed, by kind (see :data:`SKIP_KINDS`), with the first few places of each."""
+
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: one row per name that is in the training split of one task and the validation split of another
+    cross_task_overlap: pd.DataFrame | None = None
+    max_examples: int = 5
+
+    def add(self, kind: str, where: str, count: int = 1) -> None:
+        if kind not in SKIP_KINDS:
+            raise KeyError(f"undocumented skip kind {kind!r}")
+        self.counts[kind] += count
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < self.max_examples:
+            shown.append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+    def __str__(self) -> str:
+        if not self.counts:
+            return "load report: nothing skipped"
+        lines = ["load report:"]
+        for kind, n in sorted(self.counts.items()):
+            lines.append(f"  {kind}: {n} (e.g. {', '.join(self.examples.get(kind, []))})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- editions
+
+
+def detect_edition(root: str | os.PathLike[str]) -> Edition:
+    """Tell the ABAW edition from the folder names under ``<root>/annotations`` (not from a flag).
+
+    ``*_Challenge`` task folders mean 2022+; ``*_Set`` task folders with ``Training_Set`` mean 2020 and with
+    ``Train_Set`` mean 2021. The label names of 2020 and 2021 are then confirmed from the AU headers by the reader.
+    """
+    ann = Path(root) / ANNOTATION_DIR
+    if not ann.is_dir():
+        raise DataFormatError(ann, None, "no annotations folder: is data_root an Aff-Wild2 root?")
+    present = {p.name for p in ann.iterdir() if p.is_dir()}
+    if any(d in present for d in EDITIONS["2022"].task_dirs.values()):
+        return EDITIONS["2022"]
+    set_dirs = [ann / d for d in EDITIONS["2020"].task_dirs.values() if d in present]
+    if any((d / "Training_Set").is_dir() for d in set_dirs):
+        return EDITIONS["2020"]
+    if any((d / "Train_Set").is_dir() for d in set_dirs):
+        return EDITIONS["2021"]
+    raise DataFormatError(ann, None, f"cannot tell the ABAW edition from the folders {sorted(present)}")
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+_INT_RE = re.compile(r"^-?\d+$")
+
+
+def _expected_header(task: str, header: list[str], path: Path) -> tuple[str, ...]:
+    if task == "va":
+        if tuple(header) != VA_NAMES:
+            raise DataFormatError(path, 1, f"expected header 'valence,arousal', found {','.join(header)!r}")
+    elif task == "expr":
+        if tuple(header) not in (EXPR_NAMES_2020, EXPR_NAMES_2022):
+            raise DataFormatError(
+                path, 1, f"expected header {','.join(EXPR_NAMES_2020)!r} (or with ',Other'), found {','.join(header)!r}")
+    elif task == "au":
+        if not header or not all(re.fullmatch(r"AU\d+", h) for h in header) or len(set(header)) != len(header):
+            raise DataFormatError(path, 1, f"expected a header of AU names like 'AU1,AU2,...', found {','.join(header)!r}")
+    return tuple(header)
+
+
+def parse_annotation_text(text: str, task: str, path: str | os.PathLike[str] = "<string>",
+                          report: LoadReport | None = None) -> tuple[tuple[str, ...], np.ndarray]:
+    """Parse one annotation file's text.
+
+    Args:
+        text: the whole file, any line endings.
+        task: ``"va"``, ``"au"`` or ``"expr"``.
+        path: used in error messages only.
+        report: where skips are counted (VA values outside [-1, 1], CRLF endings).
+
+    Returns:
+        ``(header, values)``: ``values[i]`` is frame ``i + 1``. VA gives float32 (N, 2) with NaN where unlabeled;
+        AU gives int16 (N, K) with the whole row -1 where any AU is unlabeled; EXPR gives int16 (N,) with -1.
+
+    Raises:
+        DataFormatError: empty file, missing or wrong header, a wrong number of fields, a value that is not a number,
+            a blank line inside the data, an AU not in {0, 1, -1}, an expression outside [-1, C-1].
+    """
+    path = Path(path)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if text.strip() == "":
+        raise DataFormatError(path, 1, "empty file")
+    if "\r\n" in text and report is not None:
+        report.add("crlf_line_endings", str(path))
+    lines = text.splitlines()  # handles \n, \r\n and \r alike
+    while lines and lines[-1].strip() == "":  # a trailing newline or two is harmless
+        lines.pop()
+    header = [h.strip() for h in lines[0].split(",")]
+    if all(_looks_numeric(h) for h in header):
+        raise DataFormatError(path, 1, f"missing header line: the first line {lines[0]!r} is data")
+    header_t = _expected_header(task, header, path)
+    width = 1 if task == "expr" else len(header_t)  # EXPR lines hold one class index, the others one value per name
+    rows = [line.split(",") for line in lines[1:]]
+    bad_width = [i for i, r in enumerate(rows) if len(r) != width or lines[i + 1].strip() == ""]
+    if bad_width:
+        i = bad_width[0]
+        what = "blank line" if lines[i + 1].strip() == "" else f"{len(rows[i])} fields"
+        raise DataFormatError(path, i + 2, f"{what} where a {task.upper()} line needs {width} field(s)")
+    n = len(rows)
+    if task == "va":
+        values = _to_array(rows, np.float64, path, float)
+        finite = np.isfinite(values)
+        if not finite.all():
+            i = int(np.argwhere(~finite)[0, 0])
+            raise DataFormatError(path, i + 2, f"non-finite value in {lines[i + 1]!r}")
+        inside = (values >= -1.0) & (values <= 1.0)
+        sentinel = values == -5.0
+        strange = ~inside & ~sentinel
+        if strange.any() and report is not None:
+            for i in np.flatnonzero(strange.any(axis=1)):
+                report.add("va_out_of_range", f"{path}:{i + 2}")
+        # a frame is VA-labeled only when both dimensions are: the CCC loss needs the pair
+        labeled = inside.all(axis=1)
+        out = np.full((n, 2), np.nan, dtype=np.float32)
+        out[labeled] = values[labeled]
+        return header_t, out
+    values = _to_array(rows, np.int64, path, _strict_int)
+    if task == "au":
+        ok = np.isin(values, (0, 1, LABEL_SENTINEL))
+        if not ok.all():
+            i = int(np.argwhere(~ok)[0, 0])
+            raise DataFormatError(path, i + 2, f"AU values must be 0, 1 or -1, found {lines[i + 1]!r}")
+        values[(values == LABEL_SENTINEL).any(axis=1)] = LABEL_SENTINEL
+        return header_t, values.astype(np.int16)
+    values = values[:, 0]
+    n_classes = len(header_t)
+    ok = (values >= LABEL_SENTINEL) & (values < n_classes)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise DataFormatError(path, i + 2, f"expression must be -1 or 0..{n_classes - 1}, found {lines[i + 1]!r}")
+    return header_t, values.astype(np.int16)
+
+
+def _looks_numeric(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _strict_int(token: str) -> int:
+    token = token.strip()
+    if not _INT_RE.match(token):
+        raise ValueError(token)
+    return int(token)
+
+
+def _to_array(rows: list[list[str]], dtype: type, path: Path, convert: Any) -> np.ndarray:
+    width = len(rows[0]) if rows else 1
+    try:
+        if convert is float:
+            return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
+        return np.asarray([[convert(t) for t in r] for r in rows], dtype=dtype).reshape(len(rows), width)
+    except ValueError:
+        for i, r in enumerate(rows):  # slow path, only to name the line
+            try:
+                [convert(t) for t in r]
+            except ValueError:
+                raise DataFormatError(path, i + 2, f"not a number in {','.join(r)!r}") from None
+        raise
+
+
+def read_annotation_file(path: str | os.PathLike[str], task: str,
+                         report: LoadReport | None = None) -> tuple[tuple[str, ...], np.ndarray]:
+    """Read and parse one annotation file (see :func:`parse_annotation_text`)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a BOM, which some editors add
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, raw[: err.start].count(b"\n") + 1, "not UTF-8 text") from None
+    return parse_annotation_text(text, task, path, report)
+
+
+# --------------------------------------------------------------------------------------------------- the table
+
+
+def image_path(name: str, frame: int) -> str:
+    """Path of a frame's crop relative to the root: ``cropped_aligned/<name>/<frame:05d>.jpg``."""
+    return f"{IMAGE_DIR}/{name}/{frame:05d}.jpg"
+
+
+def video_of(name: str) -> str:
+    """The raw video a name comes from: ``<video>_left`` / ``<video>_right`` are two people of one video."""
+    for suffix in ("_left", "_right"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+_FRAME_RE = re.compile(r"^(\d{5,})\.jpg$")
+
+
+def _scan_images(root: Path, report: LoadReport) -> dict[str, np.ndarray]:
+    """Frame numbers that have a jpg, per name folder, from the file names (not the listing order)."""
+    images: dict[str, np.ndarray] = {}
+    base = root / IMAGE_DIR
+    if not base.is_dir():
+        return images
+    with os.scandir(base) as it:
+        for entry in it:
+            if not entry.is_dir():
+                continue
+            frames = []
+            with os.scandir(entry.path) as files:
+                for f in files:
+                    m = _FRAME_RE.match(f.name)
+                    if m and int(m.group(1)) >= 1:
+                        frames.append(int(m.group(1)))
+                    else:
+                        report.add("unexpected_file", f"{IMAGE_DIR}/{entry.name}/{f.name}")
+            images[entry.name] = np.sort(np.asarray(frames, dtype=np.int64))
+    return images
+
+
+def _list_names(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix == ".txt"}
+
+
+@dataclasses.dataclass
+class FrameTable:
+    """The frame table of one split with what it was read with."""
+
+    frames: pd.DataFrame
+    edition: Edition
+    report: LoadReport
+    root: Path
+
+
+def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Edition | None = None,
+               allow_cross_task_leak: bool = False, verify_images: bool = False) -> FrameTable:
+    """Read one split of an Aff-Wild2 root into a :class:`FrameTable`. See :func:`load_frames`."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if edition is None:
+        ed = detect_edition(root)
+    elif isinstance(edition, Edition):
+        ed = edition
+    else:
+        ed = EDITIONS[str(edition)]
+    report = LoadReport()
+    ann = root / ANNOTATION_DIR
+
+    # Which names each task has in each split: task membership is per file, not per video.
+    files: dict[str, dict[str, dict[str, Path]]] = {
+        s: {t: _list_names(ann / ed.task_dirs[t] / ed.split_dirs[s]) for t in TASKS} for s in SPLITS}
+    names = sorted(set().union(*(files[split][t].keys() for t in TASKS)))
+
+    # Cross-task overlap: a video in one task's validation split and another task's training split.
+    val_videos = {t: {video_of(n) for n in files["val"][t]} for t in TASKS}
+    any_val = set().union(*val_videos.values())
+    overlap_rows = []
+    for t in TASKS:
+        for n in files["train"][t]:
+            if video_of(n) in any_val:
+                overlap_rows.append({"name": n, "train_task": t,
+                                     "val_tasks": ",".join(v for v in TASKS if video_of(n) in val_videos[v])})
+    report.cross_task_overlap = pd.DataFrame(overlap_rows, columns=["name", "train_task", "val_tasks"])
+    masked = set()
+    if split == "train" and not allow_cross_task_leak:
+        masked = {(r["name"], r["train_task"]) for r in overlap_rows}
+
+    images = _scan_images(root, report)
+    annotated_anywhere = set().union(*(files[s][t].keys() for s in SPLITS for t in TASKS))
+    for n in sorted(set(images) - annotated_anywhere):
+        report.add("image_folder_without_annotations", f"{IMAGE_DIR}/{n}")
+
+    au_names: tuple[str, ...] | None = None
+    expr_names: tuple[str, ...] | None = None
+    pieces = []
+    for name in names:
+        labels: dict[str, np.ndarray] = {}
+        lengths = [0]
+        for t in TASKS:
+            path = files[split][t].get(name)
+            if path is None:
+                continue
+            header, values = read_annotation_file(path, t, report)
+            if t == "au":
+                if au_names is None:
+                    au_names = header
+                elif header != au_names:
+                    raise DataFormatError(path, 1, f"AU header {header} differs from {au_names} in other files")
+            if t == "expr":
+                if expr_names is None:
+                    expr_names = header
+                elif header != expr_names:
+                    raise DataFormatError(path, 1, f"expression header {header} differs from {expr_names}")
+            if (name, t) in masked:
+                report.add("labels_masked_cross_task_leak", f"{name} ({t})", count=int(_count_labeled(t, values)))
+                continue
+            labels[t] = values
+            lengths.append(len(values))
+        n_rows = max(lengths)
+        frames_with_image = images.get(name)
+        if frames_with_image is None:
+            report.add("annotated_name_without_images", name)
+            frames_with_image = np.zeros(0, dtype=np.int64)
+        beyond = frames_with_image[frames_with_image > n_rows]
+        if beyond.size:
+            report.add("images_beyond_annotations", f"{IMAGE_DIR}/{name} ({beyond.size} images past line {n_rows + 1})",
+                       count=int(beyond.size))
+        n_total = max(n_rows, int(frames_with_image.max()) if frames_with_image.size else 0)
+        pieces.append((name, n_total, labels, frames_with_image,
+                       {t: t in files[split] and name in files[split][t] for t in TASKS},
+                       {t: name in files["train" if split == "val" else "val"][t] for t in TASKS}))
+
+    au_names = au_names or ed.au_names
+    expr_names = expr_names or ed.expr_names
+    if au_names != ed.au_names or expr_names != ed.expr_names:
+        # The headers are the truth (ABAW2020.md: read names from the header line); pick the matching edition.
+        match = [e for e in EDITIONS.values() if e.au_names == au_names and e.expr_names == expr_names
+                 and e.task_dirs == ed.task_dirs]
+        ed = match[0] if match else dataclasses.replace(ed, name=f"{ed.name}-custom", au_names=au_names,
+                                                         expr_names=expr_names)
+
+    frames = _assemble(pieces, split, ed)
+    if verify_images:
+        frames = _verify_images(frames, root, report)
+    frames.attrs["edition"] = ed.name
+    frames.attrs["split"] = split
+    frames.attrs["load_report"] = report.to_dict()
+    return FrameTable(frames=frames, edition=ed, report=report, root=root)
+
+
+def _count_labeled(task: str, values: np.ndarray) -> int:
+    if task == "va":
+        return int(np.isfinite(values).all(axis=1).sum())
+    if task == "au":
+        return int((values[:, 0] != LABEL_SENTINEL).sum())
+    return int((values != LABEL_SENTINEL).sum())
+
+
+def _assemble(pieces: list, split: str, ed: Edition) -> pd.DataFrame:
+    """Concatenate per-name arrays into one DataFrame in a single pass (fast for millions of frames)."""
+    n_au = len(ed.au_names)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("name", "frame", "has_image", "valence", "arousal",
+                                                          "expression", "au", "split_va", "split_au", "split_expr")}
+    other = "train" if split == "val" else "val"
+    for name, n_total, labels, with_image, in_split, in_other in pieces:
+        frame = np.arange(1, n_total + 1, dtype=np.int32)
+        has_image = np.zeros(n_total, dtype=bool)
+        has_image[with_image - 1] = True
+        va = np.full((n_total, 2), np.nan, dtype=np.float32)
+        au = np.full((n_total, n_au), LABEL_SENTINEL, dtype=np.int16)
+        expr = np.full(n_total, LABEL_SENTINEL, dtype=np.int16)
+        if "va" in labels:
+            va[: len(labels["va"])] = labels["va"]
+        if "au" in labels:
+            au[: len(labels["au"])] = labels["au"]
+        if "expr" in labels:
+            expr[: len(labels["expr"])] = labels["expr"]
+        keep = has_image | np.isfinite(va).all(axis=1) | (au[:, 0] != LABEL_SENTINEL) | (expr != LABEL_SENTINEL)
+        cols["name"].append(np.full(int(keep.sum()), name, dtype=object))
+        for key, arr in (("frame", frame), ("has_image", has_image), ("expression", expr), ("au", au)):
+            cols[key].append(arr[keep])
+        cols["valence"].append(va[keep, 0])
+        cols["arousal"].append(va[keep, 1])
+        for t in TASKS:
+            tag = split if in_split[t] else (other if in_other[t] else "")
+            cols[f"split_{t}"].append(np.full(int(keep.sum()), tag, dtype=object))
+
+    def cat(key: str, dtype: Any, shape: tuple = ()) -> np.ndarray:
+        return np.concatenate(cols[key]) if cols[key] else np.zeros((0, *shape), dtype=dtype)
+
+    name = cat("name", object)
+    frame = cat("frame", np.int32)
+    has_image = cat("has_image", bool)
+    df = pd.DataFrame({
+        "name": name,
+        "video": [video_of(n) for n in name] if len(name) else np.zeros(0, dtype=object),
+        "frame": frame,
+        "image": np.where(has_image, [image_path(n, int(f)) for n, f in zip(name, frame)] if len(name) else [], ""),
+        "split_va": cat("split_va", object),
+        "split_au": cat("split_au", object),
+        "split_expr": cat("split_expr", object),
+        "valence": cat("valence", np.float32),
+        "arousal": cat("arousal", np.float32),
+        "expression": cat("expression", np.int16),
+    })
+    au = cat("au", np.int16, (n_au,))
+    for j, au_name in enumerate(ed.au_names):
+        df[au_name] = au[:, j] if len(au) else np.zeros(0, dtype=np.int16)
+    return df
+
+
+def _verify_images(frames: pd.DataFrame, root: Path, report: LoadReport) -> pd.DataFrame:
+    bad = []
+    for i, rel in zip(frames.index, frames["image"]):
+        if rel and not _decodes(root / rel):
+            report.add("unreadable_image", rel)
+            bad.append(i)
+    if bad:
+        frames = frames.copy()
+        frames.loc[bad, "image"] = ""
+    return frames
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        decode_image_file(path)
+    except DataFormatError:
+        return False
+    return True
+
+
+def load_frames(root: str | os.PathLike[str], split: str, *, edition: str | Edition | None = None,
+                allow_cross_task_leak: bool = False, verify_images: bool = False) -> pd.DataFrame:
+    """One table, a row per (name, frame) that has an image or a label, for one split of every task.
+
+    Args:
+        root: an Aff-Wild2 root (``cropped_aligned/`` and ``annotations/``), real or written by :mod:`mtanet.synth`.
+        split: ``"train"`` or ``"val"``; each task's own split folder is read (``Training_Set``/``Train_Set``,
+            ``Validation_Set``).
+        edition: ``"2020"``, ``"2021"``, ``"2022"``; by default detected from the folder names and headers.
+        allow_cross_task_leak: keep training labels of videos that are in another task's validation split (off by
+            default: they are masked and counted, so no validation video is ever trained on).
+        verify_images: decode every jpg once; unreadable ones lose their image (counted), keep their labels.
+
+    Returns:
+        A DataFrame with columns ``name``, ``video``, ``frame`` (1-based), ``image`` (path relative to ``root``, ``""``
+        where the jpg is missing), ``split_va``/``split_au``/``split_expr`` (the split of that task's file for this
+        name: ``split``, the other split, or ``""``), ``valence``, ``arousal`` (NaN unlabeled), ``expression`` (-1
+        unlabeled) and one int column per AU named as in the header (-1 unlabeled). ``df.attrs`` holds the edition,
+        the split and the load report.
+    """
+    return read_split(root, split, edition=edition, allow_cross_task_leak=allow_cross_task_leak,
+                      verify_images=verify_images).frames
+
+
+# --------------------------------------------------------------------------------------------------- labels as tensors
+
+
+def label_arrays(frames: pd.DataFrame, au_names: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Targets and masks per task as numpy arrays aligned with ``frames`` (tasks as data)."""
+    va = frames[["valence", "arousal"]].to_numpy(np.float32)
+    au = frames[list(au_names)].to_numpy(np.float32)
+    expr = frames["expression"].to_numpy(np.int64)
+    targets = {"va": np.nan_to_num(va, nan=0.0), "au": np.clip(au, 0, 1), "expr": np.clip(expr, 0, None)}
+    masks = {"va": np.isfinite(va).all(axis=1), "au": (au >= 0).all(axis=1), "expr": expr >= 0}
+    return targets, masks
+
+
+def decode_image_file(path: str | os.PathLike[str]):
+    """Decode one jpg to a (3, H, W) uint8 tensor, or raise :class:`DataFormatError` naming the file."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataFormatError(path, None, f"cannot read image: {err.strerror}") from None
+    if not data:
+        raise DataFormatError(path, None, "empty image file")
+    try:
+        # decode_jpeg is about 2x faster than PIL here and raises on truncated files instead of padding them.
+        # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec, which needs FFmpeg; until that is a
+        # plain pip dependency we keep the faster decoder and silence the notice.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise DataFormatError(path, None, f"unreadable or truncated JPEG ({str(err).splitlines()[-1][:80]})") from None
+
+
+class FrameDataset:
+    """A torch map-style dataset over the frames that have an image.
+
+    Item ``i`` is ``(image, targets, masks)``: a float32 (3, S, S) tensor in [0, 1], and dicts keyed by task
+    (``va`` float (2,), ``au`` float (K,), ``expr`` int64 ()) with a bool mask per task saying whether the target
+    is a label. Rows without a jpg are dropped here: they stay in the table for scoring, but are never fed.
+
+    Args:
+        frames: a frame table from :func:`load_frames`.
+        root: the dataset root the ``image`` paths are relative to.
+        au_names: the AU columns, in head order.
+        image_size: side of the square the model sees; crops are 112 px, other sizes are resized (antialiased).
+        transform: optional callable on the uint8 (3, H, W) tensor before scaling (augmentation).
+        packed: optional uint8 array (N, 112, 112, 3) aligned with the image rows of ``frames`` (see
+            :func:`build_packed_cache`), read instead of the jpgs.
+    """
+
+    def __init__(self, frames: pd.DataFrame, root: str | os.PathLike[str], au_names: Sequence[str], *,
+                 image_size: int = 112, transform: Any = None, packed: np.ndarray | None = None):
+        self.frames = frames[frames["image"] != ""].reset_index(drop=True)
+        self.root = Path(root)
+        self.au_names = tuple(au_names)
+        self.image_size = image_size
+        self.transform = transform
+        self.packed = packed
+        if packed is not None and len(packed) != len(self.frames):
+            raise ValueError(f"packed cache has {len(packed)} images, the table {len(self.frames)}: rebuild it")
+        self.targets, self.masks = label_arrays(self.frames, self.au_names)
+        self.paths = self.frames["image"].tolist()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def load_image(self, i: int):
+        import torch
+
+        if self.packed is not None:
+            return torch.from_numpy(np.array(self.packed[i])).permute(2, 0, 1)  # a copy: the memmap is read-only
+        return decode_image_file(self.root / self.paths[i])
+
+    def __getitem__(self, i: int):
+        import torch
+        import torch.nn.functional as F
+
+        image = self.load_image(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        image = image.float().div_(255.0)
+        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
+            image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)[0]
+        targets = {"va": torch.from_numpy(self.targets["va"][i]), "au": torch.from_numpy(self.targets["au"][i]),
+                   "expr": torch.tensor(self.targets["expr"][i])}
+        masks = {t: torch.tensor(bool(self.masks[t][i])) for t in TASKS}
+        return image, targets, masks
+
+
+class TaskBalancedBatchSampler:
+    """Batches in which every task has labels, despite incomplete labels.
+
+    Aff-Wild2's tasks label different videos, so uniform sampling gives batches where a task has few or no labels and
+    its loss (and CCC in particular, a batch statistic) is noisy or undefined. Each batch here is built from equal
+    shares, one per task, each drawn from the frames labeled for that task (a frame labeled for several tasks counts
+    for all of them, so the shares overlap in labels). Each task's pool is shuffled per epoch and walked without
+    replacement, restarting when exhausted, so small pools are revisited more often than large ones.
+
+    An epoch is ``num_batches`` batches (default: as many as cover the largest pool once). Deterministic given
+    ``seed`` and the epoch; ``state_dict`` records the position so a resumed run draws the same batches. Under
+    DistributedDataParallel give ``num_replicas``/``rank``: every rank draws the same global batch and keeps its own
+    slice of it, so ranks never see the same frame in one step.
+    """
+
+    def __init__(self, masks: dict[str, np.ndarray], batch_size: int, *, tasks: Sequence[str] = TASKS,
+                 num_batches: int | None = None, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.tasks = tuple(t for t in tasks if t in masks)
+        self.pools = {t: np.flatnonzero(masks[t]) for t in self.tasks}
+        empty = [t for t, p in self.pools.items() if p.size == 0]
+        if empty:
+            raise ValueError(f"no labeled frames for task(s) {empty}; drop them from tasks=")
+        if batch_size % num_replicas:
+            raise ValueError(f"batch_size {batch_size} is not divisible by num_replicas {num_replicas}")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        largest = max(p.size for p in self.pools.values())
+        self.num_batches = num_batches or max(1, math.ceil(largest * len(self.tasks) / batch_size))
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shares(self) -> dict[str, int]:
+        base, extra = divmod(self.batch_size, len(self.tasks))
+        return {t: base + (i < extra) for i, t in enumerate(self.tasks)}
+
+    def global_batches(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        orders = {t: rng.permutation(p) for t, p in self.pools.items()}
+        cursor = {t: 0 for t in self.tasks}
+        shares = self.shares()
+        for _ in range(self.num_batches):
+            parts = []
+            for t in self.tasks:
+                take = []
+                need = shares[t]
+                while need:
+                    if cursor[t] >= orders[t].size:
+                        orders[t] = rng.permutation(self.pools[t])
+                        cursor[t] = 0
+                    chunk = orders[t][cursor[t]: cursor[t] + need]
+                    cursor[t] += chunk.size
+                    need -= chunk.size
+                    take.append(chunk)
+                parts.append(np.concatenate(take))
+            batch = np.concatenate(parts)
+            yield batch[rng.permutation(batch.size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b, batch in enumerate(self.global_batches()):
+            if b < self.start_batch:
+                continue
+            yield batch[self.rank:: self.num_replicas].tolist()
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int], batches_done: int = 0) -> None:
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self.start_batch = batches_done
+
+
+def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode every image of ``dataset`` once into a uint8 memory-mapped ``.npy`` (N, H, W, 3) at ``path``.
+
+    A later call with the same path and row count opens the existing file. The file is written to a temporary name
+    and renamed, so an interrupted build never leaves a half-filled cache that looks complete.
+    """
+    path = Path(path)
+    if path.exists():
+        cache = np.load(path, mmap_mode="r")
+        if len(cache) == len(dataset):
+            return cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = decode_image_file(dataset.root / dataset.paths[0]) if len(dataset) else None
+    h, w = (first.shape[1], first.shape[2]) if first is not None else (112, 112)
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), h, w, 3))
+    for i, rel in enumerate(dataset.paths):
+        img = decode_image_file(dataset.root / rel)
+        if img.shape[1:] != (h, w):
+            raise DataFormatError(dataset.root / rel, None, f"image is {tuple(img.shape[1:])}, the cache holds {(h, w)}")
+        out[i] = img.permute(1, 2, 0).numpy()
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")

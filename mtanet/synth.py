@@ -1,0 +1,435 @@
+"""SynthAffWild: a deterministic synthetic twin of Aff-Wild2, written in the exact ABAW 2020 on-disk layout.
+
+Aff-Wild2 needs a signed licence, so the book runs on this by default. It is written to disk in the real format and
+read back with :func:`mtanet.data.load_frames`, the same reader the real dataset goes through.
+
+How a video is made (all from one seed, video by video, so the result does not depend on the number of workers):
+
+1. **People.** A video shows one person, or two (``<video>_left`` / ``<video>_right``, one file each). Each person
+   gets an identity (face shape, skin, hair, features) from :mod:`mtanet.synth_render`.
+2. **Episodes.** The timeline alternates neutral stretches with expression episodes (onset, apex, offset). The
+   expression is drawn from a skewed distribution like Aff-Wild2's (Neutral dominant, Disgust and Fear rare).
+3. **Actions.** Each expression drives its FACS prototype (e.g. Happiness = AU6 + AU12 (+AU25)), scaled by the
+   episode envelope, with per-episode variation, plus spontaneous actions (talking opens the lips, brief brow
+   flashes) and three actions that are never labeled (AU5, AU9, AU26).
+4. **Latent labels.** AU k is active when its intensity is >= 0.5; the expression is the episode's while its
+   intensity is >= 0.35, else Neutral; valence and arousal follow the expression's place on Russell's circumplex
+   times its intensity, plus a slow per-video drift, so they vary smoothly over time. The face is rendered from these
+   latents (actions and valence-arousal), so the latents are what a perfect model could see.
+5. **Annotations** are the latents with annotator noise: smooth and white noise on valence-arousal, jittered onsets
+   and offsets and a few flips for AUs, boundary jitter and a few confusions (Fear/Surprise, Anger/Disgust) for
+   expressions; some stretches are left unlabeled (-5 / -1) and some frames have no face (no jpg).
+6. **Tasks and splits.** Each name is annotated for a subset of tasks; each video has a split, and a few names take
+   the other split for one task, so the cross-task overlap of the real data exists here too.
+
+The generator records its own ceiling: the ABAW 2020 scores of the noise-free latent labels against the noisy
+annotations on validation, and of trivial predictors, in ``synth_ceiling.json`` beside the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from mtanet import synth_render
+from mtanet.tasks import AU_NAMES_2020, EDITIONS, EXPR_NAMES_2020, TASKS, VA_NAMES
+
+EDITION = EDITIONS["2020"]
+CEILING_FILE = "synth_ceiling.json"
+MANIFEST_FILE = "synth_manifest.json"
+LATENT_DIR = "synth_latent"  # noise-free labels per name; not part of the Aff-Wild2 layout, the reader ignores it
+GENERATOR_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthSize:
+    """How much data one named size writes."""
+
+    videos: int
+    min_frames: int
+    max_frames: int
+
+
+#: ``smoke`` for tests (seconds), ``cpu`` for the default book, ``gpu`` for training SENet-50 at 112 px on a GPU.
+SIZES: dict[str, SynthSize] = {
+    "smoke": SynthSize(videos=14, min_frames=30, max_frames=60),
+    "cpu": SynthSize(videos=90, min_frames=100, max_frames=200),
+    "gpu": SynthSize(videos=700, min_frames=300, max_frames=800),
+}
+
+#: Share of expression episodes by class (Neutral comes from the stretches between episodes and low intensities).
+EPISODE_EXPRESSIONS: dict[str, float] = {
+    "Anger": 0.10, "Disgust": 0.035, "Fear": 0.035, "Happiness": 0.38, "Sadness": 0.24, "Surprise": 0.21,
+}
+
+#: FACS prototypes (EMFACS-like) as action -> weight; AU5, AU9 and AU26 are rendered but never labeled.
+PROTOTYPES: dict[str, dict[str, float]] = {
+    "Neutral": {},
+    "Anger": {"AU4": 1.0, "AU5": 0.7, "AU15": 0.3},
+    "Disgust": {"AU9": 1.0, "AU15": 0.7, "AU4": 0.5, "AU25": 0.4},
+    "Fear": {"AU1": 0.9, "AU2": 0.8, "AU4": 0.6, "AU5": 0.9, "AU20": 0.9, "AU25": 0.7, "AU26": 0.3},
+    "Happiness": {"AU6": 0.9, "AU12": 1.0, "AU25": 0.5},
+    "Sadness": {"AU1": 0.9, "AU4": 0.7, "AU15": 0.9},
+    "Surprise": {"AU1": 1.0, "AU2": 1.0, "AU5": 0.9, "AU25": 0.8, "AU26": 0.9},
+}
+
+#: Where each expression sits on Russell's circumplex (valence, arousal) at full intensity.
+CIRCUMPLEX: dict[str, tuple[float, float]] = {
+    "Neutral": (0.0, 0.0), "Anger": (-0.6, 0.65), "Disgust": (-0.65, 0.3), "Fear": (-0.55, 0.75),
+    "Happiness": (0.75, 0.4), "Sadness": (-0.65, -0.4), "Surprise": (0.2, 0.8),
+}
+
+#: Annotators' typical confusions, used for a few mislabeled expression episodes.
+CONFUSIONS: dict[str, str] = {"Fear": "Surprise", "Surprise": "Fear", "Anger": "Disgust", "Disgust": "Anger",
+                              "Sadness": "Neutral", "Happiness": "Neutral"}
+
+AU_ACTIVE = 0.5  # intensity at which a labeled AU counts as present
+EXPR_ACTIVE = 0.35  # intensity at which an episode's expression is annotated instead of Neutral
+
+
+@dataclasses.dataclass
+class VideoPlan:
+    """Latents of one name (one person in one video), before noise and rendering."""
+
+    name: str
+    actions: np.ndarray  # (T, len(ACTIONS)) intensities in [0, 1]
+    expression: np.ndarray  # (T,) int, latent
+    va: np.ndarray  # (T, 2) latent
+    face_present: np.ndarray  # (T,) bool
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, sigma_frames: float, scale: float) -> np.ndarray:
+    x = gaussian_filter1d(rng.standard_normal(n), sigma_frames, mode="reflect")
+    return x / (x.std() + 1e-8) * scale
+
+
+def _envelope(n: int, onset: int, apex: int, offset: int) -> np.ndarray:
+    """Raised-cosine onset, flat apex, raised-cosine offset; length onset + apex + offset."""
+    up = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, onset, endpoint=False))
+    down = 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, offset, endpoint=False))
+    return np.concatenate([up, np.ones(apex), down])[:n]
+
+
+def plan_person(rng: np.random.Generator, name: str, n_frames: int) -> VideoPlan:
+    """Draw the latent timeline of one person: episodes, actions, expression and valence-arousal."""
+    actions_idx = {a: i for i, a in enumerate(synth_render.ACTIONS)}
+    actions = np.zeros((n_frames, len(synth_render.ACTIONS)))
+    expression = np.zeros(n_frames, dtype=np.int64)
+    va = np.zeros((n_frames, 2))
+    episode_names = list(EPISODE_EXPRESSIONS)
+    probs = np.array(list(EPISODE_EXPRESSIONS.values()))
+    probs /= probs.sum()
+    t = int(rng.integers(0, 40))
+    while t < n_frames:
+        expr = episode_names[rng.choice(len(episode_names), p=probs)]
+        onset, apex, offset = int(rng.integers(4, 16)), int(rng.integers(8, 60)), int(rng.integers(4, 16))
+        env = _envelope(n_frames - t, onset, apex, offset) * rng.uniform(0.55, 1.0)
+        sl = slice(t, t + env.size)
+        for action, weight in PROTOTYPES[expr].items():
+            if rng.random() < 0.12:  # individual variation: not everyone uses every action of the prototype
+                continue
+            actions[sl, actions_idx[action]] = np.maximum(actions[sl, actions_idx[action]],
+                                                          env * min(1.0, weight * rng.uniform(0.8, 1.25)))
+        code = EXPR_NAMES_2020.index(expr)
+        expression[sl] = np.where(env >= EXPR_ACTIVE, code, expression[sl])
+        va[sl] += env[:, None] * np.asarray(CIRCUMPLEX[expr])
+        t += env.size + int(rng.integers(10, 70))  # a neutral stretch before the next episode
+    # Spontaneous actions outside the prototypes: talking parts the lips, brief brow flashes.
+    for action, rate, length in (("AU25", 0.02, (6, 30)), ("AU1", 0.006, (4, 12)), ("AU2", 0.004, (4, 12)),
+                                 ("AU6", 0.004, (6, 20)), ("AU20", 0.003, (4, 12))):
+        for start in np.flatnonzero(rng.random(n_frames) < rate):
+            env = _envelope(n_frames - start, 3, int(rng.integers(*length)), 3) * rng.uniform(0.4, 1.0)
+            j = actions_idx[action]
+            actions[start: start + env.size, j] = np.maximum(actions[start: start + env.size, j], env)
+    # Slow drift and a per-person baseline make valence-arousal vary smoothly beyond the episodes.
+    va[:, 0] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
+    va[:, 1] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
+    va = np.clip(va, -1, 1)
+    face_present = np.ones(n_frames, dtype=bool)
+    for start in np.flatnonzero(rng.random(n_frames) < 0.006):  # the detector loses the face now and then
+        face_present[start: start + int(rng.integers(1, 12))] = False
+    return VideoPlan(name, np.clip(actions, 0, 1), expression, va.astype(np.float32), face_present)
+
+
+def latent_labels(plan: VideoPlan) -> dict[str, np.ndarray]:
+    """Noise-free labels in the annotation files' encoding: VA (T,2), AU (T,8) 0/1, EXPR (T,) 0-6."""
+    idx = [synth_render.ACTIONS.index(a) for a in AU_NAMES_2020]
+    return {"va": plan.va.astype(np.float32), "au": (plan.actions[:, idx] >= AU_ACTIVE).astype(np.int16),
+            "expr": plan.expression.astype(np.int16)}
+
+
+def annotate(rng: np.random.Generator, plan: VideoPlan) -> dict[str, np.ndarray]:
+    """Noisy human-like annotations of the latents, with unlabeled stretches (NaN / -1)."""
+    n = len(plan.expression)
+    latent = latent_labels(plan)
+    va = latent["va"] + np.stack([_smooth_noise(rng, n, 8, 0.07), _smooth_noise(rng, n, 8, 0.07)], 1)
+    va = np.clip(va + rng.normal(0, 0.03, va.shape), -1, 1).astype(np.float32)
+    # AU: annotators mark onsets and offsets a few frames off, and miss or add a few frames.
+    idx = [synth_render.ACTIONS.index(a) for a in AU_NAMES_2020]
+    shifted = np.stack([np.roll(plan.actions[:, j], int(rng.integers(-3, 4))) for j in idx], 1)
+    au = (shifted >= AU_ACTIVE + rng.normal(0, 0.05, (1, len(idx)))).astype(np.int16)
+    flips = rng.random(au.shape) < 0.015
+    au[flips] = 1 - au[flips]
+    # EXPR: the same boundary jitter, and a few episodes given a confusable class.
+    expr = np.roll(latent["expr"], int(rng.integers(-3, 4))).astype(np.int16)
+    changes = np.flatnonzero(np.diff(expr) != 0) + 1
+    for start, stop in zip(np.r_[0, changes], np.r_[changes, n]):
+        current = EXPR_NAMES_2020[expr[start]]
+        if current in CONFUSIONS and rng.random() < 0.06:
+            expr[start:stop] = EXPR_NAMES_2020.index(CONFUSIONS[current])
+    out = {"va": va, "au": au, "expr": expr}
+    for task in TASKS:  # stretches the annotators skipped
+        for start in np.flatnonzero(rng.random(n) < 0.004):
+            stop = start + int(rng.integers(5, 40))
+            if task == "va":
+                out[task][start:stop] = np.nan
+            else:
+                out[task][start:stop] = -1
+    return out
+
+
+def format_annotation(task: str, values: np.ndarray) -> str:
+    """Text of an annotation file in the ABAW 2020 format, sentinels included."""
+    if task == "va":
+        header = ",".join(VA_NAMES)
+        body = ["-5,-5" if not np.isfinite(v).all() else f"{v[0]:.4f},{v[1]:.4f}" for v in values]
+    elif task == "au":
+        header = ",".join(AU_NAMES_2020)
+        body = [",".join(str(int(x)) for x in row) for row in values]
+    else:
+        header = ",".join(EXPR_NAMES_2020)
+        body = [str(int(x)) for x in values]
+    return header + "\n" + "\n".join(body) + "\n"
+
+
+def _people_of_video(rng: np.random.Generator, index: int) -> list[str]:
+    base = f"{index + 1}-30-640x480"
+    if rng.random() < 0.12:  # two people in one video, one annotation file each
+        return [f"{base}_left", f"{base}_right"]
+    return [base]
+
+
+def _assign(rng: np.random.Generator, index: int, n_videos: int) -> dict[str, str]:
+    """Tasks and split of one video: about 20% validation; a few names swap the split of one task."""
+    # The first videos are pinned so that even the smoke size has every task in both splits.
+    if index < 6:
+        split = "val" if index % 2 else "train"
+        tasks = [TASKS[index // 2]] + [t for t in TASKS if t != TASKS[index // 2] and rng.random() < 0.5]
+    else:
+        split = "val" if rng.random() < 0.2 else "train"
+        tasks = [t for t, p in zip(TASKS, (0.8, 0.6, 0.6)) if rng.random() < p] or ["va"]
+    assignment = {t: split for t in tasks}
+    if index >= 6 and len(tasks) > 1 and rng.random() < 0.08:
+        t = tasks[int(rng.integers(len(tasks)))]
+        assignment[t] = "train" if split == "val" else "val"
+    return assignment
+
+
+def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
+    """Plan, annotate, render and write one video. Runs in a worker process."""
+    root, seed, index, size_name = args
+    size = SIZES[size_name]
+    root_path = Path(root)
+    rng = np.random.default_rng([seed, index])
+    n_frames = int(rng.integers(size.min_frames, size.max_frames + 1))
+    assignment = _assign(rng, index, size.videos)
+    scene_light = synth_render.random_nuisance(rng)
+    results = []
+    for person, name in enumerate(_people_of_video(rng, index)):
+        person_rng = np.random.default_rng([seed, index, person + 1])
+        identity = synth_render.random_identity(person_rng)
+        plan = plan_person(person_rng, name, n_frames)
+        notes = annotate(person_rng, plan)
+        folder = root_path / "cropped_aligned" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        poses = {k: _smooth_noise(person_rng, n_frames, 15, s) for k, s in (("yaw", 9.0), ("pitch", 5.0),
+                                                                            ("roll", 4.0))}
+        occluder = int(person_rng.integers(1, 3))  # hand or bar, kept for the person's whole video
+        occluded = np.zeros(n_frames, dtype=bool)
+        for start in np.flatnonzero(person_rng.random(n_frames) < 0.003):
+            occluded[start: start + int(person_rng.integers(5, 30))] = True
+        for t in range(n_frames):
+            if not plan.face_present[t]:
+                continue
+            nuisance = dataclasses.replace(
+                synth_render.random_nuisance(person_rng, strength=0.6), yaw=float(np.clip(poses["yaw"][t], -30, 30)),
+                pitch=float(np.clip(poses["pitch"][t], -20, 20)), roll=float(np.clip(poses["roll"][t], -15, 15)),
+                light_angle=scene_light.light_angle, light_strength=scene_light.light_strength,
+                occlusion=occluder if occluded[t] else 0, occlusion_seed=index)
+            actions = dict(zip(synth_render.ACTIONS, plan.actions[t]))
+            pixels = synth_render.render_face(identity, actions, nuisance, float(plan.va[t, 0]), float(plan.va[t, 1]))
+            _save_jpeg(pixels, folder / f"{t + 1:05d}.jpg", nuisance.jpeg_quality)
+        for task, split in assignment.items():
+            ann = root_path / "annotations" / EDITION.task_dirs[task] / EDITION.split_dirs[split]
+            ann.mkdir(parents=True, exist_ok=True)
+            (ann / f"{name}.txt").write_text(format_annotation(task, notes[task]))
+        latent = latent_labels(plan)
+        # The latents and the annotations as generated: the ceiling and the round-trip tests read them back.
+        np.savez_compressed(root_path / LATENT_DIR / f"{name}.npz", **latent, face_present=plan.face_present,
+                            **{f"annotated_{t}": notes[t] for t in TASKS})
+        results.append({"name": name, "frames": n_frames, "images": int(plan.face_present.sum()),
+                        "splits": assignment})
+    return {"index": index, "names": results}
+
+
+def _save_jpeg(pixels: np.ndarray, path: Path, quality: int) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
+    path.write_bytes(buffer.getvalue())
+
+
+def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int = 0, workers: int | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write SynthAffWild of a named size at ``root`` in the ABAW 2020 layout and return its manifest.
+
+    If ``root`` already holds a complete dataset written with the same size, seed and generator version, nothing is
+    rewritten (so ``make book`` can call this every time). A partial or different dataset is an error unless
+    ``overwrite=True``. The dataset is built in ``<root>.partial`` and renamed at the end, so an interrupted run never
+    leaves something that looks complete.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    root = Path(root)
+    wanted = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed}
+    manifest_path = root / MANIFEST_FILE
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if all(manifest.get(k) == v for k, v in wanted.items()):
+            return manifest
+        if not overwrite:
+            raise FileExistsError(f"{root} holds a different synthetic dataset ({manifest_path}); pass overwrite=True")
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise FileExistsError(f"{root} exists and is not a synthetic dataset; choose another folder")
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / LATENT_DIR).mkdir(parents=True)
+    started = time.perf_counter()
+    spec = SIZES[size]
+    jobs = [(str(partial), seed, i, size) for i in range(spec.videos)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            videos = list(pool.map(_write_video, jobs, chunksize=1))
+    else:
+        videos = [_write_video(j) for j in jobs]
+    seconds = time.perf_counter() - started
+    names = [n for v in videos for n in v["names"]]
+    manifest = {**wanted, "videos": spec.videos, "names": len(names),
+                "frames": sum(n["frames"] for n in names), "images": sum(n["images"] for n in names),
+                "seconds": round(seconds, 2), "workers": workers,
+                "images_per_second": round(sum(n["images"] for n in names) / seconds, 1)}
+    (partial / CEILING_FILE).write_text(json.dumps(ceiling(partial), indent=2))
+    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(partial, root)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------- the ceiling
+
+
+def load_latent(root: str | os.PathLike[str], frames) -> dict[str, np.ndarray]:
+    """Noise-free labels aligned with the rows of a frame table of a synthetic root."""
+    root = Path(root)
+    out = {"va": [], "au": [], "expr": []}
+    for name, group in frames.groupby("name", sort=False):
+        latent = np.load(root / LATENT_DIR / f"{name}.npz")
+        rows = group["frame"].to_numpy() - 1
+        for task in out:
+            out[task].append((group.index.to_numpy(), latent[task][rows]))
+    aligned = {}
+    for task, parts in out.items():
+        index = np.concatenate([p[0] for p in parts])
+        values = np.concatenate([p[1] for p in parts])
+        order = np.argsort(frames.index.get_indexer(index))
+        aligned[task] = values[order]
+    return aligned
+
+
+def ceiling(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """ABAW 2020 scores on validation of the latent labels (the ceiling) and of trivial predictors.
+
+    Trivial predictors take their constants from the training split: the mean valence-arousal (a constant has CCC 0),
+    the majority expression, and per AU either its prevalence as a probability (thresholded at 0.5, so mostly
+    "absent") or always "present". ``trivial_best`` is the best trivial score per task, the floor a model must beat.
+    """
+    from mtanet import data, metrics
+
+    train = data.load_frames(root, "train")
+    val = data.load_frames(root, "val")
+    targets, masks = data.label_arrays(val, AU_NAMES_2020)
+    train_targets, train_masks = data.label_arrays(train, AU_NAMES_2020)
+    latent = load_latent(root, val)
+    va_true, au_true, expr_true = (targets[t][masks[t]] for t in TASKS)
+    result: dict[str, Any] = {"split": "val", "frames": {t: int(masks[t].sum()) for t in TASKS}}
+    result["ceiling"] = {
+        "va": metrics.va_score(va_true, latent["va"][masks["va"]]),
+        "au": metrics.au_score(au_true, latent["au"][masks["au"]].astype(float)),
+        "expr": metrics.expr_score(expr_true, latent["expr"][masks["expr"]].astype(int),
+                                   num_classes=len(EXPR_NAMES_2020)),
+    }
+    mean_va = train_targets["va"][train_masks["va"]].mean(axis=0)
+    prevalence = train_targets["au"][train_masks["au"]].mean(axis=0)
+    majority = int(np.bincount(train_targets["expr"][train_masks["expr"]], minlength=7).argmax())
+    trivial = {
+        "va_constant_mean": metrics.va_score(va_true, np.tile(mean_va, (len(va_true), 1))),
+        "au_prevalence": metrics.au_score(au_true, np.tile(prevalence, (len(au_true), 1))),
+        "au_all_present": metrics.au_score(au_true, np.ones_like(au_true, dtype=float)),
+        "expr_majority": metrics.expr_score(expr_true, np.full(len(expr_true), majority),
+                                            num_classes=len(EXPR_NAMES_2020)),
+    }
+    result["trivial"] = trivial
+    result["trivial_best"] = {
+        "va": trivial["va_constant_mean"]["score"],
+        "au": max(trivial["au_prevalence"]["score"], trivial["au_all_present"]["score"]),
+        "expr": trivial["expr_majority"]["score"],
+    }
+    result["ceiling_score"] = {t: result["ceiling"][t]["score"] for t in TASKS}
+    return _jsonable(result)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return round(float(obj), 6)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def default_data_root(size: str = "smoke", *, create: bool = True, seed: int = 0) -> Path:
+    """The embedded default dataset: ``<checkout>/data/synth-<size>``, written on first use (then reused)."""
+    from mtanet.book import project_root
+
+    root = project_root() / "data" / f"synth-{size}"
+    if create:
+        write_synth(root, size, seed=seed)
+    return root
+
+
+def resolve_data_root(data_root: str | os.PathLike[str] | None, synth_size: str = "smoke") -> Path:
+    """A notebook's ``data_root`` parameter: a path to an Aff-Wild2 root, or empty for the synthetic default."""
+    if data_root:
+        path = Path(data_root).expanduser()
+        if not (path / "annotations").is_dir():
+            raise FileNotFoundError(f"{path}: not an Aff-Wild2 root (no annotations/ folder)")
+        return path
+    return default_data_root(synth_size)

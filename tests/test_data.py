@@ -1,0 +1,348 @@
+"""The Aff-Wild2 reader on hand-made roots: layout, sentinels, editions, every kind of bad input, dataset, sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import RootBuilder, jpeg_bytes
+from mtanet import data
+from mtanet.data import DataFormatError, load_frames, parse_annotation_text, read_split
+from mtanet.tasks import AU_NAMES_2020, AU_NAMES_2021, EXPR_NAMES_2020, EXPR_NAMES_2022
+
+VA_HEADER = "valence,arousal\n"
+AU_HEADER = ",".join(AU_NAMES_2020) + "\n"
+EXPR_HEADER = ",".join(EXPR_NAMES_2020) + "\n"
+
+
+def au_line(*values: int) -> str:
+    return ",".join(str(v) for v in values) + "\n"
+
+
+@pytest.fixture
+def basic(builder: RootBuilder) -> RootBuilder:
+    """Two names: 'a' annotated for VA and EXPR (train), 'b_left' for AU (train), 'c' VA validation."""
+    builder.annotation("va", "train", "a", VA_HEADER + "0.5,-0.25\n-5,-5\n0.1,0.2\n1.0,-1.0\n")
+    builder.annotation("expr", "train", "a", EXPR_HEADER + "4\n5\n0\n6\n")
+    builder.images("a", [1, 3, 4])  # frame 2 has no face
+    builder.annotation("au", "train", "b_left", AU_HEADER + au_line(1, 0, 0, 1, 1, 0, 0, 1) + au_line(0, 0, -1, 0, 0, 0, 0, 0))
+    builder.images("b_left", [1, 2])
+    builder.annotation("va", "val", "c", VA_HEADER + "0,0\n0.3,0.3\n")
+    builder.images("c", [1, 2])
+    return builder
+
+
+def test_reads_one_table_with_frames_images_and_sentinels(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "train")
+    assert list(frames.columns[:10]) == ["name", "video", "frame", "image", "split_va", "split_au", "split_expr",
+                                         "valence", "arousal", "expression"]
+    assert list(frames.columns[10:]) == list(AU_NAMES_2020)
+    a = frames[frames["name"] == "a"].set_index("frame")
+    assert list(a.index) == [1, 2, 3, 4]
+    assert a.loc[1, "image"] == "cropped_aligned/a/00001.jpg"
+    assert a.loc[2, "image"] == ""  # no jpg: stays for scoring, never fed
+    assert a.loc[1, "valence"] == pytest.approx(0.5) and a.loc[1, "arousal"] == pytest.approx(-0.25)
+    assert np.isnan(a.loc[2, "valence"]) and np.isnan(a.loc[2, "arousal"])  # -5 sentinel
+    assert a.loc[4, "valence"] == pytest.approx(1.0)  # the range is closed
+    assert list(a["expression"]) == [4, 5, 0, 6]
+    assert (a[list(AU_NAMES_2020)] == -1).all().all()  # 'a' has no AU file
+    assert set(a["split_va"]) == {"train"} and set(a["split_au"]) == {""}
+    b = frames[frames["name"] == "b_left"].set_index("frame")
+    assert b.loc[1, "AU1"] == 1 and b.loc[1, "AU25"] == 1 and b.loc[1, "AU2"] == 0
+    assert (b.loc[2, list(AU_NAMES_2020)] == -1).all()  # one -1 makes the whole row unlabeled
+    assert set(b["video"]) == {"b"}
+    assert "c" not in set(frames["name"])  # validation only
+    assert frames.attrs["edition"] == "2020"
+
+
+def test_validation_split_reads_each_tasks_own_folder(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "val")
+    assert set(frames["name"]) == {"c"}
+    assert frames["valence"].tolist() == pytest.approx([0.0, 0.3])
+
+
+def test_images_matched_by_number_not_listing_order(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "v", EXPR_HEADER + "".join(f"{i % 7}\n" for i in range(12)))
+    builder.images("v", [10, 2, 7])
+    f = load_frames(builder.root, "train").set_index("frame")
+    assert [f.loc[i, "image"] != "" for i in range(1, 13)] == [i in (2, 7, 10) for i in range(1, 13)]
+    assert f.loc[10, "image"].endswith("/00010.jpg") and f.loc[10, "expression"] == 9 % 7  # line 10 after the header
+
+
+def test_cross_task_leak_is_masked_and_reported(builder: RootBuilder) -> None:
+    builder.annotation("va", "val", "x", VA_HEADER + "0.1,0.1\n0.2,0.2\n")
+    builder.annotation("expr", "train", "x", EXPR_HEADER + "1\n2\n")
+    builder.annotation("expr", "train", "y", EXPR_HEADER + "3\n")
+    for name in ("x", "y"):
+        builder.images(name, [1])
+    table = read_split(builder.root, "train")
+    x = table.frames[table.frames["name"] == "x"]
+    assert (x["expression"] == -1).all()  # masked: x is a VA validation video
+    assert table.report.counts["labels_masked_cross_task_leak"] == 2
+    overlap = table.report.cross_task_overlap
+    assert overlap.to_dict("records") == [{"name": "x", "train_task": "expr", "val_tasks": "va"}]
+    assert table.frames.loc[table.frames["name"] == "y", "expression"].tolist() == [3]
+    kept = load_frames(builder.root, "train", allow_cross_task_leak=True)
+    assert kept.loc[kept["name"] == "x", "expression"].tolist() == [1, 2]
+
+
+def test_leak_check_pairs_left_and_right_of_one_video(builder: RootBuilder) -> None:
+    builder.annotation("au", "val", "vid_left", AU_HEADER + au_line(0, 0, 0, 0, 0, 0, 0, 0))
+    builder.annotation("va", "train", "vid_right", VA_HEADER + "0.5,0.5\n")
+    table = read_split(builder.root, "train")
+    assert table.report.counts["labels_masked_cross_task_leak"] == 1
+
+
+@pytest.mark.parametrize(("task", "text", "line", "needle"), [
+    ("va", "arousal,valence\n0,0\n", 1, "expected header 'valence,arousal'"),
+    ("va", "0.1,0.2\n0.3,0.4\n", 1, "missing header"),
+    ("expr", "Neutral,Anger\n0\n", 1, "expected header"),
+    ("au", "AU1,AU2,AU1\n0,0,0\n", 1, "AU names"),
+    ("va", VA_HEADER + "0.1,0.2\n0.1\n", 3, "1 fields"),
+    ("va", VA_HEADER + "0.1,0.2\n0.1,0.2,0.3\n", 3, "3 fields"),
+    ("va", VA_HEADER + "0.1,0.2\n\n0.1,0.2\n", 3, "blank line"),
+    ("va", VA_HEADER + "0.1,abc\n", 2, "not a number"),
+    ("va", VA_HEADER + "0.1,nan\n", 2, "non-finite"),
+    ("au", AU_HEADER + au_line(0, 0, 0, 0, 0, 0, 0, 0) + au_line(0, 2, 0, 0, 0, 0, 0, 0), 3, "0, 1 or -1"),
+    ("au", AU_HEADER + "0,0,0,0,0,0,0,0.5\n", 2, "not a number"),
+    ("expr", EXPR_HEADER + "0\n7\n", 3, "-1 or 0..6"),
+    ("expr", EXPR_HEADER + "0\n-5\n", 3, "-1 or 0..6"),
+    ("expr", EXPR_HEADER + "1.0\n", 2, "not a number"),
+    ("expr", "", 1, "empty file"),
+    ("expr", "\n\n", 1, "empty file"),
+])
+def test_malformed_annotation_names_file_and_line(builder: RootBuilder, task: str, text: str, line: int,
+                                                  needle: str) -> None:
+    path = builder.annotation(task, "train", "bad", text)
+    with pytest.raises(DataFormatError) as info:
+        load_frames(builder.root, "train")
+    assert info.value.path == str(path) and info.value.line == line
+    assert str(info.value).startswith(f"{path}:{line}: ")
+    assert needle in str(info.value)
+
+
+def test_va_out_of_range_is_missing_and_counted(builder: RootBuilder) -> None:
+    path = builder.annotation("va", "train", "v", VA_HEADER + "0.5,0.5\n1.5,0.2\n-5,-5\n")
+    builder.images("v", [1, 2, 3])  # rows with neither image nor label would not be in the table
+    table = read_split(builder.root, "train")
+    assert table.report.counts["va_out_of_range"] == 1  # -5 is the sentinel, not counted
+    assert table.report.examples["va_out_of_range"] == [f"{path}:3"]
+    assert table.frames["valence"].isna().tolist() == [False, True, True]
+
+
+def test_crlf_is_read_and_counted(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "w", EXPR_HEADER.replace("\n", "\r\n") + "1\r\n2\r\n")
+    table = read_split(builder.root, "train")
+    assert table.frames["expression"].tolist() == [1, 2]
+    assert table.report.counts["crlf_line_endings"] == 1
+
+
+def test_utf8_bom_is_tolerated_and_non_utf8_is_an_error(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "bom", b"\xef\xbb\xbf" + EXPR_HEADER.encode() + b"3\n")
+    assert load_frames(builder.root, "train")["expression"].tolist() == [3]
+    builder.annotation("expr", "train", "latin", EXPR_HEADER.encode() + b"3\n\xff\n")
+    with pytest.raises(DataFormatError, match=r"latin\.txt:3: not UTF-8"):
+        load_frames(builder.root, "train")
+
+
+def test_more_images_than_annotation_rows_keeps_them_unlabeled(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "m", EXPR_HEADER + "1\n2\n")
+    builder.images("m", [1, 2, 3, 4])
+    table = read_split(builder.root, "train")
+    m = table.frames.set_index("frame")
+    assert list(m.index) == [1, 2, 3, 4]
+    assert m.loc[3, "expression"] == -1 and m.loc[4, "image"].endswith("00004.jpg")
+    assert table.report.counts["images_beyond_annotations"] == 2
+
+
+def test_folders_and_files_without_a_place_are_counted(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "known", EXPR_HEADER + "0\n")
+    builder.images("known", [1])
+    builder.images("orphan", [1, 2])
+    (builder.root / "cropped_aligned" / "known" / "thumbs.db").write_bytes(b"x")
+    (builder.root / "cropped_aligned" / "known" / "1.jpg").write_bytes(jpeg_bytes())
+    builder.annotation("va", "train", "no_images", VA_HEADER + "0.1,0.1\n")
+    table = read_split(builder.root, "train")
+    counts = table.report.counts
+    assert counts["image_folder_without_annotations"] == 1
+    assert counts["unexpected_file"] == 2
+    assert counts["annotated_name_without_images"] == 1
+    assert "orphan" not in set(table.frames["name"])
+    assert table.frames.loc[table.frames["name"] == "no_images", "image"].tolist() == [""]
+    assert "image_folder_without_annotations: 1" in str(table.report)
+
+
+def test_unreadable_jpgs_lose_their_image_not_their_labels(builder: RootBuilder) -> None:
+    builder.annotation("expr", "train", "j", EXPR_HEADER + "1\n2\n3\n4\n")
+    builder.images("j", [1])
+    builder.images("j", [2], data=jpeg_bytes(2)[:300])  # truncated
+    builder.images("j", [3], data=b"")  # empty
+    builder.images("j", [4], data=b"not a jpeg at all")
+    plain = load_frames(builder.root, "train")
+    dataset = data.FrameDataset(plain, builder.root, AU_NAMES_2020)
+    assert dataset[0][0].shape == (3, 112, 112)
+    with pytest.raises(DataFormatError, match=r"00002\.jpg: unreadable or truncated JPEG"):
+        dataset[1]
+    with pytest.raises(DataFormatError, match=r"00003\.jpg: empty image file"):
+        dataset[2]
+    table = read_split(builder.root, "train", verify_images=True)
+    assert table.report.counts["unreadable_image"] == 3
+    assert table.frames["expression"].tolist() == [1, 2, 3, 4]
+    assert (table.frames["image"] != "").tolist() == [True, False, False, False]
+
+
+def test_edition_2021_is_detected_from_folders_and_headers(tmp_path) -> None:
+    b = RootBuilder(tmp_path / "r2021", edition="2021")
+    b.annotation("au", "train", "p", ",".join(AU_NAMES_2021) + "\n" + ",".join(["1"] + ["0"] * 11) + "\n")
+    b.annotation("expr", "val", "q", EXPR_HEADER + "5\n")
+    b.images("p", [1])
+    table = read_split(b.root, "train")
+    assert table.edition.name == "2021"
+    assert list(table.frames.columns[10:]) == list(AU_NAMES_2021)
+    assert table.frames["AU1"].tolist() == [1] and table.frames["AU26"].tolist() == [0]
+    assert table.edition.num_outputs == {"va": 2, "au": 12, "expr": 7}
+
+
+def test_edition_2022_is_detected_with_other_class(tmp_path) -> None:
+    b = RootBuilder(tmp_path / "r2022", edition="2022")
+    b.annotation("expr", "train", "p", ",".join(EXPR_NAMES_2022) + "\n7\n0\n")
+    b.annotation("au", "train", "p", ",".join(AU_NAMES_2021) + "\n" + ",".join(["0"] * 12) + "\n-1" + ",0" * 11 + "\n")
+    b.images("p", [1, 2])
+    table = read_split(b.root, "train")
+    assert table.edition.name == "2022"
+    assert table.edition.num_outputs["expr"] == 8
+    assert table.frames["expression"].tolist() == [7, 0]
+    assert (table.frames.loc[1, list(AU_NAMES_2021)] == -1).all()
+
+
+def test_unknown_layout_is_an_error(tmp_path) -> None:
+    (tmp_path / "annotations" / "Something").mkdir(parents=True)
+    with pytest.raises(DataFormatError, match="cannot tell the ABAW edition"):
+        load_frames(tmp_path, "train")
+    with pytest.raises(DataFormatError, match="no annotations folder"):
+        load_frames(tmp_path / "nowhere", "train")
+
+
+def test_inconsistent_au_headers_are_an_error(builder: RootBuilder) -> None:
+    builder.annotation("au", "train", "a", AU_HEADER + au_line(*[0] * 8))
+    path = builder.annotation("au", "train", "b", ",".join(AU_NAMES_2021) + "\n" + ",".join(["0"] * 12) + "\n")
+    with pytest.raises(DataFormatError, match=f"{path}:1: AU header"):
+        load_frames(builder.root, "train")
+
+
+# ------------------------------------------------------------------------------------------------ property tests
+
+va_values = st.floats(-1, 1, allow_nan=False, width=32) | st.just(-5.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(va_values, va_values), min_size=1, max_size=40), st.booleans())
+def test_va_files_round_trip(rows: list[tuple[float, float]], crlf: bool) -> None:
+    newline = "\r\n" if crlf else "\n"
+    text = "valence,arousal" + newline + "".join(f"{v!r},{a!r}{newline}" for v, a in rows)
+    _, values = parse_annotation_text(text, "va")
+    expected = np.array(rows, dtype=np.float64)
+    labeled = (expected >= -1).all(axis=1) & (expected <= 1).all(axis=1)
+    assert values.shape == (len(rows), 2)
+    assert np.isnan(values[~labeled]).all()
+    np.testing.assert_allclose(values[labeled], expected[labeled].astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, -1]), min_size=8, max_size=8), min_size=1, max_size=30))
+def test_au_files_round_trip(rows: list[list[int]]) -> None:
+    text = AU_HEADER + "".join(au_line(*r) for r in rows)
+    header, values = parse_annotation_text(text, "au")
+    assert header == AU_NAMES_2020
+    for r, v in zip(rows, values):
+        assert list(v) == ([-1] * 8 if -1 in r else r)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-1, 6), min_size=2, max_size=30), st.data())
+def test_a_corrupted_line_is_named(labels: list[int], draw) -> None:
+    bad_row = draw.draw(st.integers(0, len(labels) - 1))
+    junk = draw.draw(st.sampled_from(["x", "7", "-2", "1,2", "", "3.5"]))
+    lines = [str(v) for v in labels]
+    lines[bad_row] = junk
+    text = EXPR_HEADER + "\n".join(lines) + "\n"
+    if junk == "" and bad_row == len(labels) - 1:
+        # a trailing empty line is harmless, not corruption
+        assert parse_annotation_text(text, "expr")[1].tolist() == labels[:-1]
+        return
+    with pytest.raises(DataFormatError) as info:
+        parse_annotation_text(text, "expr", path="f.txt")
+    assert info.value.line == bad_row + 2
+
+
+# ------------------------------------------------------------------------------------------------ dataset, sampler
+
+
+def test_dataset_feeds_only_frames_with_images_with_targets_and_masks(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "train")
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=64)
+    assert len(dataset) == (frames["image"] != "").sum() == 5 < len(frames)
+    image, targets, masks = dataset[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert set(targets) == set(masks) == {"va", "au", "expr"}
+    assert masks["va"] and masks["expr"] and not masks["au"]
+    assert targets["va"].tolist() == pytest.approx([0.5, -0.25]) and int(targets["expr"]) == 4
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert batch[0].shape == (5, 3, 64, 64) and batch[2]["au"].tolist() == [False, False, False, True, False]
+
+
+def _masks(n: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"va": rng.random(n) < 0.7, "au": rng.random(n) < 0.2, "expr": rng.random(n) < 0.05}
+
+
+def test_sampler_gives_every_task_labels_in_every_batch() -> None:
+    masks = _masks()
+    sampler = data.TaskBalancedBatchSampler(masks, batch_size=12, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 1
+    for batch in batches:
+        assert len(batch) == 12
+        for task, mask in masks.items():
+            assert mask[batch].sum() >= 4
+    assert list(data.TaskBalancedBatchSampler(masks, 12, seed=3)) == batches  # deterministic
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks() -> None:
+    masks = _masks()
+    full = list(data.TaskBalancedBatchSampler(masks, 12, seed=1))
+    resumed = data.TaskBalancedBatchSampler(masks, 12, seed=1)
+    resumed.load_state_dict({"epoch": 0, "seed": 1}, batches_done=3)
+    assert list(resumed) == full[3:]
+    ranks = [list(data.TaskBalancedBatchSampler(masks, 12, seed=1, num_replicas=2, rank=r)) for r in range(2)]
+    for b, batch in enumerate(full):
+        assert sorted(ranks[0][b] + ranks[1][b]) == sorted(batch)
+    with pytest.raises(ValueError, match="no labeled frames"):
+        data.TaskBalancedBatchSampler({"va": np.zeros(5, bool)}, 4)
+
+
+def test_packed_cache_matches_jpeg_decoding(basic: RootBuilder, tmp_path) -> None:
+    frames = load_frames(basic.root, "train")
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020)
+    packed = data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy")
+    assert packed.shape == (len(dataset), 112, 112, 3)
+    cached = data.FrameDataset(frames, basic.root, AU_NAMES_2020, packed=packed)
+    for i in range(len(dataset)):
+        assert torch.equal(cached[i][0], dataset[i][0])
+    assert data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy").filename == packed.filename
+    with pytest.raises(ValueError, match="rebuild"):
+        data.FrameDataset(frames, basic.root, AU_NAMES_2020, packed=packed[:2])
+
+
+def test_label_arrays_are_tasks_as_data(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "train")
+    targets, masks = data.label_arrays(frames, AU_NAMES_2020)
+    assert masks["va"].sum() == 3 and masks["expr"].sum() == 4 and masks["au"].sum() == 1
+    assert not np.isnan(targets["va"]).any()
+    assert isinstance(frames, pd.DataFrame)
