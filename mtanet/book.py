@@ -95,11 +95,15 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     unexecuted = output.with_suffix(".unexecuted.ipynb")
-    jupytext.write(jupytext.read(notebook), unexecuted, fmt="ipynb")
+    nb = jupytext.read(notebook)
+    # the py:percent sources carry no kernel metadata (jupytext.toml filters it), so name the kernel explicitly
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python (mtanet)", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    jupytext.write(nb, unexecuted, fmt="ipynb")
     started = time.perf_counter()
     try:
         papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout)
+                                   language="python", cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout)
     except PapermillExecutionError as err:
         first_line = (err.source or "").strip().splitlines()[:1]
         raise NotebookFailed(f"{notebook.name}: cell {err.cell_index} ({first_line[0] if first_line else ''!s}) "
@@ -174,7 +178,7 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
 def render_html(src: Path, build_dir: Path) -> None:
     """Run Jupyter Book (Sphinx) on the staged sources: warnings are errors, the HTML lands in ``build_dir/html``."""
     out = build_dir / "jb"
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out), "--all",
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src), "--path-output", str(out), "--all",
            "-W", "-n", "--keep-going", "--builder", "html"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -372,11 +372,11 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
                     expr_names = header
                 elif header != expr_names:
                     raise DataFormatError(path, 1, f"expression header {header} differs from {expr_names}")
+            lengths.append(len(values))  # masked files still say how long the video is
             if (name, t) in masked:
                 report.add("labels_masked_cross_task_leak", f"{name} ({t})", count=int(_count_labeled(t, values)))
                 continue
             labels[t] = values
-            lengths.append(len(values))
         n_rows = max(lengths)
         frames_with_image = images.get(name)
         if frames_with_image is None:

@@ -147,7 +147,7 @@ def pixel_baseline(root: str | os.PathLike[str], train: pd.DataFrame, val: pd.Da
         elif task == "expr":
             model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=300))
             model.fit(x_train, y_train.astype(int))
-            scores = np.full((len(x_val), num_expressions), -np.inf)  # classes unseen in training never win
+            scores = np.full((len(x_val), num_expressions), -1e9)  # classes unseen in training never win
             scores[:, model.classes_] = model.decision_function(x_val)
             results[task] = metrics.expr_score(y_val.astype(int), scores, num_classes=scores.shape[1])
         else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -48,7 +49,7 @@ EDITION = EDITIONS["2020"]
 CEILING_FILE = "synth_ceiling.json"
 MANIFEST_FILE = "synth_manifest.json"
 LATENT_DIR = "synth_latent"  # noise-free labels per name; not part of the Aff-Wild2 layout, the reader ignores it
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def plan_person(rng: np.random.Generator, name: str, n_frames: int) -> VideoPlan
     # Slow drift and a per-person baseline make valence-arousal vary smoothly beyond the episodes.
     va[:, 0] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
     va[:, 1] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
-    va = np.clip(va, -1, 1)
+    va = np.tanh(1.2 * va)  # saturates smoothly inside (-1, 1) instead of piling up on the boundary
     face_present = np.ones(n_frames, dtype=bool)
     for start in np.flatnonzero(rng.random(n_frames) < 0.006):  # the detector loses the face now and then
         face_present[start: start + int(rng.integers(1, 12))] = False
@@ -254,15 +255,20 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         poses = {k: _smooth_noise(person_rng, n_frames, 15, s) for k, s in (("yaw", 9.0), ("pitch", 5.0),
                                                                             ("roll", 4.0))}
-        occluder = int(person_rng.integers(1, 3))  # hand or bar, kept for the person's whole video
+        occluder = int(person_rng.integers(1, 4))  # hand, bar or sunglasses, kept for the whole video
         occluded = np.zeros(n_frames, dtype=bool)
         for start in np.flatnonzero(person_rng.random(n_frames) < 0.003):
             occluded[start: start + int(person_rng.integers(5, 30))] = True
+        # Camera and compression stay fixed within a video; pose, gaze and exposure drift smoothly, noise is fresh.
+        camera = synth_render.random_nuisance(person_rng, strength=0.6)
+        gaze = np.clip(_smooth_noise(person_rng, n_frames, 10, 0.4), -1, 1)
+        exposure = _smooth_noise(person_rng, n_frames, 20, 6.0)
         for t in range(n_frames):
             if not plan.face_present[t]:
                 continue
             nuisance = dataclasses.replace(
-                synth_render.random_nuisance(person_rng, strength=0.6), yaw=float(np.clip(poses["yaw"][t], -30, 30)),
+                camera, yaw=float(np.clip(poses["yaw"][t], -30, 30)), gaze=float(gaze[t]),
+                brightness=float(camera.brightness + exposure[t]), noise_seed=t,
                 pitch=float(np.clip(poses["pitch"][t], -20, 20)), roll=float(np.clip(poses["roll"][t], -15, 15)),
                 light_angle=scene_light.light_angle, light_strength=scene_light.light_strength,
                 occlusion=occluder if occluded[t] else 0, occlusion_seed=index)
@@ -320,7 +326,8 @@ def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int 
     jobs = [(str(partial), seed, i, size) for i in range(spec.videos)]
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: forking a process that already runs torch or a Jupyter kernel's threads can deadlock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             videos = list(pool.map(_write_video, jobs, chunksize=1))
     else:
         videos = [_write_video(j) for j in jobs]

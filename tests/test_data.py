@@ -83,6 +83,7 @@ def test_cross_task_leak_is_masked_and_reported(builder: RootBuilder) -> None:
     x = table.frames[table.frames["name"] == "x"]
     assert (x["expression"] == -1).all()  # masked: x is a VA validation video
     assert table.report.counts["labels_masked_cross_task_leak"] == 2
+    assert table.report.counts["images_beyond_annotations"] == 0  # masked labels still give the length
     overlap = table.report.cross_task_overlap
     assert overlap.to_dict("records") == [{"name": "x", "train_task": "expr", "val_tasks": "va"}]
     assert table.frames.loc[table.frames["name"] == "y", "expression"].tolist() == [3]

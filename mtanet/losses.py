@@ -1,0 +1,308 @@
+"""Task losses of the paper (section III-B, eq. 1-5) and loss weightings kept apart from the architecture.
+
+Predictions, targets and masks travel as dicts keyed by task (``"va"``, ``"au"``, ``"expr"``, see
+:mod:`mtanet.tasks`). A mask marks the rows that carry a label; rows whose target holds the "no label" sentinel are
+never scored, whether or not a mask is given. A batch with no labeled row for a task gives a zero loss that still
+belongs to the graph, so ``backward()`` works and nothing turns into NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtanet.tasks import LABEL_SENTINEL, TASKS
+
+def _zero_like_graph(x: Tensor) -> Tensor:
+    # a zero that depends on x: backward() reaches the network (with zero gradient) instead of failing
+    return x.sum() * 0.0
+
+
+def _row_mask(mask: Tensor | None, valid: Tensor, name: str) -> Tensor:
+    """Combines an optional caller mask with the rows the target itself marks as labeled."""
+    if mask is None:
+        return valid
+    mask = mask.to(device=valid.device, dtype=torch.bool)
+    if mask.shape != valid.shape:
+        raise ValueError(f"{name}: mask must have shape {tuple(valid.shape)}, got {tuple(mask.shape)}")
+    return mask & valid
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-task losses
+
+
+def va_valid_rows(target: Tensor) -> Tensor:
+    """(B,) bool: rows whose VA target is finite and inside [-1, 1] in every column (the sentinel is -5)."""
+    t = target if target.dim() > 1 else target.unsqueeze(1)
+    return (torch.isfinite(t) & (t >= -1.0) & (t <= 1.0)).all(dim=1)
+
+
+def ccc_per_dim(pred: Tensor, target: Tensor) -> Tensor:
+    """CCC of each column of two (B, D) tensors, population moments (eq. 3).
+
+    The denominator ``var_x + var_y + (mean_x - mean_y)^2`` is zero only when both columns are constant and equal,
+    i.e. identical. Only there is it swapped for 1 before dividing (so no 0/0 is ever evaluated, in the forward or
+    the backward pass) and the CCC defined as 1, the value :func:`mtanet.metrics.ccc` gives that case. Everywhere else
+    the exact formula is used, with no epsilon, so the loss is exactly ``1 - `` the challenge's metric.
+    """
+    mx, my = pred.mean(dim=0), target.mean(dim=0)
+    dx, dy = pred - mx, target - my
+    vx, vy = (dx * dx).mean(dim=0), (dy * dy).mean(dim=0)
+    cov = (dx * dy).mean(dim=0)
+    denom = vx + vy + (mx - my) ** 2
+    ok = denom > 0
+    # torch.where on the denominator too, not only on the quotient: a 0/0 in the unused branch would still put NaN
+    # into the gradient
+    quotient = 2.0 * cov / torch.where(ok, denom, torch.ones_like(denom))
+    return torch.where(ok, quotient, torch.ones_like(quotient))
+
+
+def ccc_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eq. 4: ``1 - mean over dimensions of CCC``, computed over the labeled rows only.
+
+    Args:
+        pred: (B, D) predictions (D = 2: valence, arousal); a (B,) tensor is treated as D = 1.
+        target: same shape as ``pred``; a row with NaN or any value outside [-1, 1] is unlabeled.
+        mask: optional (B,) bool of labeled rows, combined (AND) with the target's own validity.
+
+    Returns:
+        Scalar loss in [0, 2]; a zero that carries grad when no row is labeled.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"ccc_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if pred.dim() == 1:
+        pred, target = pred.unsqueeze(1), target.unsqueeze(1)
+    if pred.dim() != 2:
+        raise ValueError(f"ccc_loss expects (B, D) tensors, got {tuple(pred.shape)}")
+    m = _row_mask(mask, va_valid_rows(target), "ccc_loss")
+    if not bool(m.any()):
+        return _zero_like_graph(pred)
+    # boolean indexing drops sentinel rows before any arithmetic, so -5 or NaN never reach the moments
+    p, t = pred[m], target[m].to(pred.dtype)
+    return 1.0 - ccc_per_dim(p, t).mean()
+
+
+def masked_cross_entropy(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+) -> Tensor:
+    """Eq. 1, softmax cross entropy averaged over labeled rows.
+
+    Args:
+        logits: (B, C) class scores.
+        target: (B,) class indices; -1 marks an unlabeled row.
+        mask: optional (B,) bool of labeled rows, combined (AND) with ``target != -1``.
+        weight: optional (C,) class weights, passed to ``F.cross_entropy`` (whose mean then divides by the summed
+            weights of the labeled rows, PyTorch's convention).
+
+    Returns:
+        Scalar loss; a zero that carries grad when no row is labeled.
+    """
+    if logits.dim() != 2 or target.dim() != 1 or logits.shape[0] != target.shape[0]:
+        raise ValueError(
+            "masked_cross_entropy expects logits (B, C) and target (B,), "
+            f"got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    m = _row_mask(mask, target != LABEL_SENTINEL, "masked_cross_entropy")
+    if not bool(m.any()):
+        return _zero_like_graph(logits)
+    return F.cross_entropy(logits[m], target[m].long(), weight=weight)
+
+
+def masked_bce(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None, pos_weight: Tensor | None = None
+) -> Tensor:
+    """Eq. 2, binary cross entropy with logits, averaged over labeled rows and AUs.
+
+    The paper sums eq. 2 over the AUs; averaging instead only divides the loss by K, a constant the loss weighting
+    absorbs, and keeps its scale independent of the edition's number of AUs.
+
+    Args:
+        logits: (B, K) AU logits.
+        target: (B, K) labels in {0, 1}; a row with any -1 is unlabeled.
+        mask: optional (B,) bool of labeled rows, or (B, K) bool of labeled entries; combined (AND) with the target's
+            own validity.
+        pos_weight: optional (K,) weight of positive examples, passed to ``F.binary_cross_entropy_with_logits``.
+
+    Returns:
+        Scalar loss; a zero that carries grad when nothing is labeled.
+    """
+    if logits.shape != target.shape or logits.dim() != 2:
+        raise ValueError(f"masked_bce expects two (B, K) tensors, got {tuple(logits.shape)}, {tuple(target.shape)}")
+    rows = (target != LABEL_SENTINEL).all(dim=1)
+    if mask is not None and mask.dim() == 2:
+        m = _row_mask(mask, rows.unsqueeze(1).expand_as(target), "masked_bce")
+    else:
+        m = _row_mask(mask, rows, "masked_bce").unsqueeze(1).expand_as(target)
+    if not bool(m.any()):
+        return _zero_like_graph(logits)
+    t = target.to(logits.dtype)
+    per_entry = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pos_weight, reduction="none")
+    # select (not multiply) so that a -1 sentinel never contributes, even as 0 * something
+    return per_entry[m].mean()
+
+
+def task_losses(
+    pred: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    mask: Mapping[str, Tensor | None] | None = None,
+    *,
+    au_pos_weight: Tensor | None = None,
+    expr_weight: Tensor | None = None,
+    skip_empty: bool = False,
+) -> dict[str, Tensor]:
+    """The paper's loss of every task present in ``pred``: CCC (va), BCE (au), cross entropy (expr).
+
+    Args:
+        pred: head outputs keyed by task: ``va`` (B, 2), ``au`` (B, K) logits, ``expr`` (B, C) logits.
+        target: targets keyed by task, with the sentinels of :mod:`mtanet.tasks` on unlabeled rows.
+        mask: optional masks keyed by task; a missing key (or ``None``) means "derive from the sentinels".
+        au_pos_weight: optional ``pos_weight`` of the AU loss.
+        expr_weight: optional class ``weight`` of the EXPR loss.
+        skip_empty: leave out tasks with no labeled row in this batch. Useful with :class:`UncertaintyWeighting`,
+            whose ``0.5 * s`` term would otherwise keep pulling ``s`` down on batches that have no label for a task.
+
+    Returns:
+        ``{task: scalar loss}`` in the order of ``pred``.
+    """
+    mask = mask or {}
+    out: dict[str, Tensor] = {}
+    for task, p in pred.items():
+        if task not in target:
+            raise KeyError(f"task_losses: no target for task {task!r}")
+        t, m = target[task], mask.get(task)
+        if task == "va":
+            loss, labeled = ccc_loss(p, t, m), _row_mask(m, va_valid_rows(t), "va")
+        elif task == "au":
+            loss = masked_bce(p, t, m, pos_weight=au_pos_weight)
+            labeled = (t != LABEL_SENTINEL).all(dim=1)
+            if m is not None:
+                labeled = labeled & (m.bool().any(dim=1) if m.dim() == 2 else m.bool())
+        elif task == "expr":
+            loss, labeled = masked_cross_entropy(p, t, m, weight=expr_weight), _row_mask(m, t != LABEL_SENTINEL, "expr")
+        else:
+            raise KeyError(f"task_losses: unknown task {task!r}; known tasks are {TASKS}")
+        if skip_empty and not bool(labeled.any()):
+            continue
+        out[task] = loss
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loss weighting
+
+
+class LossWeighting(nn.Module):
+    """Turns ``{task: loss}`` into one scalar; subclasses decide how.
+
+    Args:
+        tasks: the tasks this weighting knows; ``forward`` accepts any subset of them.
+    """
+
+    def __init__(self, tasks: Iterable[str] = TASKS) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = tuple(tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be non-empty and unique, got {self.tasks}")
+
+    def _check(self, losses: Mapping[str, Tensor]) -> None:
+        if not losses:
+            raise ValueError("no task loss to weight")
+        unknown = set(losses) - set(self.tasks)
+        if unknown:
+            raise KeyError(f"losses for unknown tasks {sorted(unknown)}; this weighting knows {self.tasks}")
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        """Effective multiplier of each task's loss, for logging."""
+        raise NotImplementedError
+
+
+class SumWeighting(LossWeighting):
+    """Plain sum of the task losses (the paper's first training stage); no parameters."""
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        self._check(losses)
+        return torch.stack([losses[t] for t in losses]).sum()
+
+    def weights(self) -> dict[str, float]:
+        return {t: 1.0 for t in self.tasks}
+
+
+class UncertaintyWeighting(LossWeighting):
+    """Homoscedastic uncertainty weighting (Kendall et al. 2018; paper eq. 5).
+
+    With a learnable ``s_t = log sigma_t^2`` per task (initialised at ``init_log_var``, 0 by default)::
+
+        total = sum_t  c_t * exp(-s_t) * L_t + 0.5 * s_t,   c_t = 0.5 (regression) or 1 (classification)
+
+    which for the default kinds is ``0.5 e^{-s_va} L_va + e^{-s_au} L_au + e^{-s_expr} L_expr + 0.5 (s_va + s_au +
+    s_expr)``; ``0.5 s_t = log sigma_t``. For a fixed loss L the total is minimised at ``s = log L`` (regression) and
+    ``s = log 2L`` (classification). Only tasks present in the ``losses`` dict contribute, regulariser included.
+    The ``log_vars`` parameter must be handed to the optimiser together with the network's.
+
+    Args:
+        tasks: task names, in the order of ``log_vars``.
+        kinds: ``{task: "regression" | "classification"}``; defaults to regression for ``va``, classification for
+            every other task.
+        init_log_var: initial value of every ``s_t``.
+    """
+
+    _FACTORS = {"regression": 0.5, "classification": 1.0}
+
+    def __init__(
+        self,
+        tasks: Iterable[str] = TASKS,
+        kinds: Mapping[str, str] | None = None,
+        init_log_var: float = 0.0,
+    ) -> None:
+        super().__init__(tasks)
+        kinds = dict(kinds or {})
+        unknown = set(kinds) - set(self.tasks)
+        if unknown:
+            raise KeyError(f"kinds given for unknown tasks {sorted(unknown)}")
+        self.kinds: dict[str, str] = {}
+        for t in self.tasks:
+            kind = kinds.get(t, "regression" if t == "va" else "classification")
+            if kind not in self._FACTORS:
+                raise ValueError(f"kind of task {t!r} must be 'regression' or 'classification', got {kind!r}")
+            self.kinds[t] = kind
+        self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init_log_var)))
+        # a buffer, so it follows .to(device) and is saved with the module
+        self.register_buffer("factors", torch.tensor([self._FACTORS[self.kinds[t]] for t in self.tasks]))
+        self._index = {t: i for i, t in enumerate(self.tasks)}
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        self._check(losses)
+        terms = []
+        for t, loss in losses.items():
+            s = self.log_vars[self._index[t]]
+            terms.append(self.factors[self._index[t]] * torch.exp(-s) * loss + 0.5 * s)
+        return torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, float]:
+        w = self.factors * torch.exp(-self.log_vars)
+        return {t: float(w[i]) for i, t in enumerate(self.tasks)}
+
+    @torch.no_grad()
+    def sigmas(self) -> dict[str, float]:
+        """``sigma_t = exp(s_t / 2)`` of each task."""
+        return {t: float(torch.exp(0.5 * self.log_vars[i])) for i, t in enumerate(self.tasks)}
+
+
+_WEIGHTINGS: dict[str, type[LossWeighting]] = {"sum": SumWeighting, "uncertainty": UncertaintyWeighting}
+
+
+def make_weighting(name: str, tasks: Iterable[str] = TASKS, **kwargs) -> LossWeighting:
+    """Builds a weighting by name: ``"sum"`` or ``"uncertainty"`` (extra kwargs go to its constructor)."""
+    try:
+        cls = _WEIGHTINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown loss weighting {name!r}; choose from {sorted(_WEIGHTINGS)}") from None
+    return cls(tasks, **kwargs)

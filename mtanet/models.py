@@ -1,0 +1,448 @@
+"""MTANet: a shared CNN encoder with one small head per ABAW task (paper section III-A).
+
+The pieces, in the order a batch meets them:
+
+1. **Input normalisation**, stored as buffers so it travels with the weights: images arrive as float RGB in [0, 1]
+   and become ``(x * input_scale - input_mean) / input_std`` (ImageNet statistics for timm weights, Caffe-style
+   ``x * 255 - mean`` for the VGGFace2 SENet-50 of the paper; see :data:`NORMALIZATIONS`).
+2. **Backbone**, a timm model built without its pooling and classifier (:data:`BACKBONES`); it yields a
+   ``(B, C, h, w)`` map with ``C = backbone.num_features`` (2048 for the 50-layer networks; 4x4 at 112x112 input).
+3. **Neck** (:class:`PoolingNeck`), pooling and a ReLU-activated projection to ``feature_dim`` (1024 in the paper).
+4. **Heads**, one ``nn.Linear(feature_dim, n)`` per task named in ``num_outputs``; VA goes through ``tanh``.
+
+Nothing here downloads: ``pretrained=True`` only reads weights already in the local Hugging Face or torch hub cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtanet.tasks import TASKS
+
+__all__ = [
+    "BACKBONES",
+    "PAPER_BACKBONES",
+    "POOLING_MODES",
+    "NORMALIZATIONS",
+    "PretrainedWeightsNotFound",
+    "PoolingNeck",
+    "MTANet",
+    "build_backbone",
+    "save_checkpoint",
+    "load_model",
+    "convert_senet50_ft",
+    "load_vggface2_senet50",
+    "count_parameters",
+    "macs",
+]
+
+#: Backbone name -> keyword arguments of ``timm.create_model`` (``model_name`` included).
+BACKBONES: dict[str, dict[str, Any]] = {
+    # The three backbones of the paper's Table I (ABAW2020.md section 5).
+    "senet50": dict(model_name="legacy_seresnet50"),  # SE-ResNet-50 with the VGGFace2 port's layout (the paper's)
+    "seresnet50": dict(model_name="seresnet50"),  # timm's modern SE-ResNet-50 (stride on the 3x3 conv)
+    "resnext50": dict(model_name="resnext50_32x4d"),
+    "resnext50_cbam": dict(model_name="resnext50_32x4d", block_args=dict(attn_layer="cbam")),
+    # Small members of the same families, for CPU tests and smoke runs; not used in the paper.
+    "senet18": dict(model_name="legacy_seresnet18"),
+    "seresnet18": dict(model_name="seresnet18"),  # timm has no pretrained weights for this one
+    "resnet18_cbam": dict(model_name="resnet18", block_args=dict(attn_layer="cbam")),
+    "resnext26": dict(model_name="resnext26ts"),  # timm's ByobNet ResNeXt-26 (tiered stem, SiLU)
+}
+
+#: The backbones of the paper's Table I, in its row order.
+PAPER_BACKBONES: tuple[str, ...] = ("resnext50", "resnext50_cbam", "senet50")
+
+#: Neck variants; see :class:`PoolingNeck`. The first is the default and our reading of the paper.
+POOLING_MODES: tuple[str, ...] = ("avgmax_concat", "avg", "avgmax_add")
+
+#: Input normalisation presets: ``(x * scale - mean) / std`` for ``x`` in [0, 1], channels in RGB order.
+NORMALIZATIONS: dict[str, dict[str, Any]] = {
+    "imagenet": dict(
+        mean=tuple(timm.data.IMAGENET_DEFAULT_MEAN), std=tuple(timm.data.IMAGENET_DEFAULT_STD), scale=1.0
+    ),
+    # VGGFace2 Caffe models (ABAW2020.md section 4): 0-255 pixels minus the RGB mean, no std division.
+    "vggface2": dict(mean=(131.0912, 103.8827, 91.4953), std=(1.0, 1.0, 1.0), scale=255.0),
+}
+
+
+class PretrainedWeightsNotFound(FileNotFoundError):
+    """``pretrained=True`` asked for timm weights that are not in the local cache (nothing is ever downloaded)."""
+
+
+def build_backbone(name: str) -> nn.Module:
+    """The timm model registered as ``name``, without pooling and classifier, randomly initialised."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    kwargs = copy.deepcopy(BACKBONES[name])  # timm must not share the registry's nested dicts
+    return timm.create_model(pretrained=False, num_classes=0, global_pool="", **kwargs)
+
+
+class PoolingNeck(nn.Module):
+    """Pool the backbone map and project it to ``feature_dim`` features.
+
+    The paper (III-A): "An average pooling and max pooling layer with dropout and ReLU activation function followed
+    by backbone ... produces a 1024-d feature map after concatenation." It names no linear layer, but the
+    concatenation of two poolings of a 2048-channel map is 4096-d, so to reach 1024-d after concatenating, each
+    branch must be projected to 512. Our reading, ``"avgmax_concat"`` (the default)::
+
+        GAP(C) -> Dropout -> Linear(C, feature_dim/2) -> ReLU  ┐
+        GMP(C) -> Dropout -> Linear(C, feature_dim/2) -> ReLU  ┴ concat -> feature_dim
+
+    Alternatives, for ablation:
+
+    - ``"avg"``: ``GAP(C) -> Dropout -> Linear(C, feature_dim) -> ReLU``.
+    - ``"avgmax_add"``: timm's ``avgmax`` pooling, ``(GAP + GMP) / 2``, then
+      ``Dropout -> Linear(C, feature_dim) -> ReLU``. (The halving only rescales the input of the linear layer.)
+    """
+
+    def __init__(self, in_channels: int, feature_dim: int = 1024, pooling: str = "avgmax_concat", dropout: float = 0.5):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+        if pooling == "avgmax_concat" and feature_dim % 2:
+            raise ValueError(f"pooling 'avgmax_concat' needs an even feature_dim, got {feature_dim}")
+        self.pooling = pooling
+        self.out_features = feature_dim
+        self.dropout = nn.Dropout(dropout)
+        if pooling == "avgmax_concat":
+            self.avg_fc = nn.Linear(in_channels, feature_dim // 2)
+            self.max_fc = nn.Linear(in_channels, feature_dim // 2)
+        else:
+            self.fc = nn.Linear(in_channels, feature_dim)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        avg = fmap.mean(dim=(2, 3))
+        if self.pooling == "avg":
+            return F.relu(self.fc(self.dropout(avg)))
+        mx = fmap.amax(dim=(2, 3))
+        if self.pooling == "avgmax_add":
+            return F.relu(self.fc(self.dropout(0.5 * (avg + mx))))
+        return torch.cat([F.relu(self.avg_fc(self.dropout(avg))), F.relu(self.max_fc(self.dropout(mx)))], dim=1)
+
+
+class MTANet(nn.Module):
+    """Multi-task affect network: backbone, pooling neck, one linear head per task.
+
+    Args:
+        backbone: a key of :data:`BACKBONES` (``"senet50"`` is the paper's).
+        num_outputs: head width per task, e.g. ``EDITIONS["2021"].num_outputs``; only these tasks get heads.
+        pooling: one of :data:`POOLING_MODES` (see :class:`PoolingNeck`).
+        feature_dim: width of the shared feature (1024 in the paper).
+        dropout: dropout probability in the neck.
+        input_norm: a key of :data:`NORMALIZATIONS`; ``None`` means ``"imagenet"`` (timm's weights). Loading the
+            VGGFace2 SENet-50 with :func:`load_vggface2_senet50` switches it to ``"vggface2"``.
+        pretrained: load timm's ImageNet weights for the backbone from the local cache; raises
+            :class:`PretrainedWeightsNotFound` (and downloads nothing) when they are not there.
+        weights_path: a :func:`save_checkpoint` file or a plain ``state_dict`` of this model, loaded strictly
+            after ``pretrained``.
+
+    ``forward`` takes float RGB images ``(B, 3, H, W)`` in [0, 1] and returns a dict: ``"va"`` ``(B, 2)`` in [-1, 1]
+    (tanh), ``"au"`` ``(B, K)`` logits, ``"expr"`` ``(B, C)`` logits. ``config`` holds the constructor arguments
+    (JSON-serialisable) so that :func:`load_model` can rebuild the model from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "senet50",
+        num_outputs: Mapping[str, int] | None = None,
+        pooling: str = "avgmax_concat",
+        feature_dim: int = 1024,
+        dropout: float = 0.5,
+        input_norm: str | None = None,
+        pretrained: bool = False,
+        weights_path: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        num_outputs = dict(num_outputs if num_outputs is not None else {"va": 2, "au": 8, "expr": 7})
+        unknown = set(num_outputs) - set(TASKS)
+        if unknown or not num_outputs:
+            raise ValueError(f"num_outputs must name some of the tasks {TASKS}, got {sorted(num_outputs)}")
+        if any(not isinstance(n, int) or n < 1 for n in num_outputs.values()):
+            raise ValueError(f"head widths must be positive ints, got {num_outputs}")
+        input_norm = "imagenet" if input_norm is None else input_norm
+        if input_norm not in NORMALIZATIONS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {sorted(NORMALIZATIONS)}")
+
+        self.config: dict[str, Any] = dict(
+            backbone=backbone,
+            num_outputs={task: int(n) for task, n in num_outputs.items()},
+            pooling=pooling,
+            feature_dim=int(feature_dim),
+            dropout=float(dropout),
+            input_norm=input_norm,
+            pretrained=bool(pretrained),
+            weights_path=None if weights_path is None else str(weights_path),
+        )
+        self.backbone = build_backbone(backbone)
+        self.neck = PoolingNeck(self.backbone.num_features, feature_dim, pooling, dropout)
+        self.heads = nn.ModuleDict({task: nn.Linear(feature_dim, n) for task, n in num_outputs.items()})
+
+        self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.ones(1, 3, 1, 1))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.set_input_norm(input_norm)
+
+        if pretrained:
+            _load_timm_pretrained(self.backbone, BACKBONES[backbone]["model_name"])
+        if weights_path is not None:
+            self.load_state_dict(_read_state_dict(weights_path))
+            self.config["input_norm"] = self._current_norm_name()
+
+    def set_input_norm(self, name: str) -> None:
+        """Set the normalisation buffers (and ``config``) to the :data:`NORMALIZATIONS` preset ``name``."""
+        norm = NORMALIZATIONS[name]
+        with torch.no_grad():
+            self.input_mean.copy_(torch.tensor(norm["mean"]).view(1, 3, 1, 1))
+            self.input_std.copy_(torch.tensor(norm["std"]).view(1, 3, 1, 1))
+            self.input_scale.fill_(norm["scale"])
+        self.config["input_norm"] = name
+
+    def _current_norm_name(self) -> str | None:
+        """The preset the buffers hold (they may come from loaded weights); ``None`` when they match none."""
+        for name, norm in NORMALIZATIONS.items():
+            if (
+                torch.allclose(self.input_mean.flatten().cpu(), torch.tensor(norm["mean"]))
+                and torch.allclose(self.input_std.flatten().cpu(), torch.tensor(norm["std"]))
+                and float(self.input_scale) == norm["scale"]
+            ):
+                return name
+        return None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] RGB images to what the backbone was trained on."""
+        return (images * self.input_scale - self.input_mean) / self.input_std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The shared ``(B, feature_dim)`` representation the heads read."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
+        return self.neck(self.backbone.forward_features(self.normalize(images)))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.features(images)
+        out = {task: head(feats) for task, head in self.heads.items()}
+        if "va" in out:
+            out["va"] = torch.tanh(out["va"])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model: MTANet, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{"config", "state_dict", **extra}`` to ``path`` atomically (temporary file, then ``os.replace``).
+
+    ``extra`` (epoch, metrics, optimizer state, ...) must hold only what ``torch.load(weights_only=True)`` accepts:
+    tensors, numbers, strings, lists, tuples and dicts of them.
+    """
+    extra = dict(extra or {})
+    clash = {"config", "state_dict"} & set(extra)
+    if clash:
+        raise ValueError(f"extra must not override {sorted(clash)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": copy.deepcopy(model.config), "state_dict": model.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MTANet:
+    """Rebuild the model saved by :func:`save_checkpoint` and load its weights; returned in eval mode.
+
+    Uses ``torch.load(weights_only=True)``, so a checkpoint cannot run code. Nothing is read from the timm cache:
+    the backbone weights come from the checkpoint.
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an MTANet checkpoint (needs 'config' and 'state_dict')")
+    config = ckpt["config"]
+    model = MTANet(**{**config, "pretrained": False, "weights_path": None})
+    model.load_state_dict(ckpt["state_dict"])
+    model.config = copy.deepcopy(config)
+    return model.to(map_location).eval()
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a :func:`save_checkpoint` file, or the file itself when it is a plain state dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "config" in ckpt:
+        return ckpt["state_dict"]
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------- timm weights, offline
+
+
+def _local_pretrained_file(pretrained_cfg: Mapping[str, Any]) -> Path:
+    """Find the weights a timm ``pretrained_cfg`` points at in the local caches, never touching the network."""
+    import huggingface_hub  # deferred: only needed for pretrained=True
+
+    arch = pretrained_cfg.get("architecture", "this model")
+    looked: list[str] = []
+    if pretrained_cfg.get("file"):
+        if Path(pretrained_cfg["file"]).is_file():
+            return Path(pretrained_cfg["file"])
+        looked.append(str(pretrained_cfg["file"]))
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        repo_id, _, revision = hub_id.partition("@")
+        names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else [
+            "model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            hit = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision or None)
+            if isinstance(hit, str):
+                return Path(hit)
+            looked.append(
+                f"Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE}: repo {repo_id}, file {name} "
+                f"(`huggingface-cli download {repo_id} {name}` writes it there)"
+            )
+    url = pretrained_cfg.get("url")
+    if url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if cached.is_file():
+            return cached
+        looked.append(f"{cached} (the file of {url})")
+    if not looked:
+        raise PretrainedWeightsNotFound(f"timm has no pretrained weights for {arch}; use pretrained=False")
+    raise PretrainedWeightsNotFound(
+        f"pretrained weights for {arch} are not in the local cache, and nothing is downloaded. Put the file at one "
+        "of these places (fetch it on a machine with network access and copy the cache over), or use "
+        "pretrained=False:\n  " + "\n  ".join(looked)
+    )
+
+
+def _load_timm_pretrained(backbone: nn.Module, model_name: str) -> None:
+    """Load cached timm weights into ``backbone``, dropping the classifier; only CBAM modules may stay random."""
+    from timm.layers.cbam import CbamModule
+    from timm.models import load_state_dict
+
+    cfg = backbone.pretrained_cfg
+    state = load_state_dict(str(_local_pretrained_file(cfg)), weights_only=True)
+    classifiers = cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
+    result = backbone.load_state_dict(state, strict=False)
+    # A CBAM variant reuses the plain network's weights; its attention modules have none (ABAW2020.md section 5).
+    cbam = {f"{name}." for name, mod in backbone.named_modules() if isinstance(mod, CbamModule)}
+    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in cbam)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"pretrained weights for {model_name} do not fit the backbone: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+# ------------------------------------------------------------------------------------- VGGFace2 SENet-50 weights
+
+_SENET50_FT_KEYS = [  # cydonia999 pickle name -> timm legacy_seresnet50 name (ABAW2020.md section 4)
+    (re.compile(r"^conv1\."), "layer0.conv1."),
+    (re.compile(r"^bn1\."), "layer0.bn1."),
+    (re.compile(r"^(layer\d+\.\d+)\.conv4\."), r"\1.se_module.fc1."),
+    (re.compile(r"^(layer\d+\.\d+)\.conv5\."), r"\1.se_module.fc2."),
+    (re.compile(r"^fc\."), "last_linear."),
+]
+
+
+def _senet50_ft_key(name: str) -> str:
+    for pattern, repl in _SENET50_FT_KEYS:
+        new, n = pattern.subn(repl, name)
+        if n:
+            return new
+    return name
+
+
+def convert_senet50_ft(
+    pickle_path_or_dict: str | os.PathLike | Mapping[str, Any], bgr_to_rgb: bool = True
+) -> dict[str, torch.Tensor]:
+    """Convert the VGGFace2 ``senet50_ft`` weights of the cydonia999 port to timm ``legacy_seresnet50`` keys.
+
+    The port stores ``{name: ndarray}`` in a pickle. Keys are mapped as in ABAW2020.md section 4; BatchNorm
+    ``num_batches_tracked`` counters, absent from the Caffe-converted file, are added as 0 so a strict load works.
+
+    The port feeds BGR images (``img[:, :, ::-1] - mean_bgr``). With ``bgr_to_rgb`` (the default) the input
+    channels of the first convolution are reversed, so the converted network takes RGB images minus the RGB mean,
+    which is what :data:`NORMALIZATIONS` ``["vggface2"]`` and the rest of this package use.
+
+    Security: unpickling can run arbitrary code. Only pass files you trust (the published weights file), or a
+    dict you built yourself.
+    """
+    import numpy as np
+
+    if isinstance(pickle_path_or_dict, Mapping):
+        weights = pickle_path_or_dict
+    else:
+        with open(pickle_path_or_dict, "rb") as f:
+            weights = pickle.load(f, encoding="latin1")  # noqa: S301 - trusted file, see the docstring
+    out: dict[str, torch.Tensor] = {}
+    for name, value in weights.items():
+        tensor = value.detach().clone() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+        out[_senet50_ft_key(name)] = tensor
+    if bgr_to_rgb:
+        out["layer0.conv1.weight"] = out["layer0.conv1.weight"].flip(1).contiguous()
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return out
+
+
+def load_vggface2_senet50(model: MTANet, pickle_path_or_dict: str | os.PathLike | Mapping[str, Any]) -> MTANet:
+    """Load the VGGFace2 SENet-50 (the paper's initialisation) into a ``"senet50"`` MTANet, in place.
+
+    The backbone is loaded strictly (the 8631-identity classifier is dropped) and the input normalisation is set to
+    ``"vggface2"``. Same security note as :func:`convert_senet50_ft`: only load pickles you trust.
+    """
+    if model.config["backbone"] != "senet50":
+        raise ValueError(f"VGGFace2 SENet-50 weights need backbone 'senet50', not {model.config['backbone']!r}")
+    state = {k: v for k, v in convert_senet50_ft(pickle_path_or_dict).items() if not k.startswith("last_linear.")}
+    model.backbone.load_state_dict(state, strict=True)
+    model.set_input_norm("vggface2")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- size and cost
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def macs(model: nn.Module, image_size: int = 112) -> int:
+    """Multiply-accumulates of one forward pass on one ``image_size`` square RGB image.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions; pooling, activations
+    and normalisation are not counted), halved to turn FLOPs into MACs. Runs in eval mode without gradients.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    images = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
