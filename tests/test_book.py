@@ -1,0 +1,147 @@
+"""The book as a build artefact: sources, parameters, pairing, environment files, and the rendered smoke book."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+import yaml
+
+from mtanet import book
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = book.notebooks(ROOT)
+
+
+def test_every_notebook_is_a_chapter_and_every_chapter_a_notebook() -> None:
+    assert NOTEBOOKS, "no notebooks found"
+    assert [p.stem for p in NOTEBOOKS] == book.toc_chapters(ROOT)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_tagged_parameters_cell_that_papermill_parses(notebook: Path, caplog) -> None:
+    import papermill
+
+    nb = jupytext.read(notebook)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged parameters"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "a title first"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "nb.ipynb"
+        nb.metadata["kernelspec"] = {"name": book.KERNEL_NAME, "language": "python", "display_name": "mtanet"}
+        nbformat.write(nb, path)
+        with caplog.at_level(logging.WARNING):
+            declared = papermill.inspect_notebook(str(path))
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()], "papermill could not parse a line"
+    untyped = [name for name, p in declared.items() if p["inferred_type_name"] == "None"]
+    assert not untyped, f"parameters without a type annotation: {untyped}"
+    for profile in book.PROFILES:
+        params = book.parameters_for(notebook, profile)
+        unknown = set(params) - set(declared)
+        assert not unknown, f"{profile}.yaml sets parameters the notebook does not declare: {unknown}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_py_percent_sources_are_canonical_and_pairs_in_sync(notebook: Path, tmp_path: Path) -> None:
+    text = notebook.read_text()
+    assert jupytext.writes(jupytext.reads(text, fmt="py:percent"), fmt="py:percent") == text, (
+        f"{notebook.name} is not in jupytext's canonical py:percent form: run jupytext --to py:percent on it")
+    paired = notebook.with_suffix(".ipynb")
+    if paired.exists():  # made by JupyterLab or `make sync-notebooks`; never committed (see .gitignore)
+        cells = [c.source for c in jupytext.read(paired).cells]
+        assert cells == [c.source for c in jupytext.reads(text, fmt="py:percent").cells], (
+            f"{paired.name} and {notebook.name} differ: run `make sync-notebooks`")
+    assert "papermill" not in text and "injected-parameters" not in text, "injected parameters leaked into the source"
+
+
+def _names(requirements: list[str]) -> set[str]:
+    names = set()
+    for req in requirements:
+        name = re.split(r"[<>=!~ ;\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        names.add({"pytorch": "torch"}.get(name, name))
+    return names
+
+
+def test_environment_yml_and_pyproject_name_the_same_packages() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _names(project["dependencies"] + project["optional-dependencies"]["test"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    conda_names = _names(conda) - {"python", "pip"}
+    assert conda_names == declared
+    assert "python=3.11" in conda
+
+
+def test_constraints_pin_everything_the_project_declares() -> None:
+    pinned = _names([line for line in (ROOT / "constraints.txt").read_text().splitlines()
+                     if line and not line.startswith("#")])
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert _names(project["dependencies"] + project["optional-dependencies"]["test"]) <= pinned
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make book" in readme and "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_failing_cell_names_the_notebook_and_the_cell(tmp_path: Path) -> None:
+    nb = tmp_path / "99_broken.py"
+    nb.write_text('# %% [markdown]\n# # Broken\n\n# %% tags=["parameters"]\nx: int = 1  # a number\n\n'
+                  '# %%\ny = x + 1\n\n# %%\nraise ValueError(f"bad value {y}")\n')
+    with pytest.raises(book.NotebookFailed) as info:
+        book.execute(nb, tmp_path / "out" / "99_broken.ipynb", {"x": 41})
+    message = str(info.value)
+    assert message.startswith("99_broken.py: cell ") and "ValueError: bad value 42" in message
+    assert (tmp_path / "out" / "99_broken.ipynb").exists()  # kept for reading the traceback
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("chromium is not installed: `make test` installs it (Debian package chromium, as root)")
+    return path
+
+
+def _rendered_dom(html: Path) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", html.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.book
+def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path) -> None:
+    """The whole pipeline on the smoke profile, then each chapter page as Chromium renders it."""
+    timings = book.build("smoke", root=ROOT, build_dir=tmp_path / "build")
+    print("smoke book timings:", timings)  # the budget itself is measured by benchmarks, not asserted here
+    html = tmp_path / "build" / "html"
+    assert (html / "index.html").exists()
+    for nb in NOTEBOOKS:
+        page = html / "book" / "chapters" / f"{nb.stem}.html"
+        assert page.exists(), f"{page} missing"
+        dom = _rendered_dom(page)
+        images = re.findall(r'<img[^>]+src="([^"]+\.png)"', dom)
+        assert images, f"{nb.stem}: no figures in the rendered page"
+        for src in images:
+            assert (page.parent / src).resolve().exists(), f"{nb.stem}: figure {src} does not exist"
+        for marker in ("Traceback (most recent call last)", 'class="output traceback', 'class="output stderr'):
+            assert marker not in dom, f"{nb.stem}: the page shows an error output ({marker})"
+    intro = _rendered_dom(html / "book" / "intro.html")  # index.html redirects here
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", intro))
+    assert "MTANet" in text and "make book" in text and "Pointing the book at the real Aff-Wild2" in text
