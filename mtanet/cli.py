@@ -1,4 +1,4 @@
-"""Command line: ``mtanet synth ROOT`` (and, as the package grows, train / evaluate / predict)."""
+"""Command line: ``mtanet synth``, ``mtanet inspect``, and the subcommands of train / evaluate / predict."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-cross-task-leak", action="store_true")
     p.add_argument("--verify-images", action="store_true", help="decode every jpg once")
     p.set_defaults(func=_inspect)
+
+    # Subcommands that live beside the code they drive: each module exposes add_cli(subparsers).
+    import importlib
+
+    for module in ("mtanet.train", "mtanet.predict"):
+        try:
+            importlib.import_module(module).add_cli(sub)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
 
     args = parser.parse_args(argv)
     from mtanet.data import DataFormatError

@@ -36,6 +36,7 @@ __all__ = [
     "gate_summary",
     "upsample_maps",
     "stage_gates",
+    "undo_zero_init_last",
 ]
 
 
@@ -292,3 +293,20 @@ def stage_gates(records: Sequence[AttentionRecord], kind: str) -> Mapping[str, n
         if r.kind == kind:
             out.setdefault(r.stage, []).append(r.gate.numpy().ravel())
     return {stage: np.concatenate(values) for stage, values in out.items()}
+
+
+def undo_zero_init_last(model: nn.Module) -> list[str]:
+    """Set the scale of every all-zero BatchNorm to 1, in place; returns the names of the layers changed.
+
+    timm's ResNet and ResNeXt blocks start with the last BatchNorm of each residual branch at zero
+    (``zero_init_last``): a fresh block is the identity, and an SE or CBAM module placed after that BatchNorm sees
+    only zeros, so every gate is sigmoid(0) = 0.5 and every spatial map is flat. Undoing it gives the untrained
+    attention modules real features to react to; trained weights have no all-zero BatchNorm and are left unchanged.
+    """
+    changed = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine and not mod.weight.any():
+                mod.weight.fill_(1.0)
+                changed.append(name)
+    return changed
