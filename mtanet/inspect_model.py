@@ -62,7 +62,8 @@ def _flop_counts(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, int]
     with FlopCounterMode(display=False) as counter:
         model(images)
     prefix = type(model).__name__ + "."
-    per_module = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
+    counts = counter.get_flop_counts()
+    per_module = {k[len(prefix):]: sum(v.values()) for k, v in counts.items() if k.startswith(prefix)}
     return per_module, counter.get_total_flops()
 
 
@@ -126,7 +127,8 @@ def stage_table(model: MTANet, images: torch.Tensor) -> pd.DataFrame:
                      macs=cost("neck") - sum(cost(f"neck.{n}") for n, _ in neck_linears)))
     for task, head in model.heads.items():
         rows.append(dict(part=f"head {task}", module=f"heads.{task}", input=seen[f"heads.{task}"][0],
-                         output=seen[f"heads.{task}"][1], parameters=count_parameters(head), macs=cost(f"heads.{task}")))
+                         output=seen[f"heads.{task}"][1], parameters=count_parameters(head),
+                         macs=cost(f"heads.{task}")))
     return pd.DataFrame(rows)
 
 
@@ -155,7 +157,8 @@ def neck_table(in_channels: int = 2048, feature_dim: int = 1024, map_size: int =
         neck = PoolingNeck(in_channels, feature_dim, mode).eval()
         with torch.no_grad():
             out = neck(torch.zeros(1, in_channels, map_size, map_size))
-        linears = [f"{n} {m.in_features}->{m.out_features}" for n, m in neck.named_children() if isinstance(m, nn.Linear)]
+        linears = [f"{n} {m.in_features}->{m.out_features}"
+                   for n, m in neck.named_children() if isinstance(m, nn.Linear)]
         rows.append(dict(pooling=mode, linear_layers=", ".join(linears), output=out.shape[1],
                          parameters=count_parameters(neck)))
     return pd.DataFrame(rows).set_index("pooling")
@@ -173,7 +176,7 @@ def heads_table(feature_dim: int = 1024) -> pd.DataFrame:
 
 
 def normalization_table() -> pd.DataFrame:
-    """Per preset and channel: what ``x`` in [0, 1] becomes, ``(x * scale - mean) / std``, at ``x = 0`` and ``x = 1``."""
+    """Per preset and channel: what an input ``x`` in [0, 1] becomes, ``(x * scale - mean) / std``, at 0 and 1."""
     rows = []
     for preset, norm in NORMALIZATIONS.items():
         for c, channel in enumerate("RGB"):
