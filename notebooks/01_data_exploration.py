@@ -195,16 +195,19 @@ plt.show()
 # %% [markdown]
 # ## Browse a video
 #
-# Choose a name and scrub its frames; the plot marks the current frame on the label time series. (In the HTML book the
-# widget shows its first state; run the notebook in JupyterLab to scrub.)
+# Choose a name and scrub its frames; the plot marks the current frame on the label time series. The HTML book shows
+# the first frame of the first video; run the notebook in JupyterLab to scrub (the widget redraws a PNG, so it needs
+# no output capture and works the same under papermill).
 
 # %%
+import io
+
 import ipywidgets as widgets
 
 names = sorted(train["name"].unique())
 
 
-def show_frame(name: str, frame: int) -> None:
+def frame_figure(name: str, frame: int) -> plt.Figure:
     video = train[train["name"] == name].set_index("frame")
     frame = min(frame, int(video.index.max()))
     fig, (ax_img, ax_ts) = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 3]})
@@ -222,14 +225,33 @@ def show_frame(name: str, frame: int) -> None:
     ax_ts.axvline(frame, color="red")
     ax_ts.set(ylim=(-1.1, 1.1), xlabel="frame", title=name)
     ax_ts.legend(loc="lower right", fontsize=7)
-    plt.tight_layout()
-    plt.show()
+    fig.tight_layout()
+    return fig
+
+
+def png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 name_box = widgets.Dropdown(options=names, value=names[0], description="name")
-frame_slider = widgets.IntSlider(value=1, min=1, max=int(train["frame"].max()), description="frame")
-browser = widgets.interactive_output(show_frame, {"name": name_box, "frame": frame_slider})
-display(widgets.HBox([name_box, frame_slider]), browser)
+frame_slider = widgets.IntSlider(value=1, min=1, max=int(train.loc[train["name"] == names[0], "frame"].max()),
+                                 description="frame", continuous_update=False)
+picture = widgets.Image(value=png(frame_figure(names[0], 1)), format="png")
+
+
+def redraw(_change=None) -> None:
+    frame_slider.max = int(train.loc[train["name"] == name_box.value, "frame"].max())
+    picture.value = png(frame_figure(name_box.value, frame_slider.value))
+
+
+name_box.observe(redraw, names="value")
+frame_slider.observe(redraw, names="value")
+display(widgets.VBox([widgets.HBox([name_box, frame_slider]), picture]))
+frame_figure(names[0], 1)
+plt.show()
 
 # %% [markdown]
 # ## How hard is it? The synthetic set's ceiling and floors
@@ -251,8 +273,8 @@ else:
 
 # %% [markdown]
 # A linear model on raw pixels is the next floor: if it came close to the ceiling, the task would be too easy to say
-# anything about a CNN. Ridge regression for valence-arousal, logistic regression for expressions and for each AU, on
-# grayscale images downsampled to `baseline_side` pixels.
+# anything about a CNN. Linear least-squares models (ridge regression for valence-arousal, ridge classifiers for the
+# expressions and for each AU) on grayscale images downsampled to `baseline_side` pixels.
 
 # %%
 baseline = explore.pixel_baseline(root, frames["train"], frames["val"], au_names, num_expressions=len(expr_names),
