@@ -129,6 +129,10 @@ def stage_sources(root: Path, src: Path) -> None:
             shutil.copy2(item, src / "book" / item.name)
 
 
+#: Longest a single cell may run per profile before the build fails (a hung kernel must not hang CI).
+CELL_TIMEOUT_S: dict[str, int | None] = {"smoke": 600, "cpu": 1800, "gpu": None}
+
+
 def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | None = None,
           only: list[str] | None = None, html: bool = True, kernel: str = KERNEL_NAME) -> dict[str, Any]:
     """Execute every chapter for ``profile`` and render the HTML book.
@@ -163,7 +167,8 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
         if only and nb.stem not in only:
             continue
         params = parameters_for(nb, profile)
-        seconds = execute(nb, chapters_dir / f"{nb.stem}.ipynb", params, kernel=kernel)
+        seconds = execute(nb, chapters_dir / f"{nb.stem}.ipynb", params, kernel=kernel,
+                          timeout=CELL_TIMEOUT_S[profile])
         timings["notebooks"][nb.stem] = round(seconds, 1)
         print(f"[book] {nb.stem}: {seconds:.1f} s", flush=True)
     if html:
