@@ -76,7 +76,8 @@ def test_environment_yml_and_pyproject_name_the_same_packages() -> None:
     declared = _names(project["dependencies"] + project["optional-dependencies"]["test"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
-    conda_names = _names(conda) - {"python", "pip"}
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
+    conda_names = _names(conda + [p for p in pip if not p.startswith("-e")]) - {"python", "pip"}
     assert conda_names == declared
     assert "python=3.11" in conda
 
