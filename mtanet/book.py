@@ -212,3 +212,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def record_run(chapter: str, synth_size: str, run_dir: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """Note where a chapter's run lives, so a later chapter can use its model (``runs/book/<chapter>-<size>.json``)."""
+    root = root or project_root()
+    pointer = root / "runs" / "book" / f"{chapter}-{synth_size}.json"
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve())}, indent=2))
+    return pointer
+
+
+def recorded_run(chapter: str, synth_size: str, root: Path | None = None) -> Path | None:
+    """The run folder :func:`record_run` noted for ``chapter`` and size, or ``None`` if there is none (yet)."""
+    pointer = (root or project_root()) / "runs" / "book" / f"{chapter}-{synth_size}.json"
+    if not pointer.is_file():
+        return None
+    run_dir = Path(json.loads(pointer.read_text())["run_dir"])
+    return run_dir if run_dir.is_dir() else None

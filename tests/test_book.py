@@ -146,3 +146,14 @@ def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path) -
     intro = _rendered_dom(html / "book" / "intro.html")  # index.html redirects here
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", intro))
     assert "MTANet" in text and "make book" in text and "Pointing the book at the real Aff-Wild2" in text
+
+
+def test_a_chapter_finds_the_run_an_earlier_chapter_recorded(tmp_path: Path) -> None:
+    assert book.recorded_run("04_training", "smoke", root=tmp_path) is None
+    run = tmp_path / "somewhere" / "run"
+    run.mkdir(parents=True)
+    book.record_run("04_training", "smoke", run, root=tmp_path)
+    assert book.recorded_run("04_training", "smoke", root=tmp_path) == run.resolve()
+    assert book.recorded_run("04_training", "cpu", root=tmp_path) is None
+    run.rmdir()
+    assert book.recorded_run("04_training", "smoke", root=tmp_path) is None  # a deleted run is no run
