@@ -49,7 +49,7 @@ EDITION = EDITIONS["2020"]
 CEILING_FILE = "synth_ceiling.json"
 MANIFEST_FILE = "synth_manifest.json"
 LATENT_DIR = "synth_latent"  # noise-free labels per name; not part of the Aff-Wild2 layout, the reader ignores it
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +110,13 @@ class VideoPlan:
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma_frames: float, scale: float) -> np.ndarray:
+    """Gaussian-smoothed white noise with standard deviation ``scale`` in expectation, whatever ``n``.
+
+    Normalised by the filter's theoretical gain, not by the sample's own std: on a short sequence the smoothed noise
+    is nearly constant, and dividing by its tiny std would blow that constant up.
+    """
     x = gaussian_filter1d(rng.standard_normal(n), sigma_frames, mode="reflect")
-    return x / (x.std() + 1e-8) * scale
+    return x * np.sqrt(2.0 * np.sqrt(np.pi) * sigma_frames) * scale
 
 
 def _envelope(n: int, onset: int, apex: int, offset: int) -> np.ndarray:

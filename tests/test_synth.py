@@ -148,3 +148,11 @@ def test_faces_show_the_latent_actions() -> None:
     y = int(lm["mouth_left"][1])
     mouth = slice(y - 8, y + 8)
     assert np.abs(smile[mouth] - neutral[mouth]).mean() > 2 * np.abs(smile[:20] - neutral[:20]).mean() + 1
+
+
+def test_smooth_noise_has_its_scale_on_short_and_long_sequences() -> None:
+    rng = np.random.default_rng(0)
+    for n in (30, 60, 5000):
+        draws = np.concatenate([synth._smooth_noise(rng, n, 25, 0.12) for _ in range(200)])
+        # reflection at the ends raises the spread of very short sequences a little; never to a large constant
+        assert 0.07 < draws.std() < 0.3, n
