@@ -11,7 +11,6 @@ from mtanet.export import OnnxEngine, export_checkpoint, read_onnx_metadata
 from mtanet.models import MTANet, save_checkpoint
 from mtanet.predict import DeviceUnavailableError, Predictor
 
-pytest.importorskip("onnxruntime")
 
 THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.35, 0.45, 0.55]
 

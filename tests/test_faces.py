@@ -23,7 +23,6 @@ from mtanet.faces import (
 )
 from mtanet.synth_render import Identity, Nuisance, five_points, landmarks, random_identity, render_face
 
-pytest.importorskip("onnxruntime")
 
 
 def similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

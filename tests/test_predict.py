@@ -28,8 +28,7 @@ from mtanet.predict import (
 )
 from mtanet.synth_render import random_identity, render_face
 
-av = pytest.importorskip("av")
-pytest.importorskip("onnxruntime")
+import av  # a declared dependency: a missing install must fail, not skip
 
 FPS = 25
 N_FRAMES = 60
