@@ -164,6 +164,10 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear warm-up steps at the start of each stage")
     min_lr_ratio: float = _opt(0.0, "cosine: the last step's lr as a share of the stage's lr")
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value; 0: no clipping")
+    expr_class_weight: str = _opt("none", "expression cross-entropy class weights from the training labels: none (the "
+                                          "paper's eq. 1), balanced (n / (C n_c)) or sqrt (its square root)")
+    au_pos_weight: str = _opt("none", "AU BCE weight of positives from the training labels: none (the paper's eq. "
+                                      "2), balanced (negatives / positives per AU) or sqrt (its square root)")
     # --- run
     seed: int = _opt(0, "seed of initialisation, batches, augmentation and dropout")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda if available); a missing device is an error")
@@ -210,6 +214,9 @@ class TrainConfig:
         for key in ("stage1_optimizer", "stage2_optimizer"):
             if getattr(self, key) not in _OPTIMIZERS:
                 raise bad(key, f"choose one of {sorted(_OPTIMIZERS)}")
+        for key in ("expr_class_weight", "au_pos_weight"):
+            if getattr(self, key) not in ("none", "balanced", "sqrt"):
+                raise bad(key, "choose none, balanced or sqrt")
         if self.lr_schedule not in ("constant", "cosine"):
             raise bad("lr_schedule", "choose constant or cosine")
         for key in ("image_size", "batch_size", "feature_dim", "log_every"):
@@ -634,6 +641,42 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def expression_class_weights(labels: np.ndarray, num_classes: int, mode: str):
+    """Class weights for the expression cross entropy, from the labeled training frames.
+
+    ``balanced`` is scikit-learn's ``n / (C * n_c)``; ``sqrt`` its square root (a softer correction); ``none`` gives
+    ``None`` (plain eq. 1). A class absent from training gets weight 0: it has no frame to weigh.
+    """
+    import torch
+
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    elif mode != "balanced":
+        raise ValueError(f"unknown class weighting {mode!r}")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def au_positive_weights(labels: np.ndarray, mode: str):
+    """``pos_weight`` of the AU BCE per AU: negatives / positives on the labeled training frames (``balanced``), its
+    square root (``sqrt``), or ``None`` (plain eq. 2). An AU never present in training gets weight 1."""
+    import torch
+
+    if mode == "none":
+        return None
+    labels = np.asarray(labels, dtype=np.float64)
+    positives = labels.sum(axis=0)
+    weights = np.where(positives > 0, (len(labels) - positives) / np.maximum(positives, 1), 1.0)
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    elif mode != "balanced":
+        raise ValueError(f"unknown positive weighting {mode!r}")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def _train_label_stats(frames, au_names: Sequence[str], n_expr: int) -> dict[str, Any]:
     """Training-set constants used where a name has no face at all: mean VA, AU prevalence, majority expression."""
     from mtanet.data import label_arrays
@@ -968,6 +1011,10 @@ class Trainer:
         self.train_set = FrameDataset(self.train_frames, self.root, self.au_names, image_size=cfg.image_size,
                                       transform=self.augment)
         self.val_set = FrameDataset(self.val_frames, self.root, self.au_names, image_size=cfg.image_size)
+        self.expr_weight = expression_class_weights(self.train_set.targets["expr"][self.train_set.masks["expr"]],
+                                                    len(self.expr_names), cfg.expr_class_weight)
+        self.au_pos_weight = au_positive_weights(self.train_set.targets["au"][self.train_set.masks["au"]],
+                                                 cfg.au_pos_weight)
         if cfg.cache_dir:
             for name, ds in (("train", self.train_set), ("val", self.val_set)):
                 # the name pins the exact list of images, so a cache of another table is never reused
@@ -1079,7 +1126,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = self.net(images)
             # losses in float32: a CCC of bf16 moments is too coarse
-            losses = task_losses({t: pred[t].float() for t in tasks}, targets, masks)
+            expr_weight = None if self.expr_weight is None else self.expr_weight.to(self.device)
+            au_pos_weight = None if self.au_pos_weight is None else self.au_pos_weight.to(self.device)
+            losses = task_losses({t: pred[t].float() for t in tasks}, targets, masks, expr_weight=expr_weight,
+                                 au_pos_weight=au_pos_weight)
             labeled = {t: losses[t] for t, has in zip(tasks, has_labels) if has}
             # Tasks without labels in this slice stay out of the weighting (eq. 5's 0.5*s would still pull on them)
             # but their zero losses keep every head in the graph, as DDP needs.

@@ -22,6 +22,8 @@ steps_per_epoch: int = 15  # batches per epoch; 0 means cover the largest task p
 stage1_epochs: int = 2  # summed loss, Adam
 stage2_epochs: int = 1  # uncertainty weighting, SGD
 lr_schedule: str = "constant"  # constant (the paper names none) or cosine, per stage
+expr_class_weight: str = "none"  # none (eq. 1 as printed), balanced or sqrt: counters the rare expressions
+au_pos_weight: str = "none"  # none (eq. 2 as printed), balanced or sqrt: counters the rare AUs
 lr_log_vars: float = 0.0  # learning rate of the log-variances in stage 2; 0 means the stage learning rate
 threads: int = 0  # torch CPU threads; 0 means all cores
 num_workers: int = -1  # loader processes; -1 means the trainer default for the device
@@ -55,7 +57,8 @@ is_synthetic = (root / synth.MANIFEST_FILE).exists()
 config = TrainConfig(
     data_root=str(root), backbone=backbone, image_size=image_size, batch_size=batch_size,
     steps_per_epoch=steps_per_epoch or None, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-    lr_schedule=lr_schedule, lr_log_vars=lr_log_vars or None, threads=threads or None, num_workers=None if num_workers < 0 else num_workers,
+    lr_schedule=lr_schedule, lr_log_vars=lr_log_vars or None, expr_class_weight=expr_class_weight,
+    au_pos_weight=au_pos_weight, threads=threads or None, num_workers=None if num_workers < 0 else num_workers,
     device=device, seed=seed, progress=False)
 # The run folder is named by the configuration, so re-running the book resumes (or reuses) the same run.
 digest = hashlib.sha1(json.dumps({k: v for k, v in config.to_dict().items() if k not in TrainConfig.RESUMABLE_CHANGES},
@@ -65,7 +68,7 @@ config = config.replace(output_dir=str(run_dir), resume=True)
 display(pd.Series({k: config.to_dict()[k] for k in (
     "backbone", "image_size", "batch_size", "steps_per_epoch", "stage1_epochs", "stage1_optimizer", "stage1_lr",
     "stage1_weight_decay", "stage2_epochs", "stage2_optimizer", "stage2_lr", "stage2_weight_decay", "lr_schedule",
-    "augment",
+    "expr_class_weight", "au_pos_weight", "augment",
     "device", "seed")}, name="value").to_frame())
 
 # %% [markdown]

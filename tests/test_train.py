@@ -391,3 +391,24 @@ def test_ddp_two_processes_on_cpu(reference, tmp_path: Path) -> None:
     ref_rows = {r["step"]: r for r in read_log(reference[0]) if r["kind"] == "step"}
     for r in rows[:3]:
         assert r["loss_total"] == pytest.approx(ref_rows[r["step"]]["loss_total"], rel=0.15)
+
+
+def test_expression_class_weights_follow_the_training_labels() -> None:
+    from mtanet.train import TrainConfig, expression_class_weights
+
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    assert expression_class_weights(labels, 4, "none") is None
+    balanced = expression_class_weights(labels, 4, "balanced").tolist()
+    assert balanced == pytest.approx([10 / 24, 10 / 12, 10 / 4, 0.0])  # class 3 never occurs
+    assert expression_class_weights(labels, 4, "sqrt").tolist() == pytest.approx(np.sqrt(balanced).tolist())
+    with pytest.raises(Exception, match="expr_class_weight"):
+        TrainConfig(expr_class_weight="inverse")
+
+
+def test_au_positive_weights_balance_each_au() -> None:
+    from mtanet.train import au_positive_weights
+
+    labels = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]])
+    assert au_positive_weights(labels, "none") is None
+    assert au_positive_weights(labels, "balanced").tolist() == pytest.approx([3.0, 1.0, 1 / 3])
+    assert au_positive_weights(labels, "sqrt").tolist() == pytest.approx([3 ** 0.5, 1.0, (1 / 3) ** 0.5])
