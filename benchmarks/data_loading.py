@@ -9,7 +9,6 @@ noisy: compare ratios across runs, not absolute numbers).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch
 
 from mtanet.data import FrameDataset, build_packed_cache, load_frames
 from mtanet.synth import default_data_root
+from _report import emit  # beside this script: python puts its folder on sys.path
 
 
 def images_per_second(dataset: FrameDataset, indices: np.ndarray) -> float:
@@ -62,10 +62,7 @@ def main() -> None:
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1},
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

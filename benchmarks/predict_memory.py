@@ -9,7 +9,6 @@ small backbone so the figure is about the pipeline, not the weights. Goal (issue
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import emit  # beside this script: python puts its folder on sys.path
 
 
 def make_video(path: Path, frames: int, seed: int = 0) -> None:
@@ -80,10 +80,7 @@ def main() -> None:
               "frames": {str(k): v for k, v in results.items()},
               "ratio_10n_over_n": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
               "goal": "ratio <= 1.10", "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
