@@ -225,7 +225,7 @@ def _people_of_video(rng: np.random.Generator, index: int) -> list[str]:
     return [base]
 
 
-def _assign(rng: np.random.Generator, index: int, n_videos: int) -> dict[str, str]:
+def _assign(rng: np.random.Generator, index: int) -> dict[str, str]:
     """Tasks and split of one video: about 20% validation; a few names swap the split of one task."""
     # The first videos are pinned so that even the smoke size has every task in both splits.
     if index < 6:
@@ -248,7 +248,7 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
     root_path = Path(root)
     rng = np.random.default_rng([seed, index])
     n_frames = int(rng.integers(size.min_frames, size.max_frames + 1))
-    assignment = _assign(rng, index, size.videos)
+    assignment = _assign(rng, index)
     scene_light = synth_render.random_nuisance(rng)
     results = []
     for person, name in enumerate(_people_of_video(rng, index)):

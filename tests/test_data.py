@@ -308,7 +308,7 @@ def test_sampler_gives_every_task_labels_in_every_batch() -> None:
     assert len(batches) == len(sampler) > 1
     for batch in batches:
         assert len(batch) == 12
-        for task, mask in masks.items():
+        for mask in masks.values():
             assert mask[batch].sum() >= 4
     assert list(data.TaskBalancedBatchSampler(masks, 12, seed=3)) == batches  # deterministic
     sampler.set_epoch(1)
