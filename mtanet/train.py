@@ -641,40 +641,41 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _to(tensor, device):
+    return None if tensor is None else tensor.to(device)
+
+
+def _soften(weights: np.ndarray, mode: str):
+    """``balanced`` weights as they are, ``sqrt`` their square root (a softer correction), as a float32 tensor."""
+    import torch
+
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    elif mode != "balanced":
+        raise ValueError(f"unknown label weighting {mode!r}: choose none, balanced or sqrt")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def expression_class_weights(labels: np.ndarray, num_classes: int, mode: str):
     """Class weights for the expression cross entropy, from the labeled training frames.
 
     ``balanced`` is scikit-learn's ``n / (C * n_c)``; ``sqrt`` its square root (a softer correction); ``none`` gives
     ``None`` (plain eq. 1). A class absent from training gets weight 0: it has no frame to weigh.
     """
-    import torch
-
     if mode == "none":
         return None
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
-    if mode == "sqrt":
-        weights = np.sqrt(weights)
-    elif mode != "balanced":
-        raise ValueError(f"unknown class weighting {mode!r}")
-    return torch.tensor(weights, dtype=torch.float32)
+    return _soften(np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0), mode)
 
 
 def au_positive_weights(labels: np.ndarray, mode: str):
     """``pos_weight`` of the AU BCE per AU: negatives / positives on the labeled training frames (``balanced``), its
     square root (``sqrt``), or ``None`` (plain eq. 2). An AU never present in training gets weight 1."""
-    import torch
-
     if mode == "none":
         return None
     labels = np.asarray(labels, dtype=np.float64)
     positives = labels.sum(axis=0)
-    weights = np.where(positives > 0, (len(labels) - positives) / np.maximum(positives, 1), 1.0)
-    if mode == "sqrt":
-        weights = np.sqrt(weights)
-    elif mode != "balanced":
-        raise ValueError(f"unknown positive weighting {mode!r}")
-    return torch.tensor(weights, dtype=torch.float32)
+    return _soften(np.where(positives > 0, (len(labels) - positives) / np.maximum(positives, 1), 1.0), mode)
 
 
 def _train_label_stats(frames, au_names: Sequence[str], n_expr: int) -> dict[str, Any]:
@@ -1011,10 +1012,11 @@ class Trainer:
         self.train_set = FrameDataset(self.train_frames, self.root, self.au_names, image_size=cfg.image_size,
                                       transform=self.augment)
         self.val_set = FrameDataset(self.val_frames, self.root, self.au_names, image_size=cfg.image_size)
-        self.expr_weight = expression_class_weights(self.train_set.targets["expr"][self.train_set.masks["expr"]],
-                                                    len(self.expr_names), cfg.expr_class_weight)
-        self.au_pos_weight = au_positive_weights(self.train_set.targets["au"][self.train_set.masks["au"]],
-                                                 cfg.au_pos_weight)
+        # loss weights live on the device once, not copied there every step
+        self.expr_weight = _to(expression_class_weights(self.train_set.targets["expr"][self.train_set.masks["expr"]],
+                                                        len(self.expr_names), cfg.expr_class_weight), self.device)
+        self.au_pos_weight = _to(au_positive_weights(self.train_set.targets["au"][self.train_set.masks["au"]],
+                                                     cfg.au_pos_weight), self.device)
         if cfg.cache_dir:
             for name, ds in (("train", self.train_set), ("val", self.val_set)):
                 # the name pins the exact list of images, so a cache of another table is never reused
@@ -1126,10 +1128,8 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = self.net(images)
             # losses in float32: a CCC of bf16 moments is too coarse
-            expr_weight = None if self.expr_weight is None else self.expr_weight.to(self.device)
-            au_pos_weight = None if self.au_pos_weight is None else self.au_pos_weight.to(self.device)
-            losses = task_losses({t: pred[t].float() for t in tasks}, targets, masks, expr_weight=expr_weight,
-                                 au_pos_weight=au_pos_weight)
+            losses = task_losses({t: pred[t].float() for t in tasks}, targets, masks, expr_weight=self.expr_weight,
+                                 au_pos_weight=self.au_pos_weight)
             labeled = {t: losses[t] for t, has in zip(tasks, has_labels) if has}
             # Tasks without labels in this slice stay out of the weighting (eq. 5's 0.5*s would still pull on them)
             # but their zero losses keep every head in the graph, as DDP needs.
