@@ -9,11 +9,13 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: help install data book chromium test test-fast lab sync-notebooks clean
+.PHONY: help install data book sweep bench chromium test test-fast lab sync-notebooks clean
 
 help:
 	@echo "make book  [PROFILE=cpu|smoke|gpu]  execute every notebook with papermill and build book/_build/html"
 	@echo "make test                          run the test suite (includes a smoke-profile book build)"
+	@echo "make sweep [PROFILE=cpu|smoke|gpu]  the ablation sweep (chapter 05 alone): resumes, skips finished runs"
+	@echo "make bench                         speed and memory benchmarks, ratios against their goals"
 	@echo "make lab                           JupyterLab with the project's kernel; notebooks/*.py open as notebooks"
 	@echo "make data  [PROFILE=...]           write the synthetic dataset data/synth-PROFILE if missing"
 
@@ -33,14 +35,24 @@ book: data
 	$(PY) -m mtanet.book --profile $(PROFILE)
 	@echo "open book/_build/html/index.html"
 
+# The ablation chapter alone: it runs the sweep (mtanet.sweep.run_sweep), which skips runs with stored results.
+sweep: data
+	$(PY) -m mtanet.book --profile $(PROFILE) --only 05_ablations --no-html
+
 # Chromium renders the built pages in the book test; installed here (as root, as in CI) when missing.
 chromium:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium missing and not root: the rendered-page test will fail"
 
+# The wall time of a passing run is recorded for the benchmarks' report (book/_build is not tracked).
 test: install chromium
-	$(PY) -m pytest -q
+	@start=$$(date +%s); $(PY) -m pytest -q; mkdir -p book/_build; \
+	  echo "{\"make_test_seconds\": $$(( $$(date +%s) - start )), \"date\": \"$$(date +%F)\"}" > book/_build/timings-test.json
+
+# Speed and memory against their goals, as ratios measured side by side (under 10 minutes on 2 cores).
+bench: data
+	$(PY) benchmarks/run_all.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not book"

@@ -7,6 +7,7 @@ Modules (imported lazily, so ``import mtanet`` stays cheap):
 - ``models``: MTANet and its backbones; ``losses``: CCC, masked CE/BCE, sum and uncertainty weighting;
 - ``metrics``: the ABAW 2020 (and 2022+) scores; ``train``: the two-stage trainer, evaluation, submission files;
 - ``faces``, ``predict``, ``export``: detection, alignment, streamed inference, ONNX;
+- ``sweep``: ablation sweeps (the training notebook per configuration and seed) and their tables;
 - ``book``: the book build; ``explore``, ``inspect_model``, ``loss_experiments``, ``media``, ``paper``: what the
   chapters compute.
 """

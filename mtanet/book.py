@@ -81,9 +81,27 @@ def toc_chapters(root: Path) -> list[str]:
     return [Path(f).name for f in files if f.startswith("book/chapters/")]
 
 
+def _kernel_manager_logging_to(path: Path):
+    """A kernel manager whose kernel writes its process-level stderr (start-up and shut-down chatter, crashes of
+    native code) to ``path`` instead of inheriting ours; cell output still reaches the notebook."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(path, "ab") as log:  # the child keeps its own copy of the descriptor
+                kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
 def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel: str = KERNEL_NAME,
-            timeout: int | None = None) -> float:
+            timeout: int | None = None, drop_tags: tuple[str, ...] = (), kernel_log: Path | None = None) -> float:
     """Execute one py:percent notebook with papermill; returns the wall time in seconds.
+
+    Cells tagged with any of ``drop_tags`` are left out of the execution (and of the output). With ``kernel_log``,
+    the kernel process's own stderr goes to that file (a notebook executed from inside another one would otherwise
+    print it into the outer notebook).
 
     Raises:
         NotebookFailed: naming the notebook, the failing cell and its error (the partly executed notebook is still
@@ -96,6 +114,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
     output.parent.mkdir(parents=True, exist_ok=True)
     unexecuted = output.with_suffix(".unexecuted.ipynb")
     nb = jupytext.read(notebook)
+    if drop_tags:
+        nb.cells = [c for c in nb.cells if not set(c.metadata.get("tags", ())) & set(drop_tags)]
     # the py:percent sources carry no kernel metadata (jupytext.toml filters it), so name the kernel explicitly
     nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python (mtanet)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -103,7 +123,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
     started = time.perf_counter()
     try:
         papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name=kernel,
-                                   language="python", cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout)
+                                   language="python", cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout,
+                                   **({"kernel_manager_class": _kernel_manager_logging_to(kernel_log)} if kernel_log else {}))
     except PapermillExecutionError as err:
         first_line = (err.source or "").strip().splitlines()[:1]
         raise NotebookFailed(f"{notebook.name}: cell {err.cell_index} ({first_line[0] if first_line else ''!s}) "
@@ -148,6 +169,7 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
         A summary with the wall time of each notebook and of the HTML build; also written to
         ``<build_dir>/timings-<profile>.json``.
     """
+    build_started = time.perf_counter()
     root = root or project_root()
     build_dir = Path(build_dir or root / "book" / "_build")
     src = build_dir / "src"
@@ -176,6 +198,8 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
         render_html(src, build_dir)
         timings["html_seconds"] = round(time.perf_counter() - started, 1)
         print(f"[book] html: {timings['html_seconds']:.1f} s -> {build_dir / 'html' / 'index.html'}", flush=True)
+    timings["total_seconds"] = round(time.perf_counter() - build_started, 1)
+    timings["date"] = time.strftime("%Y-%m-%d")
     (build_dir / f"timings-{profile}.json").write_text(json.dumps(timings, indent=2))
     return timings
 

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -692,7 +693,7 @@ def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> n
     """Decode every image of ``dataset`` once into a uint8 memory-mapped ``.npy`` (N, H, W, 3) at ``path``.
 
     A later call with the same path and row count opens the existing file. The file is written to a temporary name
-    and renamed, so an interrupted build never leaves a half-filled cache that looks complete.
+    of this process and renamed, so an interrupted build never leaves a half-filled cache that looks complete.
     """
     path = Path(path)
     if path.exists():
@@ -702,7 +703,9 @@ def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> n
     path.parent.mkdir(parents=True, exist_ok=True)
     first = decode_image_file(dataset.root / dataset.paths[0]) if len(dataset) else None
     h, w = (first.shape[1], first.shape[2]) if first is not None else (112, 112)
-    tmp = path.with_suffix(".tmp.npy")
+    # a name of this process's own: two processes building the same cache at once (sweep runs side by side) each
+    # write a whole file, and the atomic rename leaves one of the identical results
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), h, w, 3))
     for i, rel in enumerate(dataset.paths):
         img = decode_image_file(dataset.root / rel)

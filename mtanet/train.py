@@ -466,6 +466,7 @@ class FaceAugment:
         self.rng = np.random.default_rng(list(key))
 
     def __call__(self, image):
+        import torch
         from torch.nn import functional as F
 
         _, h, w = image.shape
@@ -479,10 +480,13 @@ class FaceAugment:
         x = image[:, top: top + side, left: left + side]
         if flip:
             x = x.flip(-1)
-        x = x.float()
         if side != self.image_size:
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+            # resized while still uint8 and channels-last: torch's fast antialiased kernel, twice the float path's
+            # speed on CPU (this runs once per training image, on the step's critical path)
+            x = F.interpolate(x[None].contiguous(memory_format=torch.channels_last),
+                              size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
+        x = x.float()
         mean = x.mean()
         return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0.0, 255.0)
 

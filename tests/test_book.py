@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -106,6 +107,19 @@ def test_a_failing_cell_names_the_notebook_and_the_cell(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith("99_broken.py: cell ") and "ValueError: bad value 42" in message
     assert (tmp_path / "out" / "99_broken.ipynb").exists()  # kept for reading the traceback
+
+
+def test_cells_with_a_dropped_tag_are_not_executed(tmp_path: Path) -> None:
+    nb = tmp_path / "98_tags.py"
+    nb.write_text('# %% tags=["parameters"]\nx: int = 1  # a number\n\n# %% tags=["report"]\n'
+                  'raise ValueError("a report cell ran")\n\n# %%\nprint("kept", x)\n')
+    out = tmp_path / "out.ipynb"
+    book.execute(nb, out, {"x": 5}, drop_tags=("report",))
+    cells = json.loads(out.read_text())["cells"]
+    assert not any("report" in c["metadata"].get("tags", []) for c in cells)
+    assert any("kept 5" in "".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+    with pytest.raises(book.NotebookFailed, match="a report cell ran"):
+        book.execute(nb, out, {"x": 5})
 
 
 def _chromium() -> str:

@@ -1,0 +1,202 @@
+"""The ablation sweep: planning, execution through papermill, resuming after a failure, and the tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtanet import sweep
+from mtanet.book import NotebookFailed
+from mtanet.models import BACKBONES
+
+# A stand-in for the training notebook: same interface (parameters in, metrics.json into output_dir), no training.
+# Its scores are a function of backbone and seed, it logs every execution, and it fails once for one run.
+FAKE_TRAINING = '''# %% tags=["parameters"]
+output_dir: str = ""
+seed: int = 0
+backbone: str = ""
+tasks: list = ["va", "au", "expr"]
+calls: str = ""
+fail_once: str = ""
+
+# %%
+import dataclasses
+import json
+from pathlib import Path
+
+out = Path(output_dir)
+with open(calls, "a") as log:
+    log.write(f"{out.parent.name}/{out.name}\\n")
+marker = Path(calls).with_suffix(".failed")
+if fail_once == f"{out.parent.name}/{out.name}" and not marker.exists():
+    marker.write_text("x")
+    (out / "last.pt").write_text("partial")
+    raise RuntimeError("killed half way")
+bonus = {"seresnet26_half": 0.10, "resnext26_half": 0.0, "resnext26_half_cbam": 0.02}[backbone]
+final = {}
+if "va" in tasks:
+    final["va"] = {"score": 0.4 + bonus + 0.001 * seed, "ccc_valence": 0.5, "ccc_arousal": 0.3 + bonus + 0.002 * seed}
+if "au" in tasks:
+    final["au"] = {"score": 0.6 + 0.01 * seed, "f1_mean": 0.3, "accuracy": 0.9}
+if "expr" in tasks:
+    final["expr"] = {"score": 0.5 - 0.01 * seed, "f1_macro": 0.4, "accuracy": 0.7}
+(out / "best.pt").write_text("weights")
+(out / "metrics.json").write_text(json.dumps({"final": final, "config": {"backbone": backbone, "image_size": 40},
+                                              "steps": 3, "wall_time_s": {"total": 1.0},
+                                              "hardware": {"device_name": "test cpu"}}))
+'''
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> tuple[Path, Path]:
+    nb = tmp_path / "fake_training.py"
+    nb.write_text(FAKE_TRAINING)
+    return nb, tmp_path / "calls.txt"
+
+
+def _calls(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_plan_resolves_each_design_to_its_family_and_changes_one_thing() -> None:
+    runs = sweep.plan(["senet", "resnext_cbam", "va_only", "avg_pool"], [0, 1], {"image_size": 40}, family="small")
+    assert [r.key for r in runs] == ["senet/seed0", "senet/seed1", "resnext_cbam/seed0", "resnext_cbam/seed1",
+                                     "va_only/seed0", "va_only/seed1", "avg_pool/seed0", "avg_pool/seed1"]
+    by_key = {r.key: dict(r.parameters) for r in runs}
+    assert by_key["senet/seed1"] == {"image_size": 40, "backbone": "seresnet26_half", "seed": 1}
+    assert by_key["resnext_cbam/seed0"]["backbone"] == "resnext26_half_cbam"
+    assert by_key["va_only/seed0"] == {"image_size": 40, "backbone": "seresnet26_half", "tasks": ["va"], "seed": 0}
+    assert by_key["avg_pool/seed0"]["pooling"] == "avg"
+    paper = sweep.plan(["senet", "resnext", "resnext_cbam"], [0], {}, family="paper")
+    assert [r.parameters["backbone"] for r in paper] == ["senet50", "resnext50", "resnext50_cbam"]
+    for family in sweep.FAMILIES.values():
+        assert set(family.values()) <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("rows, seeds, family, match", [
+    (["senet", "bogus"], [0], "small", "unknown row 'bogus'"),
+    (["senet"], [0, 0], "small", "distinct"),
+    (["senet"], [], "small", "distinct"),
+    (["senet"], [0], "huge", "unknown backbone family"),
+])
+def test_plan_rejects_bad_requests(rows, seeds, family, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        sweep.plan(rows, seeds, {}, family=family)
+
+
+def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, tmp_path: Path) -> None:
+    notebook, calls = fake
+    runs = sweep.plan(["senet", "resnext"], [0, 1], {"calls": str(calls), "fail_once": "resnext/seed1"},
+                      family="small")
+    out = tmp_path / "results"
+    with pytest.raises(NotebookFailed, match="killed half way"):
+        sweep.run_sweep(runs, out, notebook=notebook, jobs=2, log=None)
+    assert sorted(_calls(calls)) == ["resnext/seed0", "resnext/seed1", "senet/seed0", "senet/seed1"]
+    # the failed run keeps its partial state and no results; the others are complete and their checkpoints gone
+    assert (out / "resnext" / "seed1" / "last.pt").exists()
+    assert not (out / "resnext" / "seed1" / "metrics.json").exists()
+    assert sorted(p.parent.parent.name + "/" + p.parent.name for p in out.glob("*/*/metrics.json")) == [
+        "resnext/seed0", "senet/seed0", "senet/seed1"]
+    assert not list(out.glob("*/*/best.pt"))
+    assert len(sweep.collect(out)) == 3
+
+    status = sweep.run_sweep(runs, out, notebook=notebook, jobs=2, log=None)
+    assert _calls(calls)[4:] == ["resnext/seed1"]  # only the unfinished run was executed again
+    assert dict(zip(status["run"], status["status"])) == {
+        "senet/seed0": "reused", "senet/seed1": "reused", "resnext/seed0": "reused", "resnext/seed1": "ran"}
+    assert (out / "resnext" / "seed1" / sweep.NOTEBOOK_FILE).exists()
+    assert (out / "resnext" / "seed1" / sweep.KERNEL_LOG_FILE).exists()  # the kernel's own stderr, not ours
+    record = json.loads((out / "resnext" / "seed1" / sweep.RUN_FILE).read_text())
+    assert record == {"row": "resnext", "seed": 1, "parameters": dict(runs[3].parameters)}
+
+    moved = [dataclasses.replace(r, parameters={**r.parameters, "cache_dir": "elsewhere"}) for r in runs]
+    sweep.run_sweep(moved, out, notebook=notebook, log=None)  # all done (the cache folder does not matter): nothing runs
+    assert len(_calls(calls)) == 5
+    table = sweep.collect(out)
+    assert list(zip(table["row"], table["seed"])) == [("senet", 0), ("senet", 1), ("resnext", 0), ("resnext", 1)]
+    assert table.loc[table["row"] == "senet", "va"].tolist() == pytest.approx([0.5, 0.501])
+    assert table["backbone"].tolist() == ["seresnet26_half", "seresnet26_half", "resnext26_half", "resnext26_half"]
+
+
+def test_a_folder_of_other_parameters_is_refused_before_anything_runs(fake, tmp_path: Path) -> None:
+    notebook, calls = fake
+    out = tmp_path / "results"
+    sweep.run_sweep(sweep.plan(["senet"], [0], {"calls": str(calls)}, family="small"), out, notebook=notebook,
+                    log=None)
+    other = sweep.plan(["resnext", "senet"], [0], {"calls": str(calls), "image_size": 64}, family="small")
+    with pytest.raises(sweep.SweepConflict, match=r"senet[/\\]seed0[/\\]sweep_run.json"):
+        sweep.run_sweep(other, out, notebook=notebook, log=None)
+    assert _calls(calls) == ["senet/seed0"]  # resnext, first in the plan, did not start either
+    stray = out / "avg_pool" / "seed0"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(sweep.SweepConflict, match="not empty"):
+        sweep.run_sweep(sweep.plan(["avg_pool"], [0], {"calls": str(calls)}, family="small"), out,
+                        notebook=notebook, log=None)
+    assert (stray / "notes.txt").read_text() == "mine"
+
+
+def _results(values: dict[str, list[float]], metric: str = "va") -> pd.DataFrame:
+    return pd.DataFrame([{"row": row, "seed": s, metric: v} for row, vs in values.items() for s, v in enumerate(vs)])
+
+
+def test_summary_gives_mean_std_and_count_per_row_in_table_order() -> None:
+    runs = pd.DataFrame([
+        {"row": "va_only", "seed": 0, "va": 0.2},
+        {"row": "senet", "seed": 0, "va": 0.5, "au": 0.6},
+        {"row": "senet", "seed": 1, "va": 0.7, "au": 0.8},
+    ])
+    summary = sweep.summarize(runs, ["va", "au"])
+    assert list(summary.index) == ["senet", "va_only"]
+    assert summary.loc["senet", ("va", "mean")] == pytest.approx(0.6)
+    assert summary.loc["senet", ("va", "std")] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert summary.loc["va_only", ("va", "n")] == 1 and np.isnan(summary.loc["va_only", ("va", "std")])
+    assert np.isnan(summary.loc["va_only", ("au", "mean")])
+    text = sweep.formatted(summary, ["va", "au"])
+    assert text.loc["senet", "va"] == "0.600 ± 0.141" and text.loc["va_only", "va"] == "0.200"
+    assert text.loc["va_only", "au"] == "-"
+
+
+def test_only_differences_beyond_twice_their_standard_error_count() -> None:
+    runs = _results({"senet": [0.50, 0.51, 0.52], "resnext": [0.40, 0.41, 0.42], "avg_pool": [0.49, 0.53, 0.51]})
+    cmp = sweep.against_reference(runs, "senet", metrics=["va"]).set_index("row")
+    assert cmp.loc["resnext", "difference"] == pytest.approx(-0.10)
+    assert cmp.loc["resnext", "noise"] == pytest.approx(np.sqrt(2 * 0.01 ** 2 / 3))
+    assert bool(cmp.loc["resnext", "beyond_noise"]) and cmp.loc["resnext", "p_value"] < 0.01
+    assert cmp.loc["avg_pool", "difference"] == pytest.approx(0.0, abs=1e-12)
+    assert not bool(cmp.loc["avg_pool", "beyond_noise"]) and cmp.loc["avg_pool", "p_value"] > 0.5
+    with pytest.raises(ValueError, match="reference row 'senet'"):
+        sweep.against_reference(runs[runs["row"] != "senet"], "senet", metrics=["va"])
+
+
+def test_a_single_seed_gives_no_comparison() -> None:
+    runs = _results({"senet": [0.5], "resnext": [0.4]})
+    assert sweep.against_reference(runs, "senet", metrics=["va"]).empty
+
+
+def test_summary_file_round_trips_and_the_results_folder_follows_the_shared_parameters(tmp_path: Path) -> None:
+    runs = pd.DataFrame([{"row": "senet", "seed": 0, "va": 0.5, "folder": "/x"},
+                         {"row": "senet", "seed": 1, "va": 0.6, "folder": "/y"}])
+    path = sweep.write_summary(runs, tmp_path / "s" / "summary.json", hardware="NVIDIA H100", shared={"a": 1})
+    back, meta = sweep.read_summary(path)
+    assert back.to_dict("records") == [{"row": "senet", "seed": 0, "va": 0.5}, {"row": "senet", "seed": 1, "va": 0.6}]
+    assert meta == {"hardware": "NVIDIA H100", "shared": {"a": 1}}
+    a = sweep.results_folder({"synth_size": "cpu", "image_size": 40}, "small", root=tmp_path)
+    assert a == sweep.results_folder({"image_size": 40, "synth_size": "cpu"}, "small", root=tmp_path)
+    assert a != sweep.results_folder({"synth_size": "cpu", "image_size": 48}, "small", root=tmp_path)
+    assert a != sweep.results_folder({"synth_size": "cpu", "image_size": 40}, "paper", root=tmp_path)
+    assert a.parent == tmp_path / "runs" / "sweep" and a.name.startswith("cpu-small-")
+    # where the image cache lives changes how runs execute, not their results
+    assert a == sweep.results_folder({"synth_size": "cpu", "image_size": 40, "cache_dir": "x"}, "small", root=tmp_path)
+
+
+def test_welch_p_value_matches_scipy() -> None:
+    from scipy import stats
+
+    a, b = np.array([0.50, 0.52, 0.55, 0.49]), np.array([0.45, 0.47, 0.40])
+    assert sweep._welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-10)
