@@ -77,7 +77,7 @@ def full_step_rate(config: TrainConfig, warmup: int) -> tuple[float, dict]:
         trainer.close()
     rows = [json.loads(line) for line in (Path(config.output_dir) / "log.jsonl").read_text().splitlines()]
     windows = [r["images_per_s"] for r in rows if r["kind"] == "step" and r["step"] > warmup]
-    return float(np.median(windows)), metrics["hardware"]
+    return float(np.median(windows)), {**metrics["hardware"], "data_wait_share": metrics["data_wait_share"]}
 
 
 def main() -> None:
@@ -121,6 +121,8 @@ def main() -> None:
             "full_images_per_s": round(float(np.median(full)), 1),
             "bare_images_per_s": round(float(np.median(bare)), 1),
             "full_over_bare": round(float(np.median(full) / np.median(bare)), 3),
+            # the loop's time waiting for the loader: on a GPU, the share of time it idles for input
+            "data_wait_share": round(hw.pop("data_wait_share"), 3),
             "runs": {"full": [round(r, 1) for r in full], "bare": [round(r, 1) for r in bare]},
             "trainer_hardware": hw,
         })

@@ -917,7 +917,8 @@ class Trainer:
         self.best: dict[str, dict[str, Any]] = {}
         self.last_val: dict[str, Any] | None = None
         self.au_thresholds: list[float] | None = None
-        self.timing = {"setup": 0.0, "train": 0.0, "validation": 0.0, "total": 0.0, "sessions": 0}
+        # data_wait: the part of "train" spent waiting for the loader's next batch (on a GPU, time it idles for data)
+        self.timing = {"setup": 0.0, "train": 0.0, "data_wait": 0.0, "validation": 0.0, "total": 0.0, "sessions": 0}
         self.images_trained = 0
         n_acc = len(cfg.tasks) + 1
         self.acc_window = torch.zeros(2, n_acc, dtype=torch.float64, device=self.device)  # sums, counts
@@ -1120,7 +1121,14 @@ class Trainer:
                    disable=not (cfg.progress and self.dist.main), dynamic_ncols=True)
         started = time.perf_counter()
         self.window_started = started
-        for images, targets, masks in self.loader:
+        batches = iter(self.loader)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            self.timing["data_wait"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            images, targets, masks = batch
             step = self.step + 1
             # which tasks have labels in this rank's slice, read on the CPU (no device sync)
             has_labels = [bool(masks[t].any()) for t in tasks]
@@ -1326,7 +1334,7 @@ class Trainer:
         self.window_steps = ckpt["accumulators"]["window_steps"]
         self.history, self.best, self.last_val = list(ckpt["history"]), dict(ckpt["best"]), ckpt["last_val"]
         self.au_thresholds = ckpt["au_thresholds"]
-        self.timing = dict(ckpt["timing"])
+        self.timing = {"data_wait": 0.0, **ckpt["timing"]}  # checkpoints written before data_wait was measured
         self.images_trained = ckpt["images_trained"]
         rng = ckpt["rng"]
         if len(rng) != self.dist.world:
@@ -1367,6 +1375,8 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "images_trained": self.images_trained,
                 "images_per_s": self.images_trained / timing["train"] if timing["train"] else None,
+                # share of the training loop spent waiting for data (on a GPU: the share it idles for input)
+                "data_wait_share": timing["data_wait"] / timing["train"] if timing["train"] else None,
                 "config": cfg.to_dict(),
                 "data": {
                     "root": str(self.root), "edition": self.edition.name,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +28,16 @@ backbone: str = ""
 tasks: list = ["va", "au", "expr"]
 calls: str = ""
 fail_once: str = ""
+hold_once: str = ""
 
 # %%
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 out = Path(output_dir)
@@ -37,6 +48,11 @@ if fail_once == f"{out.parent.name}/{out.name}" and not marker.exists():
     marker.write_text("x")
     (out / "last.pt").write_text("partial")
     raise RuntimeError("killed half way")
+held = Path(calls).with_suffix(".held")
+if hold_once == f"{out.parent.name}/{out.name}" and not held.exists():
+    held.write_text("x")
+    import time
+    time.sleep(120)  # the test kills the whole sweep here
 bonus = {"seresnet26_half": 0.10, "resnext26_half": 0.0, "resnext26_half_cbam": 0.02}[backbone]
 final = {}
 if "va" in tasks:
@@ -115,12 +131,39 @@ def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, t
     assert record == {"row": "resnext", "seed": 1, "parameters": dict(runs[3].parameters)}
 
     moved = [dataclasses.replace(r, parameters={**r.parameters, "cache_dir": "elsewhere"}) for r in runs]
-    sweep.run_sweep(moved, out, notebook=notebook, log=None)  # all done (the cache folder does not matter): nothing runs
+    # all done (where the image cache lives does not matter): nothing runs
+    sweep.run_sweep(moved, out, notebook=notebook, log=None)
     assert len(_calls(calls)) == 5
     table = sweep.collect(out)
     assert list(zip(table["row"], table["seed"])) == [("senet", 0), ("senet", 1), ("resnext", 0), ("resnext", 1)]
     assert table.loc[table["row"] == "senet", "va"].tolist() == pytest.approx([0.5, 0.501])
     assert table["backbone"].tolist() == ["seresnet26_half", "seresnet26_half", "resnext26_half", "resnext26_half"]
+
+
+def test_a_sweep_killed_mid_run_resumes_with_the_unfinished_runs_only(fake, tmp_path: Path) -> None:
+    notebook, calls = fake
+    out = tmp_path / "results"
+    base = {"calls": str(calls), "hold_once": "senet/seed1"}
+    script = (f"from mtanet import sweep; runs = sweep.plan(['senet'], [0, 1, 2], {base!r}, family='small'); "
+              f"sweep.run_sweep(runs, {str(out)!r}, notebook={str(notebook)!r}, jobs=1, log=None)")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    held = calls.with_suffix(".held")
+    deadline = time.monotonic() + 120
+    while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held.exists(), "the sweep never reached the second run"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep, its kernel and everything they started
+    proc.wait()
+    assert _calls(calls) == ["senet/seed0", "senet/seed1"]
+    assert (out / "senet" / "seed0" / "metrics.json").exists()
+    assert not (out / "senet" / "seed1" / "metrics.json").exists()
+
+    status = sweep.run_sweep(sweep.plan(["senet"], [0, 1, 2], base, family="small"), out, notebook=notebook,
+                             log=None)
+    assert _calls(calls) == ["senet/seed0", "senet/seed1", "senet/seed1", "senet/seed2"]
+    assert status["status"].tolist() == ["reused", "ran", "ran"]
+    assert len(sweep.collect(out)) == 3
 
 
 def test_a_folder_of_other_parameters_is_refused_before_anything_runs(fake, tmp_path: Path) -> None:

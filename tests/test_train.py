@@ -155,6 +155,10 @@ def test_metrics_json(reference) -> None:
     assert "commit" in metrics["git"]
     assert metrics["hardware"]["torch_threads"] == 1 and metrics["hardware"]["device"] == "cpu"
     assert metrics["wall_time_s"]["total"] > 0 and metrics["images_per_s"] > 0
+    # waiting for the loader is part of the loop's time, and with no loader workers a visible part of it
+    assert 0 < metrics["wall_time_s"]["data_wait"] < metrics["wall_time_s"]["train"]
+    assert metrics["data_wait_share"] == pytest.approx(metrics["wall_time_s"]["data_wait"] /
+                                                      metrics["wall_time_s"]["train"])
     assert json.loads((out / "config.json").read_text()) == metrics["config"]
 
 
