@@ -111,7 +111,8 @@ def main() -> None:
                 config = base.replace(output_dir=str(Path(tmp) / f"run{repeat}"))
                 rate, hw = full_step_rate(config, args.warmup)
                 full.append(rate)
-                # the trainer set the thread count and the deterministic mode; the bare step runs under the same
+                # the same thread count; torch's default (non-deterministic) mode, which the trainer restored on
+                # closing: deterministic algorithms, on by default for CPU runs, are part of the full step's cost
                 device = resolve_device(args.device)
                 torch.set_num_threads(hw["torch_threads"])
                 bare.append(bare_step_rate(backbone, args.image_size, args.batch_size, args.steps, args.warmup,
