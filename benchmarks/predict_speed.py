@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _report import emit, hardware  # beside this script: python puts its folder on sys.path
 from predict_memory import make_video
 

@@ -112,9 +112,9 @@ def page(rows: list[dict], times: list[dict], hw: dict, date: str, seconds: floa
                   for t in times]
     else:
         lines.append("None recorded yet: run `make book` and `make test` first.")
-    lines += ["", "The book rows leave out the install and the synthetic data; the README gives a fresh clone's "
-              "`make book` and `make test` with them. The JSON behind this page, with every raw measurement, is in "
-              "`benchmarks/results/`.", ""]
+    lines += ["", ("The book rows leave out the install and the synthetic data; the README gives a fresh clone's "
+                   "`make book` and `make test` with them. The JSON behind this page, with every raw measurement, is "
+                   "in `benchmarks/results/`."), ""]
     return "\n".join(lines)
 
 

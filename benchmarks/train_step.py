@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _report import emit, hardware  # beside this script: python puts its folder on sys.path
+
 from mtanet.models import BACKBONES
-from mtanet.train import Trainer, TrainConfig, resolve_device
+from mtanet.train import TrainConfig, Trainer, resolve_device
 
 
 def bare_step_rate(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, device,

@@ -48,6 +48,8 @@ __all__ = [
     "macs",
 ]
 
+_RESNET26_HALF = dict(model_name="resnet26", channels=(32, 64, 128, 256), stem_width=32)
+
 #: Backbone name -> keyword arguments of ``timm.create_model`` (``model_name`` included).
 BACKBONES: dict[str, dict[str, Any]] = {
     # The three backbones of the paper's Table I (ABAW2020.md section 5).
@@ -66,12 +68,9 @@ BACKBONES: dict[str, dict[str, Any]] = {
     # Table I's three designs at depth 26 and half width (ResNet-26: bottleneck blocks 2-2-2-2, planes 32-64-128-256,
     # 1024-d output), identical but for the block: SE, ResNeXt 32 groups, ResNeXt + CBAM. The ablation chapter's
     # CPU family: about 4x cheaper than the full-width ResNet-26.
-    "seresnet26_half": dict(model_name="resnet26", channels=(32, 64, 128, 256), stem_width=32,
-                            block_args=dict(attn_layer="se")),
-    "resnext26_half": dict(model_name="resnet26", channels=(32, 64, 128, 256), stem_width=32, cardinality=32,
-                           base_width=4),
-    "resnext26_half_cbam": dict(model_name="resnet26", channels=(32, 64, 128, 256), stem_width=32, cardinality=32,
-                                base_width=4, block_args=dict(attn_layer="cbam")),
+    "seresnet26_half": dict(**_RESNET26_HALF, block_args=dict(attn_layer="se")),
+    "resnext26_half": dict(**_RESNET26_HALF, cardinality=32, base_width=4),
+    "resnext26_half_cbam": dict(**_RESNET26_HALF, cardinality=32, base_width=4, block_args=dict(attn_layer="cbam")),
 }
 
 #: The backbones of the paper's Table I, in its row order.

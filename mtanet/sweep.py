@@ -38,16 +38,16 @@ import pandas as pd
 
 __all__ = [
     "FAMILIES",
+    "METRICS",
     "ROWS",
     "SweepConflict",
     "SweepRun",
+    "against_reference",
+    "collect",
+    "formatted",
     "plan",
     "run_sweep",
-    "collect",
     "summarize",
-    "against_reference",
-    "formatted",
-    "METRICS",
 ]
 
 RUN_FILE = "sweep_run.json"

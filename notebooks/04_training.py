@@ -242,9 +242,11 @@ if "va" in config.tasks:
 # On SynthAffWild the ceiling is what the noise-free labels score against the noisy annotations, and the trivial
 # predictors are the floor; a run is judged by the share of that gap it closes. The `cpu` profile trains a small
 # member of the SE-ResNet family at reduced resolution so the whole book fits a 2-core machine: SE-ResNet-18 at half
-# width (2.8M parameters) at 64 px, with square-root class weights in the expression loss. Both choices were
-# measured: the full-width SE-ResNet-18 learned less per step *and* took 2.4 times longer per step, and without class
-# weights the three rarest expressions (anger, disgust, fear) were never predicted. The `gpu` profile uses the
-# paper's SENet-50 at 112x112 on the large synthetic set, without class weights, as in the paper. No VGGFace2 pretraining is used unless
+# width (2.8M parameters in the backbone) at 64 px. That choice was measured: the full-width SE-ResNet-18 took 2.4
+# times longer per step *and* learned less per step. The expression score is the hardest to lift here, and not for
+# lack of training: in the `cpu` synthetic set anger, disgust and fear have a few dozen to two hundred training
+# frames from one to five videos, too few to generalise to new faces, so their F1 stays near 0 (square-root class
+# weights in the loss did not change that in our trial). The `gpu` profile uses the paper's
+# SENet-50 at 112x112 on the large synthetic set. No VGGFace2 pretraining is used unless
 # `vggface2_weights` points at the converted weights, so the absolute numbers are not the paper's; on real data the
 # table above puts the run beside the paper's Table I.

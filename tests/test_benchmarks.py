@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import run_all  # noqa: E402  (a script folder, not a package)
+import run_all
 
 TRAIN = {"results": [{"backbone": "seresnet18_half", "image_size": 64, "full_images_per_s": 270.0,
                       "bare_images_per_s": 300.0, "full_over_bare": 0.9,
