@@ -157,6 +157,9 @@ def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path) -
             assert (page.parent / src).resolve().exists(), f"{nb.stem}: figure {src} does not exist"
         for marker in ("Traceback (most recent call last)", 'class="output traceback', 'class="output stderr'):
             assert marker not in dom, f"{nb.stem}: the page shows an error output ({marker})"
+    # the equations are typeset by the MathJax copied into the book, not fetched from a CDN (CI has no network)
+    losses = _rendered_dom(html / "book" / "chapters" / "03_losses.html")
+    assert "_static/mathjax/tex-chtml.js" in losses and "<mjx-container" in losses
     intro = _rendered_dom(html / "book" / "intro.html")  # index.html redirects here
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", intro))
     assert "MTANet" in text and "make book" in text and "Pointing the book at the real Aff-Wild2" in text
