@@ -105,7 +105,9 @@ def main() -> None:
                 data_root=args.data_root, synth_size=args.synth_size, backbone=backbone, image_size=args.image_size,
                 batch_size=args.batch_size, steps_per_epoch=args.warmup + args.steps, stage1_epochs=1,
                 stage2_epochs=0, device=args.device, threads=args.threads, num_workers=args.num_workers,
-                cache_dir=args.cache_dir, compile=args.compile, log_every=5, checkpoint_every=0, progress=False, seed=0)
+                # log windows of `warmup` steps: the first one holds the warm-up, which full_step_rate leaves out
+                cache_dir=args.cache_dir, compile=args.compile, log_every=args.warmup, checkpoint_every=0,
+                progress=False, seed=0)
             full, bare, hw = [], [], {}
             for repeat in range(args.repeats):
                 config = base.replace(output_dir=str(Path(tmp) / f"run{repeat}"))

@@ -340,13 +340,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class Predictor:
     """Detect, align and predict on batches of frames: the engine of :func:`predict` and :func:`predict_to_csv`.
 
@@ -375,11 +368,12 @@ class Predictor:
                  score_threshold: float = 0.8, max_side: int | None = 640,
                  au_thresholds: Any = None, aligner: Any = None):
         from mtanet.models import MTANet
+        from mtanet.train import usable_cores
 
         if engine not in ("torch", "onnx"):
             raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
         self.engine_name = engine
-        self.threads = int(threads) if threads else _default_threads()
+        self.threads = int(threads) if threads else usable_cores()
         self.device = str(device)
         extras: dict[str, Any] = {}
         self.checkpoint = None

@@ -192,6 +192,7 @@ def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
         mtanet.book.NotebookFailed: a run failed; the runs started before it still finish and keep their results.
     """
     from mtanet.book import execute, project_root
+    from mtanet.train import usable_cores
 
     notebook = Path(notebook) if notebook else project_root() / "notebooks" / "04_training.py"
     results_dir = Path(results_dir)
@@ -200,8 +201,7 @@ def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
         raise ValueError("two runs of the sweep share a row and a seed")
     statuses = {r.key: _status(r, r.folder(results_dir)) for r in runs}  # every conflict before any work
     todo = [r for r in runs if statuses[r.key] != "done"]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, jobs))
+    threads = max(1, usable_cores() // max(1, jobs))
     say = log or (lambda _: None)
     say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run with {jobs} at a time "
         f"into {results_dir}")
@@ -340,7 +340,6 @@ def formatted(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) ->
         cells[metric] = [("-" if np.isnan(m) else f"{m:.{digits}f}" + ("" if np.isnan(s) else f" ± {s:.{digits}f}"))
                          for m, s in zip(mean, std)]
     return pd.DataFrame(cells, index=summary.index)
-
 
 
 def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike[str] | None = None) -> Path:

@@ -371,7 +371,8 @@ def resolve_device(spec: str, local_rank: int | None = None):
     return torch.device("cuda", index)
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask on Linux, else the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -892,8 +893,8 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.amp = self.cuda if cfg.amp is None else cfg.amp
         self.channels_last = self.cuda if cfg.channels_last is None else cfg.channels_last
-        self.threads = cfg.threads or max(1, _cores() // self.dist.local_world)
-        self.num_workers = (min(8, max(1, _cores() // self.dist.local_world)) if self.cuda else 0) \
+        self.threads = cfg.threads or max(1, usable_cores() // self.dist.local_world)
+        self.num_workers = (min(8, max(1, usable_cores() // self.dist.local_world)) if self.cuda else 0) \
             if cfg.num_workers is None else cfg.num_workers
         torch.set_num_threads(self.threads)
         deterministic = (not self.cuda) if cfg.deterministic is None else cfg.deterministic
@@ -1389,7 +1390,7 @@ class Trainer:
                 "hardware": {
                     "device": str(self.device),
                     "device_name": torch.cuda.get_device_name(self.device) if self.cuda else _cpu_model(),
-                    "cpu": _cpu_model(), "cpu_cores": _cores(), "torch_threads": self.threads,
+                    "cpu": _cpu_model(), "cpu_cores": usable_cores(), "torch_threads": self.threads,
                     "num_workers": self.num_workers, "world_size": self.dist.world, "amp_bf16": self.amp,
                     "channels_last": self.channels_last, "compile": cfg.compile,
                 },
@@ -1547,7 +1548,7 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
 
     dev = resolve_device(device)
     saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or _cores())
+    torch.set_num_threads(threads or usable_cores())
     try:
         return _evaluate(checkpoint, dev, data_root, split, output_dir, batch_size, num_workers, au_thresholds,
                          image_size, progress)
