@@ -22,7 +22,9 @@ help:
 # The venv is rebuilt when the dependency declarations change. constraints.txt pins what gets installed.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@free_gb=$$(( $$(df -Pk . | awk 'NR==2 {print $$4}') / 1048576 )); [ $$free_gb -ge 8 ] || \
+	  echo "warning: $$free_gb GB free here; the environment takes about 7 GB (torch's CUDA wheel alone 5.5 GB)" >&2
+	$(PY) -m pip install -q --no-cache-dir --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(PY) -m ipykernel install --sys-prefix --name mtanet --display-name "Python (mtanet)" >/dev/null
 	@touch $(STAMP)
 
