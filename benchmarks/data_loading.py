@@ -1,6 +1,11 @@
 """Decoded images per second: JPEG files vs the packed uint8 cache, through FrameDataset, on one core.
 
-    .venv/bin/python benchmarks/data_loading.py [--data-root data/synth-cpu] [--n 3000] [--out benchmarks/results/data_loading.json]
+    .venv/bin/python benchmarks/data_loading.py [--data-root data/synth-cpu] [--n 3000] [--image-size 64]
+        [--out benchmarks/results/data_loading.json]
+
+Three paths: ``FrameDataset[i]`` on the JPEG files and on the packed cache (112 px, no augmentation), and the
+trainer's own batches (``_KeyedFrames.__getitems__``: packed cache, augmentation, resize to ``--image-size``, batch
+``--batch-size``), which is what the training loop waits for.
 
 Both paths are timed in the same process, alternating, and reported with their ratio (these machines are shared and
 noisy: compare ratios across runs, not absolute numbers).
@@ -19,6 +24,7 @@ import torch
 
 from mtanet.data import FrameDataset, build_packed_cache, load_frames
 from mtanet.synth import default_data_root
+from mtanet.train import FaceAugment, _KeyedFrames
 from _report import emit  # beside this script: python puts its folder on sys.path
 
 
@@ -29,11 +35,21 @@ def images_per_second(dataset: FrameDataset, indices: np.ndarray) -> float:
     return len(indices) / (time.perf_counter() - started)
 
 
+def training_batches_per_second(dataset: _KeyedFrames, indices: np.ndarray, batch_size: int) -> float:
+    """Images per second of the trainer's batched fetch (augmented), keys as the trainer makes them."""
+    started = time.perf_counter()
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        dataset.__getitems__([(int(i), (0, 0, b, j)) for j, i in enumerate(indices[start: start + batch_size])])
+    return len(indices) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--n", type=int, default=3000, help="images per timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=64, help="the training batches' size (the cpu profile's)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view: decoding is single-threaded per worker
@@ -48,16 +64,23 @@ def main() -> None:
         cached = FrameDataset(frames, root, au_names, packed=packed)
         rng = np.random.default_rng(0)
         indices = rng.choice(len(jpeg), size=min(args.n, len(jpeg)), replace=False)  # random access, as in training
-        rates = {"jpeg": [], "packed": []}
+        augment = FaceAugment(args.image_size)
+        training = _KeyedFrames(FrameDataset(frames, root, au_names, image_size=args.image_size, transform=augment,
+                                             packed=packed), augment)
+        rates = {"jpeg": [], "packed": [], "training": []}
         for _ in range(args.repeats):
             rates["jpeg"].append(images_per_second(jpeg, indices))
             rates["packed"].append(images_per_second(cached, indices))
+            rates["training"].append(training_batches_per_second(training, indices, args.batch_size))
     result = {
         "what": "FrameDataset.__getitem__ (decode + float conversion + targets), random order, 1 thread",
         "images": int(len(indices)), "repeats": args.repeats,
         "jpeg_images_per_second": round(float(np.median(rates["jpeg"])), 1),
         "packed_images_per_second": round(float(np.median(rates["packed"])), 1),
         "packed_over_jpeg": round(float(np.median(rates["packed"]) / np.median(rates["jpeg"])), 2),
+        "training_batches": {"what": "the trainer's batched fetch: packed cache, augmentation, resize",
+                             "image_size": args.image_size, "batch_size": args.batch_size,
+                             "images_per_second": round(float(np.median(rates["training"])), 1)},
         "cache_build_seconds": round(build_seconds, 1), "cache_images": len(jpeg),
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1},
         "date": time.strftime("%Y-%m-%d"),

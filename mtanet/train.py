@@ -466,18 +466,22 @@ class FaceAugment:
     def reseed(self, key: Sequence[int]) -> None:
         self.rng = np.random.default_rng(list(key))
 
-    def __call__(self, image):
+    def draw(self, height: int, width: int) -> tuple[int, int, int, bool, float, float]:
+        """One item's random choices ``(side, top, left, flip, contrast, brightness)`` from ``self.rng``."""
+        r = self.rng
+        # every draw is made every time, so one item's draws never shift another's
+        side = max(1, int(round(math.sqrt(r.uniform(self.crop_scale, 1.0)) * min(height, width))))
+        top, left = int(r.integers(0, height - side + 1)), int(r.integers(0, width - side + 1))
+        flip = bool(r.random() < self.flip)
+        contrast = float(r.uniform(1.0 - self.contrast, 1.0 + self.contrast))
+        brightness = float(r.uniform(1.0 - self.brightness, 1.0 + self.brightness))
+        return side, top, left, flip, contrast, brightness
+
+    def geometry(self, image, side: int, top: int, left: int, flip: bool):
+        """The crop, flip and resize of a uint8 ``(3, H, W)`` image: uint8 ``(3, image_size, image_size)``."""
         import torch
         from torch.nn import functional as F
 
-        _, h, w = image.shape
-        r = self.rng
-        # every draw is made every time, so one item's draws never shift another's
-        side = max(1, int(round(math.sqrt(r.uniform(self.crop_scale, 1.0)) * min(h, w))))
-        top, left = int(r.integers(0, h - side + 1)), int(r.integers(0, w - side + 1))
-        flip = r.random() < self.flip
-        contrast = r.uniform(1.0 - self.contrast, 1.0 + self.contrast)
-        brightness = r.uniform(1.0 - self.brightness, 1.0 + self.brightness)
         x = image[:, top: top + side, left: left + side]
         if flip:
             x = x.flip(-1)
@@ -487,9 +491,41 @@ class FaceAugment:
             x = F.interpolate(x[None].contiguous(memory_format=torch.channels_last),
                               size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
-        x = x.float()
-        mean = x.mean()
+        return x
+
+    @staticmethod
+    def photometric(x, mean, contrast, brightness):
+        """Contrast about the image mean, then brightness, on float 0-255 (one image, or a batch with (B,1,1,1) factors)."""
         return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0.0, 255.0)
+
+    def __call__(self, image):
+        side, top, left, flip, contrast, brightness = self.draw(image.shape[1], image.shape[2])
+        x = self.geometry(image, side, top, left, flip).float()
+        return self.photometric(x, x.mean(), contrast, brightness)
+
+    def batch(self, images: Sequence, keys: Sequence[Sequence[int]]):
+        """``images`` augmented as a float ``(B, 3, S, S)`` batch in [0, 1], item ``i`` reseeded from ``keys[i]``.
+
+        Equal, bit for bit, to stacking ``FrameDataset`` items that use this transform (tested): the crops run per
+        image, the float arithmetic once for the batch. Each mean is taken on the image's own crop, as in the
+        single-image path, so that the order of the sum, and with it the rounding, is the same.
+        """
+        import torch
+
+        crops, means, contrasts, brightnesses = [], [], [], []
+        for image, key in zip(images, keys):
+            self.reseed(key)
+            side, top, left, flip, contrast, brightness = self.draw(image.shape[1], image.shape[2])
+            crop = self.geometry(image, side, top, left, flip)
+            crops.append(crop)
+            means.append(crop.float().mean())
+            contrasts.append(contrast)
+            brightnesses.append(brightness)
+        shape = (len(crops), 1, 1, 1)
+        x = torch.stack(crops).float()
+        mean = torch.stack(means).view(shape)
+        factors = torch.tensor([contrasts, brightnesses], dtype=torch.float32).view(2, *shape)
+        return self.photometric(x, mean, factors[0], factors[1]).div_(255.0)
 
 
 class _KeyedFrames:
@@ -507,6 +543,40 @@ class _KeyedFrames:
         if self.augment is not None:
             self.augment.reseed(key)
         return self.dataset[row]
+
+    def __getitems__(self, items):
+        """A whole batch at once (the DataLoader's batched fetch): one cache read, batched float arithmetic.
+
+        Returns the collated ``(images, targets, masks)``, equal to collating ``self[item]`` for each item.
+        """
+        from torch.utils.data import default_collate
+
+        if self.augment is None or self.dataset.transform is not self.augment:
+            return default_collate([self[item] for item in items])
+        rows = [row for row, _ in items]
+        images = self.augment.batch(self.dataset.load_images(rows), [key for _, key in items])
+        return (images, *self.dataset.labels(rows))
+
+
+class _Batched:
+    """A FrameDataset whose DataLoader fetches each batch in one call (:meth:`mtanet.data.FrameDataset.batch`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row):
+        return self.dataset[row]
+
+    def __getitems__(self, rows):
+        return self.dataset.batch(rows)
+
+
+def _collated(batch):
+    """The DataLoader's collate_fn for datasets whose ``__getitems__`` returns a finished batch."""
+    return batch
 
 
 class _KeyedBatches:
@@ -706,8 +776,8 @@ def _eval_loader(dataset, indices: np.ndarray, batch_size: int, num_workers: int
 
     batches = [indices[i: i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     # a generator of its own, so predicting never draws from (and shifts) the global torch RNG
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin,
-                                       generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(_Batched(dataset), batch_sampler=batches, collate_fn=_collated,
+                                       num_workers=num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
 
 
 def _predict_dataset(model, dataset, indices: np.ndarray, *, batch_size: int, device, num_workers: int = 0,
@@ -1073,7 +1143,8 @@ class Trainer:
         # which would shift the dropout stream whenever a resumed run starts mid-epoch.
         self.loader = torch.utils.data.DataLoader(
             _KeyedFrames(self.train_set, self.augment), batch_sampler=_KeyedBatches(self.sampler, self.config.seed),
-            num_workers=self.num_workers, pin_memory=self.cuda, persistent_workers=self.num_workers > 0,
+            collate_fn=_collated, num_workers=self.num_workers, pin_memory=self.cuda,
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.config.seed))
 
     def stage_of(self, epoch: int) -> int:

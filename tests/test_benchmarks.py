@@ -17,7 +17,8 @@ import run_all
 TRAIN = {"results": [{"backbone": "seresnet18_half", "image_size": 64, "full_images_per_s": 270.0,
                       "bare_images_per_s": 300.0, "full_over_bare": 0.9,
                       "data_wait_share": 0.12}]}
-DATA = {"jpeg_images_per_second": 5400.0, "packed_images_per_second": 18000.0}
+DATA = {"jpeg_images_per_second": 5400.0, "packed_images_per_second": 18000.0,
+        "training_batches": {"image_size": 64, "batch_size": 32, "images_per_second": 4050.0}}
 PREDICT = {"best_threads": 2, "best_end_to_end_fps": 20.0, "gpu_model": None,
            "by_threads": [{"threads": 1, "decode_ms": 1.0, "detect_ms": 20.0, "align_ms": 0.5, "model_ms": 30.0,
                            "end_to_end_fps": 12.0},
@@ -32,6 +33,12 @@ def test_each_figure_is_a_ratio_to_its_goal() -> None:
     assert step["ratio"] == pytest.approx(1.0) and "12% of the loop waits for data" in step["detail"]
     jpeg = rows["data: jpeg decode (1 thread) / consumption of the seresnet18_half step"]
     assert jpeg["value"] == 20.0 and jpeg["ratio"] == pytest.approx(20.0 / 3.0)
+    batches = rows["data: the trainer's augmented batches at 64 px (packed, 1 thread) / consumption of the "
+                   "seresnet18_half step"]
+    assert batches["value"] == 15.0 and batches["ratio"] == pytest.approx(5.0)
+    # no training batches measured (an older results file): no such row, the other figures stay
+    older = run_all.figures(TRAIN, {k: v for k, v in DATA.items() if k != "training_batches"}, PREDICT, MEMORY)
+    assert len(older) == len(rows) - 1
     fps = rows["inference: mtanet predict end to end, 2 thread(s), frames/s"]
     assert fps["ratio"] == pytest.approx(0.8) and "detection 12.0 ms" in fps["detail"]  # the 2-thread split
     assert "torch 18.0, onnx 20.0 frames/s" in fps["detail"]

@@ -416,3 +416,40 @@ def test_au_positive_weights_balance_each_au() -> None:
     assert au_positive_weights(labels, "none") is None
     assert au_positive_weights(labels, "balanced").tolist() == pytest.approx([3.0, 1.0, 1 / 3])
     assert au_positive_weights(labels, "sqrt").tolist() == pytest.approx([3 ** 0.5, 1.0, (1 / 3) ** 0.5])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["jpeg", "packed-cache"])
+def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_path: Path, packed: bool) -> None:
+    # The training loader fetches a whole batch at once (_KeyedFrames.__getitems__): one cache read and batched
+    # float arithmetic. It must give exactly what the per-item path gives, or runs would change with the loader.
+    from torch.utils.data import default_collate
+
+    from mtanet.data import FrameDataset, build_packed_cache, read_split
+    from mtanet.tasks import AU_NAMES_2020
+
+    frames = read_split(smoke_root, "train").frames
+    augment = T.FaceAugment(48)
+    dataset = FrameDataset(frames, smoke_root, AU_NAMES_2020, image_size=48, transform=augment)
+    if packed:
+        dataset.packed = build_packed_cache(dataset, tmp_path / "cache.npy")
+    keyed = T._KeyedFrames(dataset, augment)
+    rows = np.random.default_rng(3).choice(len(dataset), size=24)
+    rows[5] = rows[4]  # a frame twice in one batch, as the task-balanced sampler can draw it
+    items = [(int(r), (0, 1, 2, j)) for j, r in enumerate(rows)]
+    one_by_one = default_collate([keyed[item] for item in items])
+    batched = keyed.__getitems__(items)
+    assert batched[0].shape == (24, 3, 48, 48)
+    assert torch.equal(batched[0], one_by_one[0])
+    assert not torch.equal(batched[0][4], batched[0][5])  # same frame, other slot: other augmentation
+    assert_same_batch(batched, one_by_one)
+    # validation's batches: no transform, scaling and resizing once per batch
+    plain = FrameDataset(frames, smoke_root, AU_NAMES_2020, image_size=48, packed=dataset.packed)
+    assert_same_batch(plain.batch(rows.tolist()), default_collate([plain[int(r)] for r in rows]))
+
+
+def assert_same_batch(got_batch, want_batch) -> None:
+    assert got_batch[0].dtype == want_batch[0].dtype and torch.equal(got_batch[0], want_batch[0])
+    for got, want in zip(got_batch[1:], want_batch[1:]):
+        assert got.keys() == want.keys()
+        for task in want:
+            assert got[task].dtype == want[task].dtype and torch.equal(got[task], want[task]), task
