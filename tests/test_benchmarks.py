@@ -16,7 +16,8 @@ import run_all
 
 TRAIN = {"results": [{"backbone": "seresnet18_half", "image_size": 64, "full_images_per_s": 270.0,
                       "bare_images_per_s": 300.0, "full_over_bare": 0.9,
-                      "data_wait_share": 0.12}]}
+                      "data_wait_share": 0.12, "median_full_over_bare": 0.85,
+                      "runs": {"full": [270.0, 250.0, 240.0], "bare": [300.0, 290.0, 280.0]}}]}
 DATA = {"jpeg_images_per_second": 5400.0, "packed_images_per_second": 18000.0,
         "training_batches": {"image_size": 64, "batch_size": 32, "images_per_second": 4050.0}}
 PREDICT = {"best_threads": 2, "best_end_to_end_fps": 20.0, "gpu_model": None,
@@ -31,6 +32,7 @@ def test_each_figure_is_a_ratio_to_its_goal() -> None:
     rows = {r["figure"]: r for r in run_all.figures(TRAIN, DATA, PREDICT, MEMORY)}
     step = rows["training step, seresnet18_half at 64 px: full / bare timm step"]
     assert step["ratio"] == pytest.approx(1.0) and "12% of the loop waits for data" in step["detail"]
+    assert "best of 3 alternating repeats" in step["detail"] and "(median repeats: 0.85)" in step["detail"]
     jpeg = rows["data: jpeg decode (1 thread) / consumption of the seresnet18_half step"]
     assert jpeg["value"] == 20.0 and jpeg["ratio"] == pytest.approx(20.0 / 3.0)
     batches = rows["data: the trainer's augmented batches at 64 px (packed, 1 thread) / consumption of the "
