@@ -591,13 +591,16 @@ class FrameDataset:
             return torch.from_numpy(np.array(self.packed[i])).permute(2, 0, 1)  # a copy: the memmap is read-only
         return decode_image_file(self.root / self.paths[i])
 
-    def load_images(self, rows: Sequence[int]) -> list:
-        """The uint8 (3, H, W) images of ``rows``; from the packed cache in one read (one copy, not one per row)."""
+    def _packed_rows(self, rows: Sequence[int]):
+        """uint8 (B, 3, H, W) of ``rows`` from the packed cache in one read, in its channels-last layout."""
         import torch
 
+        return torch.from_numpy(np.asarray(self.packed[np.asarray(rows, dtype=np.int64)])).permute(0, 3, 1, 2)
+
+    def load_images(self, rows: Sequence[int]) -> list:
+        """The uint8 (3, H, W) images of ``rows``; from the packed cache in one read (one copy, not one per row)."""
         if self.packed is not None:
-            batch = torch.from_numpy(np.asarray(self.packed[np.asarray(rows, dtype=np.int64)]))
-            return list(batch.permute(0, 3, 1, 2).unbind(0))
+            return list(self._packed_rows(rows).unbind(0))
         return [decode_image_file(self.root / self.paths[i]) for i in rows]
 
     def labels(self, rows: Sequence[int]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -613,17 +616,22 @@ class FrameDataset:
         """Items ``rows`` already collated: ``(images (B, 3, S, S), targets, masks)``, equal to collating them.
 
         Without a transform the scaling and resizing run once for the whole batch (on the packed cache's
-        channels-last layout, the per-item path's kernel, so the numbers are the same bit for bit; tested).
+        channels-last layout, the per-item path's kernel, so the numbers are the same bit for bit; tested). With a
+        transform, or jpgs of different sizes (each is resized on its own), the items are collated one by one.
         """
         import torch
         import torch.nn.functional as F
+        from torch.utils.data import default_collate
 
         if self.transform is not None:
-            from torch.utils.data import default_collate
-
             return default_collate([self[i] for i in rows])
-        images = torch.stack(self.load_images(rows)) if self.packed is None else \
-            torch.from_numpy(np.asarray(self.packed[np.asarray(rows, dtype=np.int64)])).permute(0, 3, 1, 2)
+        if self.packed is not None:
+            images = self._packed_rows(rows)
+        else:
+            decoded = self.load_images(rows)
+            if len({tuple(im.shape) for im in decoded}) > 1:
+                return default_collate([self[i] for i in rows])
+            images = torch.stack(decoded)
         images = images.float().div_(255.0)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,

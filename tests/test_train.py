@@ -447,6 +447,29 @@ def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_p
     assert_same_batch(plain.batch(rows.tolist()), default_collate([plain[int(r)] for r in rows]))
 
 
+def test_batched_fetch_of_jpgs_of_different_sizes(smoke_root: Path, tmp_path: Path) -> None:
+    # A jpg of another size (a bad crop in real data) is resized on its own, as the per-item path does.
+    from PIL import Image
+    from torch.utils.data import default_collate
+
+    from mtanet.data import FrameDataset, decode_image_file, read_split
+    from mtanet.tasks import AU_NAMES_2020
+
+    frames = read_split(smoke_root, "train").frames
+    frames = frames[frames["image"] != ""].head(4).reset_index(drop=True)
+    for k, rel in enumerate(frames["image"]):
+        image = decode_image_file(smoke_root / rel)
+        if k == 2:
+            image = image[:, :100, :90].contiguous()
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / rel, quality=95)
+    dataset = FrameDataset(frames, tmp_path, AU_NAMES_2020, image_size=48)
+    batch = dataset.batch([0, 1, 2, 3])
+    assert batch[0].shape == (4, 3, 48, 48)
+    assert_same_batch(batch, default_collate([dataset[i] for i in range(4)]))
+    assert_same_batch(dataset.batch([0, 1, 3]), default_collate([dataset[i] for i in (0, 1, 3)]))
+
+
 def assert_same_batch(got_batch, want_batch) -> None:
     assert got_batch[0].dtype == want_batch[0].dtype and torch.equal(got_batch[0], want_batch[0])
     for got, want in zip(got_batch[1:], want_batch[1:]):
