@@ -551,9 +551,11 @@ class _KeyedFrames:
         """
         from torch.utils.data import default_collate
 
-        if self.augment is None or self.dataset.transform is not self.augment:
-            return default_collate([self[item] for item in items])
         rows = [row for row, _ in items]
+        if self.augment is None:  # nothing to reseed: the dataset's own batched fetch
+            return self.dataset.batch(rows)
+        if self.dataset.transform is not self.augment:
+            return default_collate([self[item] for item in items])
         images = self.augment.batch(self.dataset.load_images(rows), [key for _, key in items])
         return (images, *self.dataset.labels(rows))
 

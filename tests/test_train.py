@@ -445,6 +445,9 @@ def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_p
     # validation's batches: no transform, scaling and resizing once per batch
     plain = FrameDataset(frames, smoke_root, AU_NAMES_2020, image_size=48, packed=dataset.packed)
     assert_same_batch(plain.batch(rows.tolist()), default_collate([plain[int(r)] for r in rows]))
+    # training without augmentation goes through the same batched fetch
+    unaugmented = T._KeyedFrames(plain, None)
+    assert_same_batch(unaugmented.__getitems__(items), default_collate([unaugmented[item] for item in items]))
 
 
 def test_batched_fetch_of_jpgs_of_different_sizes(smoke_root: Path, tmp_path: Path) -> None:
