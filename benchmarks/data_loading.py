@@ -7,8 +7,8 @@ Three paths: ``FrameDataset[i]`` on the JPEG files and on the packed cache (112 
 trainer's own batches (``_KeyedFrames.__getitems__``: packed cache, augmentation, resize to ``--image-size``, batch
 ``--batch-size``), which is what the training loop waits for.
 
-Both paths are timed in the same process, alternating, and reported with their ratio (these machines are shared and
-noisy: compare ratios across runs, not absolute numbers).
+All three are timed in the same process, alternating; the JPEG and cache paths are reported with their ratio (these
+machines are shared and noisy: compare ratios across runs, not absolute numbers).
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def main() -> None:
             rates["packed"].append(images_per_second(cached, indices))
             rates["training"].append(training_batches_per_second(training, indices, args.batch_size))
     result = {
-        "what": "FrameDataset.__getitem__ (decode + float conversion + targets), random order, 1 thread",
+        "what": "FrameDataset.__getitem__ (decode + float conversion + targets), random order, 1 thread; "
+                "training_batches: the trainer's batched fetch",
         "images": int(len(indices)), "repeats": args.repeats,
         "jpeg_images_per_second": round(float(np.median(rates["jpeg"])), 1),
         "packed_images_per_second": round(float(np.median(rates["packed"])), 1),
