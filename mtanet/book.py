@@ -122,8 +122,12 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
     jupytext.write(nb, unexecuted, fmt="ipynb")
     started = time.perf_counter()
     try:
+        # The kernel starts in the notebook's folder through nbclient's ``resources`` path, not through papermill's
+        # ``cwd``: that one calls os.chdir in this process, which is process-wide, so two notebooks executed from
+        # threads (a sweep with jobs > 1) restore each other's folders and can leave this process in a deleted one.
         papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name=kernel,
-                                   language="python", cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout,
+                                   language="python", progress_bar=False, execution_timeout=timeout,
+                                   resources={"metadata": {"path": str(notebook.parent.resolve())}},
                                    **({"kernel_manager_class": _kernel_manager_logging_to(kernel_log)} if kernel_log else {}))
     except PapermillExecutionError as err:
         first_line = (err.source or "").strip().splitlines()[:1]

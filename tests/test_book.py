@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -120,6 +121,25 @@ def test_cells_with_a_dropped_tag_are_not_executed(tmp_path: Path) -> None:
     assert any("kept 5" in "".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
     with pytest.raises(book.NotebookFailed, match="a report cell ran"):
         book.execute(nb, out, {"x": 5})
+
+
+def test_the_kernel_runs_in_the_notebooks_folder_and_the_caller_never_changes_folder(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    # os.chdir is process-wide: a sweep executing notebooks from two threads must not move its own process
+    folder = tmp_path / "chapters"
+    folder.mkdir()
+    nb = folder / "97_cwd.py"
+    nb.write_text('# %% tags=["parameters"]\nout: str = ""  # where to write the folder\n\n'
+                  '# %%\nimport os, pathlib\npathlib.Path(out).write_text(os.getcwd())\n')
+
+    before = Path.cwd()
+    moves = []  # papermill's file handler re-enters the current folder around each read; any other target is a move
+    real_chdir = os.chdir
+    monkeypatch.setattr("os.chdir", lambda path: (moves.append(Path(path).resolve()), real_chdir(path))[1])
+    book.execute(nb, tmp_path / "out" / "97_cwd.ipynb", {"out": str(tmp_path / "cwd.txt")})
+    assert Path((tmp_path / "cwd.txt").read_text()).resolve() == folder.resolve()
+    assert [m for m in moves if m != before.resolve()] == []
+    assert Path.cwd() == before
 
 
 def _chromium() -> str:

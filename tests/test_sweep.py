@@ -110,8 +110,10 @@ def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, t
     runs = sweep.plan(["senet", "resnext"], [0, 1], {"calls": str(calls), "fail_once": "resnext/seed1"},
                       family="small")
     out = tmp_path / "results"
+    before = Path.cwd()
     with pytest.raises(NotebookFailed, match="killed half way"):
         sweep.run_sweep(runs, out, notebook=notebook, jobs=2, log=None)
+    assert Path.cwd() == before  # two kernels started from threads leave this process where it was
     assert sorted(_calls(calls)) == ["resnext/seed0", "resnext/seed1", "senet/seed0", "senet/seed1"]
     # the failed run keeps its partial state and no results; the others are complete and their checkpoints gone
     assert (out / "resnext" / "seed1" / "last.pt").exists()
@@ -146,13 +148,15 @@ def test_a_sweep_killed_mid_run_resumes_with_the_unfinished_runs_only(fake, tmp_
     base = {"calls": str(calls), "hold_once": "senet/seed1"}
     script = (f"from mtanet import sweep; runs = sweep.plan(['senet'], [0, 1, 2], {base!r}, family='small'); "
               f"sweep.run_sweep(runs, {str(out)!r}, notebook={str(notebook)!r}, jobs=1, log=None)")
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with open(tmp_path / "sweep.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=err)
     held = calls.with_suffix(".held")
     deadline = time.monotonic() + 120
     while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert held.exists(), "the sweep never reached the second run"
+    assert held.exists(), f"the sweep never reached the second run (exit {proc.poll()}):\n" \
+                          f"{(tmp_path / 'sweep.err').read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep, its kernel and everything they started
     proc.wait()
     assert _calls(calls) == ["senet/seed0", "senet/seed1"]
