@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick | --report-only]
 
-Runs the scripts of this folder one after the other (each writes ``benchmarks/results/<name>.json``), reads the
-book's and the tests' recorded wall times (``book/_build/timings-*.json``, written by ``make book`` and
+Runs the scripts of this folder one after the other (each writes ``benchmarks/results/<name>.json``; the last,
+``machine_speed.py``, says how fast this machine trains against the reference one), reads the book's and the tests'
+recorded wall times (``book/_build/timings-*.json``, written by ``make book`` and
 ``make test``), prints one table of figure, value, goal and ratio, and writes it to
 ``benchmarks/results/summary.json`` and the book's performance page (``book/performance.md``).
 
@@ -108,7 +109,11 @@ def page(rows: list[dict], times: list[dict], hw: dict, date: str, seconds: floa
     lines = ["# Performance", "",
              f"Measured by `make bench` on {date}: {hw['cpu']}, {hw['cores']} cores"
              + (f", {hw['gpu']}" if hw.get("gpu") else ", no GPU") + f", torch {hw['torch']}; the whole run took "
-             f"{seconds:.0f} s. Each figure is a ratio measured side by side in one process, because these machines "
+             f"{seconds:.0f} s."
+             + (f" This machine trains a bare timm step at {hw['speed_vs_reference']:g} times the speed of the "
+                "reference machine the book's CPU budgets were sized on (`benchmarks/machine_speed.py`); the wall "
+                "times below scale with its inverse." if hw.get("speed_vs_reference") else "")
+             + " Each figure is a ratio measured side by side in one process, because these machines "
              "are shared and noisy; the goals come from the project's benchmark issue. A ratio to the goal of 1 or "
              "more meets it.", "",
              "| figure | value | goal | ratio to goal | measured |", "|---|---|---|---|---|"]
@@ -161,10 +166,11 @@ def main() -> None:
     data = run("data_loading.py", "--n", "500" if args.quick else "2000")
     predict = run("predict_speed.py", "--frames", frames, "--onnx")
     memory = run("predict_memory.py", "--frames", "20" if args.quick else "60")
+    speed = run("machine_speed.py", "--steps", "3" if args.quick else "8")
     rows = figures(train, data, predict, memory)
     times = recorded_times()
     seconds = time.perf_counter() - started
-    hw, date = hardware(), time.strftime("%Y-%m-%d")
+    hw, date = {**hardware(), "speed_vs_reference": speed["speed_vs_reference"]}, time.strftime("%Y-%m-%d")
     (RESULTS / "summary.json").write_text(json.dumps({"figures": rows, "recorded_times": times, "hardware": hw,
                                                       "date": date, "seconds": round(seconds)}, indent=2) + "\n")
     (ROOT / "book" / "performance.md").write_text(page(rows, times, hw, date, seconds))

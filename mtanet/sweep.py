@@ -303,6 +303,8 @@ def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Seq
     Returns one row per (row, metric) with: ``difference`` (row minus reference), ``noise`` (the standard error),
     ``ratio`` (difference / noise), ``p_value``, ``beyond_noise`` (bool).
     """
+    from scipy import stats
+
     ref = runs[runs["row"] == reference]
     if ref.empty:
         raise ValueError(f"the reference row {reference!r} has no finished runs")
@@ -315,21 +317,11 @@ def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Seq
                 continue
             diff = float(a.mean() - b.mean())
             noise = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-            p = _welch_p(a, b) if noise > 0 else (0.0 if diff else 1.0)
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if noise > 0 else (0.0 if diff else 1.0)
             out.append({"row": row, "metric": metric, "difference": diff, "noise": noise,
                         "ratio": diff / noise if noise > 0 else math.copysign(math.inf, diff) if diff else 0.0,
                         "p_value": p, "beyond_noise": abs(diff) > z * noise})
     return pd.DataFrame(out, columns=["row", "metric", "difference", "noise", "ratio", "p_value", "beyond_noise"])
-
-
-def _welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided p-value of Welch's t-test (unequal variances, Welch-Satterthwaite degrees of freedom)."""
-    from scipy import stats
-
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return float(2 * stats.t.sf(abs(t), df))
 
 
 def formatted(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:

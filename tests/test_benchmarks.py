@@ -60,3 +60,6 @@ def test_the_page_names_the_hardware_and_every_figure() -> None:
              and "run |" not in line]
     assert len(table) == len(rows) + 1  # every figure, then the make test row
     assert "| make test | 300 | 2026-11-27 |" in text
+    assert "times the speed of the reference machine" not in text  # not measured: not claimed
+    slower = run_all.page(rows, times, {**hw, "speed_vs_reference": 0.32}, "2026-11-27", 123.0)
+    assert "trains a bare timm step at 0.32 times the speed of the reference machine" in slower
