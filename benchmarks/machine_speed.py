@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/machine_speed.py [--threads 2] [--out benchmarks/results/machine_speed.json]
 
-A bare timm training step (forward, cross entropy, backward, Adam) on one random batch of 32 already in memory, for
+``train_step.py``'s bare timm step (forward, cross entropy, backward, Adam) on one random batch of 32 in memory, for
 the two models the project's guide quotes: seresnet18 at 64 px and seresnet50 at 112 px. ``speed_vs_reference`` is
 this machine's rate over the reference's (156 and 23 images/s with 2 threads); the `cpu` profile's times (training
 chapter under 8 minutes, book under 20) scale roughly with its inverse. An AMD EPYC with AVX2 only measured 0.38 and
@@ -12,38 +12,14 @@ chapter under 8 minutes, book under 20) scale roughly with its inverse. An AMD E
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from _report import emit, hardware  # beside this script: python puts its folder on sys.path
+from train_step import bare_step_rate
 
 # images/s with 2 torch threads on the reference machine (2-core Intel Xeon), as the project's guide gives them
 REFERENCE = {("seresnet18", 64): 156.0, ("seresnet50", 112): 23.0}
-
-
-def bare_rate(name: str, image_size: int, steps: int, warmup: int = 2, batch_size: int = 32) -> float:
-    """Images per second of a bare timm step: nothing but the model, the loss and the optimiser."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=7, pretrained=False).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.rand(batch_size, 3, image_size, image_size)
-    labels = torch.randint(0, 7, (batch_size,))
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch_size * steps / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -55,13 +31,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for (name, size), reference in REFERENCE.items():
-        rate = bare_rate(name, size, steps=args.steps if size == 64 else max(1, args.steps // 3))
+        steps = args.steps if size == 64 else max(1, args.steps // 3)
+        rate = bare_step_rate(name, size, batch_size=32, steps=steps, warmup=2, device=torch.device("cpu"), amp=False,
+                              channels_last=False, compile_model=False, window=steps)
         rows.append({"model": name, "image_size": size, "images_per_s": round(rate, 1),
                      "reference_images_per_s": reference, "speed_vs_reference": round(rate / reference, 3)})
-    emit({"what": "bare timm training steps against the reference machine", "threads": args.threads,
-          "rows": rows, # the slower of the two: the conservative factor for the book's budgets
-          "speed_vs_reference": round(min(r["speed_vs_reference"] for r in rows), 3),
-          "hardware": hardware()}, args.out)
+    # the headline is the slower of the two: the conservative factor for the book's budgets
+    emit({"what": "bare timm training steps against the reference machine", "threads": args.threads, "rows": rows,
+          "speed_vs_reference": round(min(r["speed_vs_reference"] for r in rows), 3), "hardware": hardware()},
+         args.out)
 
 
 if __name__ == "__main__":
