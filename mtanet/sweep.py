@@ -291,6 +291,9 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.Da
     return table.loc[order]
 
 
+_ROUNDING = 1e-9  # scores live in [-1, 1]; spreads and differences below this are float rounding
+
+
 def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Sequence[str] = ("va", "au", "expr"),
                       z: float = 2.0) -> pd.DataFrame:
     """Each row's difference from the reference row per metric, against the seed noise.
@@ -317,6 +320,10 @@ def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Seq
                 continue
             diff = float(a.mean() - b.mean())
             noise = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+            # seeds that all land on the same score (e.g. the trivial AU predictor) differ by float rounding only:
+            # that is no spread and no difference, not a signal (scipy would warn of catastrophic cancellation)
+            noise = 0.0 if noise < _ROUNDING else noise
+            diff = 0.0 if abs(diff) < _ROUNDING else diff
             p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if noise > 0 else (0.0 if diff else 1.0)
             out.append({"row": row, "metric": metric, "difference": diff, "noise": noise,
                         "ratio": diff / noise if noise > 0 else math.copysign(math.inf, diff) if diff else 0.0,

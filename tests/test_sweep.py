@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,16 @@ def test_only_differences_beyond_twice_their_standard_error_count() -> None:
     assert not bool(cmp.loc["avg_pool", "beyond_noise"]) and cmp.loc["avg_pool", "p_value"] > 0.5
     with pytest.raises(ValueError, match="reference row 'senet'"):
         sweep.against_reference(runs[runs["row"] != "senet"], "senet", metrics=["va"])
+
+
+def test_seeds_equal_up_to_rounding_are_no_difference_and_raise_no_warning() -> None:
+    # both rows stuck at the trivial AU predictor: scores equal but for the last bits of a float sum
+    runs = _results({"senet": [0.41599999999999998, 0.41600000000000004], "resnext": [0.416, 0.416 + 1e-16]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning here is a stderr block on the book's page
+        cmp = sweep.against_reference(runs, "senet", metrics=["va"]).set_index("row")
+    assert cmp.loc["resnext", "difference"] == 0.0 and cmp.loc["resnext", "noise"] == 0.0
+    assert cmp.loc["resnext", "p_value"] == 1.0 and not bool(cmp.loc["resnext", "beyond_noise"])
 
 
 def test_a_single_seed_gives_no_comparison() -> None:
