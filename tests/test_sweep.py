@@ -224,12 +224,16 @@ def test_only_differences_beyond_twice_their_standard_error_count() -> None:
 
 def test_seeds_equal_up_to_rounding_are_no_difference_and_raise_no_warning() -> None:
     # both rows stuck at the trivial AU predictor: scores equal but for the last bits of a float sum
-    runs = _results({"senet": [0.41599999999999998, 0.41600000000000004], "resnext": [0.416, 0.416 + 1e-16]})
+    # and one row stuck there while the other spreads (its Welch test rests on the spreading row)
+    runs = _results({"senet": [0.41599999999999998, 0.41600000000000004], "resnext": [0.416, 0.416 + 1e-16],
+                     "au_only": [0.418, 0.416]})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning here is a stderr block on the book's page
         cmp = sweep.against_reference(runs, "senet", metrics=["va"]).set_index("row")
     assert cmp.loc["resnext", "difference"] == 0.0 and cmp.loc["resnext", "noise"] == 0.0
     assert cmp.loc["resnext", "p_value"] == 1.0 and not bool(cmp.loc["resnext", "beyond_noise"])
+    assert cmp.loc["au_only", "difference"] == pytest.approx(0.001)
+    assert 0.2 < cmp.loc["au_only", "p_value"] < 1.0 and not bool(cmp.loc["au_only", "beyond_noise"])
 
 
 def test_a_single_seed_gives_no_comparison() -> None:
