@@ -322,7 +322,7 @@ def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Seq
             diff = float(a.mean() - b.mean())
             noise = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
             # seeds that all land on the same score (e.g. the trivial AU predictor) differ by float rounding only:
-            # that is no spread and no difference, not a signal (scipy would warn of catastrophic cancellation)
+            # that is no spread and no difference (else rounding jitter could count as beyond the seed noise)
             noise = 0.0 if noise < _ROUNDING else noise
             diff = 0.0 if abs(diff) < _ROUNDING else diff
             with warnings.catch_warnings():
