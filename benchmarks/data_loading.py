@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtanet.data import FrameDataset, build_packed_cache, load_frames
+from mtanet.data import FaceAugment, FrameDataset, build_packed_cache, load_frames
+from mtanet.data import KeyedFrames as _KeyedFrames
 from mtanet.synth import default_data_root
-from mtanet.train import FaceAugment, _KeyedFrames
 from _report import emit  # beside this script: python puts its folder on sys.path
 
 

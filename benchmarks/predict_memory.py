@@ -24,7 +24,7 @@ def make_video(path: Path, frames: int, seed: int = 0) -> None:
     """A 640x480 H.264 video with one synthetic face moving slowly across a textured background."""
     import av
 
-    from mtanet import synth_render
+    from mtanet.synth import render as synth_render
 
     rng = np.random.default_rng(seed)
     identity = synth_render.random_identity(rng)

@@ -25,8 +25,7 @@ from predict_memory import make_video
 
 def stage_times(predictor, video: Path, batch_size: int) -> dict[str, float]:
     """Seconds per frame of each stage, measured on every frame of ``video``."""
-    from mtanet.faces import as_rgb
-    from mtanet.predict import FrameSource
+    from mtanet.inference import FrameSource, as_rgb
 
     started = time.perf_counter()
     with FrameSource(video) as source:
@@ -53,7 +52,7 @@ def stage_times(predictor, video: Path, batch_size: int) -> dict[str, float]:
 
 def end_to_end_fps(model, video: Path, out: Path, threads: int, batch_size: int, engine: str = "torch",
                    onnx: Path | None = None) -> float:
-    from mtanet.predict import predict_to_csv
+    from mtanet.inference import predict_to_csv
 
     started = time.perf_counter()
     predict_to_csv(video, out, model, threads=threads, batch_size=batch_size, engine=engine, onnx=onnx, overwrite=True)
@@ -98,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mtanet.models import MTANet, save_checkpoint
-    from mtanet.predict import Predictor
+    from mtanet.inference import Predictor
 
     torch.manual_seed(0)
     model = MTANet(backbone=args.backbone).eval()
@@ -111,7 +110,7 @@ def main() -> None:
         save_checkpoint(model, checkpoint)
         onnx = None
         if args.onnx:
-            from mtanet.export import export_checkpoint
+            from mtanet.inference import export_checkpoint
 
             onnx = export_checkpoint(checkpoint, tmp / "model.onnx")
         for threads in args.threads:

@@ -28,7 +28,9 @@ import torch
 from _report import emit, hardware  # beside this script: python puts its folder on sys.path
 
 from mtanet.models import BACKBONES
-from mtanet.train import TrainConfig, Trainer, resolve_device
+from mtanet.runtime import resolve_device
+from mtanet.synth import resolve_data_root
+from mtanet.train import TrainConfig, Trainer
 
 
 def bare_step_rate(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, device,
@@ -106,11 +108,12 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
+    data_root = resolve_data_root(args.data_root, args.synth_size)
     for backbone in args.backbone:
         with tempfile.TemporaryDirectory() as tmp:
             base = TrainConfig(
-                data_root=args.data_root, synth_size=args.synth_size, backbone=backbone, image_size=args.image_size,
-                batch_size=args.batch_size, steps_per_epoch=args.warmup + args.steps, stage1_epochs=1,
+                data_root=str(data_root), backbone=backbone, image_size=args.image_size, batch_size=args.batch_size,
+                steps_per_epoch=args.warmup + args.steps, stage1_epochs=1,
                 stage2_epochs=0, device=args.device, threads=args.threads, num_workers=args.num_workers,
                 # log windows of `warmup` steps: the first one holds the warm-up, which full_step_rate leaves out
                 cache_dir=args.cache_dir, compile=args.compile, log_every=args.warmup, checkpoint_every=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -306,3 +307,38 @@ def make_weighting(name: str, tasks: Iterable[str] = TASKS, **kwargs) -> LossWei
     except KeyError:
         raise ValueError(f"unknown loss weighting {name!r}; choose from {sorted(_WEIGHTINGS)}") from None
     return cls(tasks, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# label weights of the task losses (chosen from the training labels; the paper uses none)
+
+
+def _soften(weights: np.ndarray, mode: str) -> Tensor:
+    """``balanced`` weights as they are, ``sqrt`` their square root (a softer correction), as a float32 tensor."""
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+    elif mode != "balanced":
+        raise ValueError(f"unknown label weighting {mode!r}: choose none, balanced or sqrt")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def expression_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> Tensor | None:
+    """Class weights for the expression cross entropy, from the labeled training frames.
+
+    ``balanced`` is scikit-learn's ``n / (C * n_c)``; ``sqrt`` its square root (a softer correction); ``none`` gives
+    ``None`` (plain eq. 1). A class absent from training gets weight 0: it has no frame to weigh.
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return _soften(np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0), mode)
+
+
+def au_positive_weights(labels: np.ndarray, mode: str) -> Tensor | None:
+    """``pos_weight`` of the AU BCE per AU: negatives / positives on the labeled training frames (``balanced``), its
+    square root (``sqrt``), or ``None`` (plain eq. 2). An AU never present in training gets weight 1."""
+    if mode == "none":
+        return None
+    labels = np.asarray(labels, dtype=np.float64)
+    positives = labels.sum(axis=0)
+    return _soften(np.where(positives > 0, (len(labels) - positives) / np.maximum(positives, 1), 1.0), mode)

@@ -1,380 +1,57 @@
-"""Ablation sweeps: the training notebook executed once per configuration and seed, and the table they make.
+"""Ablation sweeps under their short name: ``mtanet.sweep.plan``, ``run_sweep``, ``collect`` and the rest.
 
-A sweep is a list of :class:`SweepRun` (a row of the table, a seed, and the training notebook's parameters). Each
-run gets its own folder ``<results>/<row>/seed<k>/`` holding
-
-- ``sweep_run.json``: the row, the seed and the exact parameters, written before the run starts;
-- ``run.ipynb``: the training notebook as papermill executed it (its narrative, tables and, unless dropped, figures);
-- ``metrics.json``: written by :func:`mtanet.train.train` at the end (the scores, the config, versions, hardware);
-- ``kernel.log``: the kernel process's own stderr (start-up warnings; a native crash would show here).
-
-That folder is the results channel: :func:`collect` reads ``metrics.json`` files, nothing else, so every number of
-the table comes from a stored run. A run whose ``metrics.json`` exists is skipped, so an interrupted sweep resumes
-where it stopped; the run that was cut off restarts from its own ``last.pt`` (the notebook trains with
-``resume=True``), and its finished neighbours are not redone. A folder whose ``sweep_run.json`` holds other
-parameters is an error, never silently reused: results of two configurations must not share a row.
-
-Rows (:data:`ROWS`) follow the paper: Table I's three backbones, and the comparisons it discusses without
-tabulating them (sum-only fine-tuning against eq. 5's uncertainty weighting, each single-task network against the
-multi-task one, average pooling against the avg+max neck). Every row changes one thing against ``senet``, the
-paper's configuration. Backbones come from a family (:data:`FAMILIES`): the paper's 50-layer networks, or matched
-half-width 26-layer members of the same designs for CPU budgets.
+The code lives in :mod:`mtanet.book.sweep` (the book kit); this module re-exports its public names, which scripts
+and the README use.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from mtanet.book.sweep import (
+    FAMILIES,
+    HOW_NOT_WHAT,
+    KERNEL_LOG_FILE,
+    METRICS,
+    METRICS_FILE,
+    NOTEBOOK_FILE,
+    ROWS,
+    RUN_FILE,
+    SWEEP_OWNED,
+    Row,
+    SweepConflict,
+    SweepRun,
+    against_reference,
+    collect,
+    formatted,
+    notebook_parameters,
+    plan,
+    read_summary,
+    results_folder,
+    run_sweep,
+    summarize,
+    write_summary,
+)
 
 __all__ = [
     "FAMILIES",
+    "HOW_NOT_WHAT",
+    "KERNEL_LOG_FILE",
     "METRICS",
+    "METRICS_FILE",
+    "NOTEBOOK_FILE",
     "ROWS",
+    "RUN_FILE",
+    "SWEEP_OWNED",
+    "Row",
     "SweepConflict",
     "SweepRun",
     "against_reference",
     "collect",
     "formatted",
+    "notebook_parameters",
     "plan",
+    "read_summary",
+    "results_folder",
     "run_sweep",
     "summarize",
+    "write_summary",
 ]
-
-RUN_FILE = "sweep_run.json"
-NOTEBOOK_FILE = "run.ipynb"
-METRICS_FILE = "metrics.json"
-KERNEL_LOG_FILE = "kernel.log"
-
-#: Backbone of each Table I design, per family. ``paper``: the paper's networks. ``small``: half-width ResNet-26
-#: bottleneck networks with the same block designs (SE, ResNeXt with 32 groups, ResNeXt + CBAM), for CPU budgets.
-FAMILIES: dict[str, dict[str, str]] = {
-    "paper": {"se": "senet50", "resnext": "resnext50", "resnext_cbam": "resnext50_cbam"},
-    "small": {"se": "seresnet26_half", "resnext": "resnext26_half", "resnext_cbam": "resnext26_half_cbam"},
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One configuration of the table: what it changes against the reference row ``senet``."""
-
-    name: str
-    label: str
-    group: str
-    #: notebook parameters this row sets; ``backbone`` names a design of :data:`FAMILIES`, resolved per family
-    changes: Mapping[str, Any]
-    #: the tasks this row is scored on (a single-task network only has its own head)
-    tasks: tuple[str, ...] = ("va", "au", "expr")
-
-
-#: The rows, in table order. ``senet`` is the paper's full configuration and the reference of every comparison.
-ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("senet", "SENet (paper's MTANet)", "backbone (Table I)", {"backbone": "se"}),
-    Row("resnext", "ResNeXt", "backbone (Table I)", {"backbone": "resnext"}),
-    Row("resnext_cbam", "ResNeXt + CBAM", "backbone (Table I)", {"backbone": "resnext_cbam"}),
-    Row("sum_only", "summed loss in both stages", "loss weighting", {"backbone": "se", "stage2_weighting": "sum"}),
-    Row("va_only", "valence-arousal only", "single task", {"backbone": "se", "tasks": ["va"]}, ("va",)),
-    Row("au_only", "action units only", "single task", {"backbone": "se", "tasks": ["au"]}, ("au",)),
-    Row("expr_only", "expressions only", "single task", {"backbone": "se", "tasks": ["expr"]}, ("expr",)),
-    Row("avg_pool", "average pooling only", "neck", {"backbone": "se", "pooling": "avg"}),
-)}
-
-#: The columns :func:`collect` reads from each run's final validation scores, per task.
-METRICS: dict[str, tuple[str, ...]] = {
-    "va": ("valence", "arousal", "va"),
-    "au": ("au", "au_f1", "au_accuracy"),
-    "expr": ("expr", "expr_f1", "expr_accuracy"),
-}
-
-
-#: Parameters that change how a run executes, not what it computes: they may differ when a sweep is resumed, and
-#: they do not name its results folder.
-HOW_NOT_WHAT: frozenset[str] = frozenset({"cache_dir", "threads", "num_workers"})
-
-
-def _what(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {**record, "parameters": {k: v for k, v in record["parameters"].items() if k not in HOW_NOT_WHAT}}
-
-
-class SweepConflict(RuntimeError):
-    """A run folder holds results of other parameters than the ones asked for."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepRun:
-    """One execution of the training notebook: a row, a seed and the notebook's full parameters."""
-
-    row: str
-    seed: int
-    parameters: Mapping[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.row}/seed{self.seed}"
-
-    def folder(self, results_dir: str | os.PathLike[str]) -> Path:
-        return Path(results_dir) / self.row / f"seed{self.seed}"
-
-    def record(self) -> dict[str, Any]:
-        return {"row": self.row, "seed": self.seed, "parameters": dict(self.parameters)}
-
-
-def plan(rows: Iterable[str], seeds: Iterable[int], base: Mapping[str, Any], family: str = "paper") -> list[SweepRun]:
-    """The runs of a sweep: every row with every seed, on the training notebook's ``base`` parameters.
-
-    Args:
-        rows: names of :data:`ROWS`.
-        seeds: training seeds (initialisation, batches, augmentation, dropout).
-        base: parameters shared by every run (data, image size, batch, epochs, ...); a row's changes override them.
-        family: a key of :data:`FAMILIES`, which resolves each row's backbone design to a network.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}")
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and not empty, got {seeds}")
-    runs = []
-    for name in rows:
-        if name not in ROWS:
-            raise ValueError(f"unknown row {name!r}; choose from {list(ROWS)}")
-        changes = dict(ROWS[name].changes)
-        changes["backbone"] = FAMILIES[family][changes["backbone"]]
-        for seed in seeds:
-            runs.append(SweepRun(name, seed, {**base, **changes, "seed": seed}))
-    return runs
-
-
-def _status(run: SweepRun, folder: Path) -> str:
-    """``done`` (results stored), ``partial`` (started, no results) or ``new``; raises on other parameters."""
-    record = folder / RUN_FILE
-    if record.is_file():
-        stored = json.loads(record.read_text())
-        if _what(stored) != _what(json.loads(json.dumps(run.record()))):
-            raise SweepConflict(f"{record}: this folder holds run {stored} but the sweep asks for {run.record()}; "
-                                "move it away or use another results folder")
-    elif folder.exists() and any(folder.iterdir()):
-        raise SweepConflict(f"{folder}: not empty and has no {RUN_FILE}; not a run folder of a sweep")
-    if (folder / METRICS_FILE).is_file():
-        return "done"
-    return "partial" if record.is_file() else "new"
-
-
-def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
-              notebook: str | os.PathLike[str] | None = None, jobs: int = 1, drop_tags: Sequence[str] = (),
-              keep_checkpoints: bool = False, timeout: int | None = None,
-              log: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Execute every run that has no stored results; returns one row per run with its status and wall time.
-
-    Args:
-        runs: from :func:`plan`.
-        results_dir: where the run folders live (created).
-        notebook: the py:percent notebook to execute; default: the book's training chapter.
-        jobs: runs executed at the same time, each in its own kernel; each kernel then gets ``cores // jobs``
-            torch threads unless the parameters set ``threads``.
-        drop_tags: cells with any of these tags are left out of the executed runs (the training chapter tags its
-            figures ``report``; a sweep only needs the scores).
-        keep_checkpoints: keep each finished run's ``*.pt`` files (a sweep only needs ``metrics.json``; the
-            checkpoints of a 50-layer network take about 100 MB each).
-        timeout: seconds one cell may run.
-        log: called with one line per started and finished run; ``None`` for silence.
-
-    Raises:
-        SweepConflict: a run folder holds another configuration (checked for every run before anything starts).
-        mtanet.book.NotebookFailed: a run failed; the runs started before it still finish and keep their results.
-    """
-    from mtanet.book import execute, project_root
-    from mtanet.train import usable_cores
-
-    notebook = Path(notebook) if notebook else project_root() / "notebooks" / "04_training.py"
-    results_dir = Path(results_dir)
-    keys = [r.key for r in runs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("two runs of the sweep share a row and a seed")
-    statuses = {r.key: _status(r, r.folder(results_dir)) for r in runs}  # every conflict before any work
-    todo = [r for r in runs if statuses[r.key] != "done"]
-    threads = max(1, usable_cores() // max(1, jobs))
-    say = log or (lambda _: None)
-    say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run with {jobs} at a time "
-        f"into {results_dir}")
-    wall: dict[str, float] = {}
-
-    def one(run: SweepRun) -> None:
-        folder = run.folder(results_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_FILE).write_text(json.dumps(run.record(), indent=2))
-        parameters = {"threads": threads, **run.parameters, "output_dir": str(folder.resolve())}
-        say(f"  start {run.key} ({'resuming' if statuses[run.key] == 'partial' else 'new'})")
-        wall[run.key] = execute(notebook, folder / NOTEBOOK_FILE, parameters, timeout=timeout,
-                                drop_tags=tuple(drop_tags), kernel_log=folder / KERNEL_LOG_FILE)
-        if not (folder / METRICS_FILE).is_file():
-            raise RuntimeError(f"{folder / NOTEBOOK_FILE}: the notebook ran but wrote no {METRICS_FILE} in "
-                               f"{folder}; it must train into its output_dir parameter")
-        if not keep_checkpoints:
-            for path in folder.glob("*.pt"):
-                path.unlink()
-        say(f"  done  {run.key} in {wall[run.key]:.0f} s")
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(one, r) for r in todo]
-        errors = [f.exception() for f in futures]  # waits for all: a failure does not cancel finished work
-    failed = [e for e in errors if e is not None]
-    if failed:
-        raise failed[0]
-    return pd.DataFrame([{"run": r.key, "row": r.row, "seed": r.seed,
-                          "status": "reused" if statuses[r.key] == "done" else "ran",
-                          "seconds": wall.get(r.key)} for r in runs])
-
-
-def _run_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    final = metrics.get("final") or {}
-    out: dict[str, float] = {}
-    if "va" in final:
-        out.update(valence=final["va"]["ccc_valence"], arousal=final["va"]["ccc_arousal"], va=final["va"]["score"])
-    if "au" in final:
-        out.update(au=final["au"]["score"], au_f1=final["au"]["f1_mean"], au_accuracy=final["au"]["accuracy"])
-    if "expr" in final:
-        out.update(expr=final["expr"]["score"], expr_f1=final["expr"]["f1_macro"],
-                   expr_accuracy=final["expr"]["accuracy"])
-    return out
-
-
-def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = None) -> pd.DataFrame:
-    """Every finished run under ``results_dir`` as one table row: row, seed, final validation scores, cost.
-
-    The scores are the *last* epoch's (``metrics.json``'s ``final``), not the best epoch's, so no run is picked on
-    the validation frames it is scored on. Runs without ``metrics.json`` (unfinished) are left out.
-    """
-    wanted = set(rows) if rows is not None else None
-    records = []
-    for record_path in sorted(Path(results_dir).glob(f"*/seed*/{RUN_FILE}")):
-        folder = record_path.parent
-        if not (folder / METRICS_FILE).is_file():
-            continue
-        record = json.loads(record_path.read_text())
-        if wanted is not None and record["row"] not in wanted:
-            continue
-        metrics = json.loads((folder / METRICS_FILE).read_text())
-        hardware = metrics.get("hardware") or {}
-        records.append({
-            "row": record["row"], "seed": record["seed"], **_run_metrics(metrics),
-            "backbone": metrics["config"]["backbone"], "image_size": metrics["config"]["image_size"],
-            "steps": metrics.get("steps"), "train_seconds": (metrics.get("wall_time_s") or {}).get("total"),
-            "device_name": hardware.get("device_name"), "folder": str(folder),
-        })
-    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "backbone", "image_size", "steps",
-               "train_seconds", "device_name", "folder"]
-    df = pd.DataFrame.from_records(records, columns=columns)
-    order = {name: i for i, name in enumerate(ROWS)}
-    return df.sort_values(["row", "seed"], key=lambda s: s.map(order) if s.name == "row" else s,
-                          ignore_index=True)
-
-
-def summarize(runs: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Mean, standard deviation (ddof 1) and number of seeds of each metric per row, in :data:`ROWS` order.
-
-    Columns are a two-level index ``(metric, mean|std|n)``. A metric a row was not trained for is NaN.
-    """
-    metrics = list(metrics or [m for ms in METRICS.values() for m in ms])
-    grouped = runs.groupby("row", sort=False)[metrics]
-    table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}, axis=1)
-    table = table.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([metrics, ["mean", "std", "n"]]))
-    order = [r for r in ROWS if r in table.index] + [r for r in table.index if r not in ROWS]
-    return table.loc[order]
-
-
-_ROUNDING = 1e-9  # scores live in [-1, 1]; spreads and differences below this are float rounding
-
-
-def against_reference(runs: pd.DataFrame, reference: str = "senet", metrics: Sequence[str] = ("va", "au", "expr"),
-                      z: float = 2.0) -> pd.DataFrame:
-    """Each row's difference from the reference row per metric, against the seed noise.
-
-    The noise of a difference of two means is its standard error ``sqrt(s_a^2/n_a + s_b^2/n_b)`` (seed standard
-    deviations ``s``, ``n`` seeds); a difference counts as *larger than the seed noise* when it exceeds ``z`` of
-    them (``z = 2`` is about a 95% two-sided interval when the noise is normal). The Welch t-test's p-value is given
-    too. Needs at least two seeds per row.
-
-    Returns one row per (row, metric) with: ``difference`` (row minus reference), ``noise`` (the standard error),
-    ``ratio`` (difference / noise), ``p_value``, ``beyond_noise`` (bool).
-    """
-    from scipy import stats
-
-    ref = runs[runs["row"] == reference]
-    if ref.empty:
-        raise ValueError(f"the reference row {reference!r} has no finished runs")
-    out = []
-    for row in [r for r in dict.fromkeys(runs["row"]) if r != reference]:
-        this = runs[runs["row"] == row]
-        for metric in metrics:
-            a, b = this[metric].dropna().to_numpy(float), ref[metric].dropna().to_numpy(float)
-            if len(a) < 2 or len(b) < 2:
-                continue
-            diff = float(a.mean() - b.mean())
-            noise = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-            # seeds that all land on the same score (e.g. the trivial AU predictor) differ by float rounding only:
-            # that is no spread and no difference (else rounding jitter could count as beyond the seed noise)
-            noise = 0.0 if noise < _ROUNDING else noise
-            diff = 0.0 if abs(diff) < _ROUNDING else diff
-            with warnings.catch_warnings():
-                # one row's seeds all on the same score (its variance is rounding) is a valid case for Welch's test,
-                # which then rests on the other row's spread; scipy warns of cancellation in that row's moments
-                warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-                p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if noise > 0 else (0.0 if diff else 1.0)
-            out.append({"row": row, "metric": metric, "difference": diff, "noise": noise,
-                        "ratio": diff / noise if noise > 0 else math.copysign(math.inf, diff) if diff else 0.0,
-                        "p_value": p, "beyond_noise": abs(diff) > z * noise})
-    return pd.DataFrame(out, columns=["row", "metric", "difference", "noise", "ratio", "p_value", "beyond_noise"])
-
-
-def formatted(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:
-    """``mean ± std`` strings per row and metric (``-`` where the row has no such score), for display."""
-    cells = {}
-    for metric in metrics:
-        mean, std = summary[(metric, "mean")], summary[(metric, "std")]
-        cells[metric] = [("-" if np.isnan(m) else f"{m:.{digits}f}" + ("" if np.isnan(s) else f" ± {s:.{digits}f}"))
-                         for m, s in zip(mean, std)]
-    return pd.DataFrame(cells, index=summary.index)
-
-
-def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike[str] | None = None) -> Path:
-    """``runs/sweep/<synth_size>-<family>-<hash>`` under the project: one folder per set of shared parameters.
-
-    Changing a shared parameter (image size, epochs, ...) starts a new folder instead of clashing with the runs of
-    the old one; adding rows or seeds keeps the folder, so finished runs are reused.
-    """
-    from mtanet.book import project_root
-
-    # the family's networks, not just its name, so a redefined family never meets the runs of the old one
-    text = json.dumps({"family": family, "backbones": FAMILIES.get(family),
-                       **{k: base[k] for k in sorted(base) if k not in HOW_NOT_WHAT}}, sort_keys=True, default=str)
-    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-    return Path(root or project_root()) / "runs" / "sweep" / f"{base.get('synth_size', 'data')}-{family}-{digest}"
-
-
-def write_summary(runs: pd.DataFrame, path: str | os.PathLike[str], **meta: Any) -> Path:
-    """Store a sweep's per-run scores and its context (parameters, hardware, time) as one small JSON file.
-
-    This is what gets committed as a reference (e.g. a GPU sweep, ``book/results/ablations-gpu.json``): a few KB, no
-    checkpoints, and :func:`read_summary` turns it back into the table :func:`collect` gives.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(runs.drop(columns=["folder"], errors="ignore").to_json(orient="records"))
-    path.write_text(json.dumps({"meta": meta, "runs": records}, indent=1, default=str) + "\n")
-    return path
-
-
-def read_summary(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The runs table and the context stored by :func:`write_summary`."""
-    data = json.loads(Path(path).read_text())
-    return pd.DataFrame.from_records(data["runs"]), data.get("meta", {})

@@ -29,8 +29,9 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from mtanet import explore, synth
-from mtanet.data import read_split
+from mtanet import synth
+from mtanet.book import explore
+from mtanet.data import read_split, stats
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -63,7 +64,7 @@ for split, table in tables.items():
 # table because the ABAW scores count every annotated frame.
 
 # %%
-summary = explore.split_summary(frames, au_names)
+summary = stats.split_summary(frames, au_names)
 summary
 
 # %%
@@ -82,7 +83,7 @@ plt.show()
 # few frames are labeled for all three.
 
 # %%
-combos = explore.task_combinations(frames["train"], au_names)
+combos = stats.task_combinations(frames["train"], au_names)
 fig, ax = plt.subplots(figsize=(7, 3))
 combos.plot.bar(ax=ax, color="tab:blue")
 ax.set_ylabel("training frames")
@@ -105,9 +106,9 @@ overlap.head(10)
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 for split, style in (("train", dict(color="tab:blue")), ("val", dict(color="tab:orange"))):
-    dist = explore.expression_distribution(frames[split], expr_names)
+    dist = stats.expression_distribution(frames[split], expr_names)
     (dist / max(dist.sum(), 1)).plot.bar(ax=axes[0], alpha=0.6, label=split, **style)
-    explore.au_prevalence(frames[split], au_names).plot.bar(ax=axes[1], alpha=0.6, label=split, **style)
+    stats.au_prevalence(frames[split], au_names).plot.bar(ax=axes[1], alpha=0.6, label=split, **style)
 axes[0].set_title("Expression share of labeled frames")
 axes[1].set_title("AU prevalence")
 for ax in axes:
@@ -121,7 +122,7 @@ plt.show()
 # over AU-labeled training frames (e.g. AU6, the cheek raiser, mostly appears with AU12, the smile).
 
 # %%
-co = explore.au_cooccurrence(frames["train"], au_names)
+co = stats.au_cooccurrence(frames["train"], au_names)
 fig, ax = plt.subplots(figsize=(6, 5))
 sns.heatmap(co, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, ax=ax, cbar_kws={"label": "P(col | row)"})
 ax.set_title("AU co-occurrence (training)")
@@ -154,7 +155,7 @@ plt.show()
 # number of independent samples is much smaller than the frame count. Frames without a face (no jpg) appear in runs.
 
 # %%
-lengths = pd.concat([explore.sequence_lengths(f).assign(split=s) for s, f in frames.items()])
+lengths = pd.concat([stats.sequence_lengths(f).assign(split=s) for s, f in frames.items()])
 fig, axes = plt.subplots(1, 2, figsize=(11, 3))
 sns.histplot(lengths, x="frames", hue="split", ax=axes[0], bins=20)
 sns.histplot(lengths, x="no_face_share", hue="split", ax=axes[1], bins=20)
@@ -179,7 +180,7 @@ def label_text(row: pd.Series) -> str:
     return f"{va_text}\n{expr_text}\n{au_text}"
 
 
-sample = explore.sample_rows(train, grid_faces, seed=seed, au_names=au_names)
+sample = stats.sample_rows(train, grid_faces, seed=seed, au_names=au_names)
 images = explore.load_images(root, sample["image"].tolist())
 cols = 8
 rows = int(np.ceil(len(sample) / cols))

@@ -48,10 +48,10 @@ import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 
-from mtanet import explore, synth
-from mtanet import inspect_model as im
-from mtanet.data import FrameDataset, load_frames
+from mtanet import synth
+from mtanet.data import FrameDataset, load_frames, stats
 from mtanet.models import BACKBONES, PAPER_BACKBONES, POOLING_MODES, MTANet, load_model
+from mtanet.models import inspect as im
 from mtanet.tasks import EDITIONS
 
 sns.set_theme(context="notebook", style="whitegrid")
@@ -68,7 +68,7 @@ if pooling not in POOLING_MODES:
 # one face per annotated name (a person in a video), then batch_size of those
 with_image = val[val["image"] != ""]
 pool = with_image.groupby("name", group_keys=False).sample(1, random_state=seed)
-faces = explore.sample_rows(pool, batch_size, seed=seed, au_names=ed.au_names)
+faces = stats.sample_rows(pool, batch_size, seed=seed, au_names=ed.au_names)
 dataset = FrameDataset(faces, root, ed.au_names, image_size=image_size)
 batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
 

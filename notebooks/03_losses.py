@@ -9,7 +9,7 @@
 # This chapter derives each loss from a likelihood (or says where no likelihood stands behind it), and checks every
 # formula numerically against the package's code (`mtanet.losses`): each check prints the measured discrepancy and
 # asserts it is below a tolerance, so the book does not build if the code drifts from the equations. The literal
-# equations used as references are in `mtanet.loss_experiments`, written independently of `mtanet.losses`. The
+# equations used as references are in `mtanet.book.loss_experiments`, written independently of `mtanet.losses`. The
 # chapter ends with a short training run in which the learned weights of eq. 5 can be seen moving.
 
 # %% tags=["parameters"]
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from mtanet import loss_experiments as X
 from mtanet import losses, synth
+from mtanet.book import loss_experiments as X
 from mtanet.data import load_frames
 from mtanet.metrics import ccc
 from mtanet.tasks import EDITIONS
@@ -514,7 +514,7 @@ plt.show()
 # 1e-4 the $s_t$ would need about 20,000 steps to move (section 3), so here they get their own, `lr_log_vars`, and
 # no weight decay (which would pull every $s_t$ back to 0, the plain sum). Every batch comes from the task-balanced
 # sampler, so every task has labels in every step. The run is deterministic given `seed`
-# (`mtanet.loss_experiments.run_weighting_demo`).
+# (`mtanet.book.loss_experiments.run_weighting_demo`).
 
 # %%
 started = time.perf_counter()

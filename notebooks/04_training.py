@@ -9,7 +9,8 @@
 # set's ceiling (or against the paper's numbers on real data).
 #
 # Everything the recipe leaves open (epochs, batch size, augmentation, schedule) is a field of `TrainConfig`; the
-# profiles pick sizes that fit their machine, and the page states them.
+# profiles pick sizes that fit their machine, and the page states them. The parameters below are the fields a profile
+# usually changes; `train_options` sets any other field (it is how the ablation sweep varies, say, `stage2_lr`).
 
 # %% tags=["parameters"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size
@@ -34,6 +35,7 @@ threads: int = 0  # torch CPU threads; 0 means all cores
 num_workers: int = -1  # loader processes; -1 means the trainer default for the device
 output_dir: str = ""  # run folder; empty means runs/book/04_training-PROFILE-HASH under the project
 seed: int = 0  # initialisation, batches, augmentation
+train_options: dict = {}  # any other TrainConfig fields, e.g. {"stage2_lr": 3e-4}; applied last, so they win
 videos_to_plot: int = 3  # validation videos shown over time
 
 # %%
@@ -50,32 +52,36 @@ import torch
 from IPython.display import Markdown, display
 from sklearn.metrics import confusion_matrix
 
-from mtanet import paper, synth
-from mtanet.book import project_root, record_run
+from mtanet import synth
+from mtanet.book import paper, project_root, record_run
 from mtanet.data import label_arrays, read_split
+from mtanet.evaluate import headline, predict_frames, score_predictions
 from mtanet.models import load_model
-from mtanet.train import TrainConfig, headline, predict_frames, score_predictions, train
+from mtanet.train import TrainConfig, train
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
 is_synthetic = (root / synth.MANIFEST_FILE).exists()
-config = TrainConfig(
-    data_root=str(root), backbone=backbone, image_size=image_size, batch_size=batch_size,
-    steps_per_epoch=steps_per_epoch or None, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-    lr_schedule=lr_schedule, tasks=list(tasks), pooling=pooling, dropout=dropout, stage2_weighting=stage2_weighting,
-    lr_log_vars=lr_log_vars or None, expr_class_weight=expr_class_weight, au_pos_weight=au_pos_weight,
-    cache_dir=str(project_root() / cache_dir) if cache_dir else "", threads=threads or None,
-    num_workers=None if num_workers < 0 else num_workers, device=device, seed=seed, progress=False)
+config = TrainConfig.from_dict({
+    "data_root": str(root), "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+    "steps_per_epoch": steps_per_epoch or None, "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs,
+    "lr_schedule": lr_schedule, "tasks": list(tasks), "pooling": pooling, "dropout": dropout,
+    "stage2_weighting": stage2_weighting, "lr_log_vars": lr_log_vars or None, "expr_class_weight": expr_class_weight,
+    "au_pos_weight": au_pos_weight, "cache_dir": str(project_root() / cache_dir) if cache_dir else "",
+    "threads": threads or None, "num_workers": None if num_workers < 0 else num_workers, "device": device,
+    "seed": seed, "progress": False, **train_options})
 # The run folder is named by the configuration, so re-running the book resumes (or reuses) the same run.
 digest = hashlib.sha1(json.dumps({k: v for k, v in config.to_dict().items() if k not in TrainConfig.RESUMABLE_CHANGES},
                                  sort_keys=True).encode()).hexdigest()[:10]
 run_dir = Path(output_dir) if output_dir else project_root() / "runs" / "book" / f"04_training-{synth_size}-{digest}"
 config = config.replace(output_dir=str(run_dir), resume=True)
-display(pd.Series({k: config.to_dict()[k] for k in (
-    "tasks", "backbone", "pooling", "dropout", "image_size", "batch_size", "steps_per_epoch", "stage1_epochs",
-    "stage1_optimizer", "stage1_lr", "stage1_weight_decay", "stage2_epochs", "stage2_weighting", "stage2_optimizer",
-    "stage2_lr", "stage2_weight_decay", "lr_schedule", "expr_class_weight", "au_pos_weight", "augment", "device",
-    "seed")}, name="value").to_frame())
+shown = ["tasks", "backbone", "pooling", "dropout", "image_size", "batch_size", "steps_per_epoch", "stage1_epochs",
+         "stage1_optimizer", "stage1_lr", "stage1_weight_decay", "stage2_epochs", "stage2_weighting",
+         "stage2_optimizer", "stage2_lr", "stage2_weight_decay", "lr_schedule", "expr_class_weight", "au_pos_weight",
+         "augment", "device", "seed"]
+flat = config.to_flat_dict()  # the stages' fields as stage1_lr, ..., as the parameters and train_options name them
+shown += [k for k in train_options if k not in shown and k in flat]  # whatever else train_options changed
+display(pd.Series({k: flat[k] for k in shown}, name="value").to_frame())
 
 # %% [markdown]
 # ## Train

@@ -11,7 +11,9 @@
 # Every run is the training chapter executed by papermill with the row's parameters (`mtanet.sweep.run_sweep`), into
 # its own folder holding the executed notebook and the trainer's `metrics.json`. The tables below are read from
 # those files, never typed in. A run with stored results is skipped, so an interrupted sweep resumes where it
-# stopped; `make sweep PROFILE=gpu` runs this chapter alone.
+# stopped; `make sweep PROFILE=gpu` runs this chapter alone. Any field of `TrainConfig` can be varied too: the
+# parameter `extra_rows` adds rows that change training options against `senet`, and `train_options` sets options
+# for every run.
 
 # %% tags=["parameters"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size
@@ -30,6 +32,8 @@ cache_dir: str = ""  # uint8 image caches shared by the runs, relative to the pr
 jobs: int = 2  # runs executed at the same time, each kernel with cores / jobs threads
 results_dir: str = ""  # empty means runs/sweep/SIZE-FAMILY-HASH under the project
 reference: str = "book/results/ablations-gpu.json"  # committed sweep shown beside this one, relative to the project
+train_options: dict = {}  # TrainConfig fields set in every run, e.g. {"warmup_steps": 20}
+extra_rows: dict = {}  # more rows: name -> TrainConfig fields changed against senet, e.g. {"lr": {"stage2_lr": 3e-4}}
 
 # %%
 import json
@@ -39,21 +43,26 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from mtanet import paper, sweep, synth
-from mtanet.book import project_root
+from mtanet import synth
+from mtanet.book import paper, project_root, sweep
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
 is_synthetic = (root / synth.MANIFEST_FILE).exists()
 shared = {"data_root": str(root), "synth_size": synth_size, "device": device, "image_size": image_size,
           "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "stage1_epochs": stage1_epochs,
-          "stage2_epochs": stage2_epochs, "lr_schedule": lr_schedule, "cache_dir": cache_dir}
-runs = sweep.plan(rows, seeds, shared, family=family)
+          "stage2_epochs": stage2_epochs, "lr_schedule": lr_schedule, "cache_dir": cache_dir,
+          "train_options": train_options}
+designs = {**sweep.ROWS, **{name: sweep.Row(name, ", ".join(f"{k} = {v}" for k, v in options.items()),
+                                            "training options", {"backbone": "se"}, train_options=options)
+                            for name, options in extra_rows.items()}}
+names = [*rows, *extra_rows]
+runs = sweep.plan([designs[name] for name in names], seeds, shared, family=family)
 out = sweep.results_folder(shared, family) if not results_dir else project_root() / results_dir
-display(pd.DataFrame([{"row": name, "what it changes": sweep.ROWS[name].label, "group": sweep.ROWS[name].group,
-                       "backbone": sweep.FAMILIES[family][sweep.ROWS[name].changes["backbone"]]}
-                      for name in rows]).set_index("row"))
-display(Markdown(f"{len(runs)} runs ({len(rows)} rows x {len(seeds)} seeds), {image_size} px, "
+display(pd.DataFrame([{"row": name, "what it changes": designs[name].label, "group": designs[name].group,
+                       "backbone": sweep.FAMILIES[family][designs[name].changes["backbone"]]}
+                      for name in names]).set_index("row"))
+display(Markdown(f"{len(runs)} runs ({len(names)} rows x {len(seeds)} seeds), {image_size} px, "
                  f"{stage1_epochs} x {steps_per_epoch or 'all'} steps of stage 1 and {stage2_epochs} x "
                  f"{steps_per_epoch or 'all'} of stage 2, batch {batch_size}; results in `{out}`."))
 
@@ -75,7 +84,7 @@ display(paper.table_i().round(3))
 
 # %%
 status = sweep.run_sweep(runs, out, jobs=jobs, drop_tags=("report",), log=print)
-results = sweep.collect(out, rows)
+results = sweep.collect(out, names)
 results = results[results["seed"].isin(seeds)].reset_index(drop=True)
 display(Markdown(f"{(status['status'] == 'ran').sum()} runs executed now, {(status['status'] == 'reused').sum()} "
                  f"reused from an earlier sweep; {results['train_seconds'].sum():.0f} s of training in all, on "
@@ -93,7 +102,7 @@ summary = sweep.summarize(results)
 headline = ["valence", "arousal", "va", "au", "expr"]
 measured = sweep.formatted(summary.loc[[r for r in ("resnext", "resnext_cbam", "senet") if r in summary.index]],
                            headline)
-measured.index = [sweep.ROWS[r].label for r in measured.index]
+measured.index = [designs[r].label for r in measured.index]
 if is_synthetic:
     bounds = json.loads((root / synth.CEILING_FILE).read_text())
     ceiling, trivial = bounds["ceiling"], bounds["trivial"]
@@ -114,7 +123,7 @@ display(measured)
 columns = ["valence", "arousal", "va", "au", "au_f1", "expr", "expr_f1"]
 every = sweep.formatted(summary, columns)
 every.insert(0, "seeds", results.groupby("row")["seed"].nunique().reindex(summary.index))
-every.index = [sweep.ROWS[r].label for r in every.index]
+every.index = [designs[r].label for r in every.index]
 display(every)
 
 # %% [markdown]
@@ -127,10 +136,10 @@ display(every)
 # %%
 comparison = sweep.against_reference(results, "senet", metrics=("va", "au", "expr"))
 if len(comparison):
-    shown = comparison.assign(row=comparison["row"].map(lambda r: sweep.ROWS[r].label))
+    shown = comparison.assign(row=comparison["row"].map(lambda r: designs[r].label))
     display(shown.set_index(["row", "metric"]).round(4))
     real = comparison[comparison["beyond_noise"]]
-    lines = [f"- **{sweep.ROWS[r].label}**, {m}: {d:+.3f} ({abs(d) / n:.1f} standard errors)"
+    lines = [f"- **{designs[r].label}**, {m}: {d:+.3f} ({abs(d) / n:.1f} standard errors)"
              for r, m, d, n in zip(real["row"], real["metric"], real["difference"], real["noise"])]
     display(Markdown("Beyond the seed noise:\n\n" + "\n".join(lines) if lines else
                      "**No difference is larger than twice its seed noise** at this budget."))
@@ -144,12 +153,12 @@ else:
 
 # %%
 long = results.melt(id_vars=["row", "seed"], value_vars=["va", "au", "expr"], var_name="score").dropna()
-long["configuration"] = long["row"].map(lambda r: sweep.ROWS[r].label)
+long["configuration"] = long["row"].map(lambda r: designs[r].label)
 grid = sns.catplot(data=long, x="value", y="configuration", col="score", kind="point", errorbar=("ci", 95),
                    linestyle="none", height=3.6, aspect=0.9, sharex=False, color="0.3")
 for ax, score in zip(grid.axes.flat, grid.col_names):
     sns.stripplot(data=long[long["score"] == score], x="value", y="configuration", ax=ax, color="tab:blue",
-                  alpha=0.6, order=[sweep.ROWS[r].label for r in rows])
+                  alpha=0.6, order=[designs[r].label for r in names])
     if is_synthetic:
         ax.axvline(bounds["ceiling_score"][score], c="tab:green", ls="--", lw=1)
         ax.axvline(bounds["trivial_best"][score], c="tab:red", ls=":", lw=1)
@@ -164,7 +173,7 @@ plt.show()
 # it exists. This run's own summary is written beside its results in the same format.
 
 # %%
-sweep.write_summary(results, out / "summary.json", shared=shared, family=family, rows=rows, seeds=seeds)
+sweep.write_summary(results, out / "summary.json", shared=shared, family=family, rows=names, seeds=seeds)
 reference_path = project_root() / reference
 if reference_path.is_file():
     ref_runs, ref_meta = sweep.read_summary(reference_path)

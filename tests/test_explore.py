@@ -1,4 +1,5 @@
-"""The numbers the data chapter shows, on a hand-made table and on the smoke synthetic set."""
+"""The numbers the data chapter shows (mtanet.data.stats, mtanet.book.explore), on a hand-made table and on the smoke
+synthetic set."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtanet import explore, synth
-from mtanet.data import load_frames
+from mtanet import synth
+from mtanet.book import explore
+from mtanet.data import load_frames, stats
 from mtanet.tasks import AU_NAMES_2020, EXPR_NAMES_2020
 
 AUS = ["AU1", "AU2"]
@@ -30,33 +32,33 @@ def table() -> pd.DataFrame:
 
 
 def test_split_summary_counts_names_and_frames(table: pd.DataFrame) -> None:
-    s = explore.split_summary({"train": table}, AUS)
+    s = stats.split_summary({"train": table}, AUS)
     assert s.loc[("va", "train")].tolist() == [2, 3, 3]
     assert s.loc[("expr", "train")].tolist() == [2, 4, 3]
     assert s.loc[("au", "train")].tolist() == [2, 4, 4]
 
 
 def test_task_combinations_and_distributions(table: pd.DataFrame) -> None:
-    combos = explore.task_combinations(table, AUS)
+    combos = stats.task_combinations(table, AUS)
     assert combos.to_dict() == {"va+au+expr": 2, "au+expr": 1, "va+au": 1, "expr": 1}
-    dist = explore.expression_distribution(table, ["N", "A", "D"])
+    dist = stats.expression_distribution(table, ["N", "A", "D"])
     assert dist.tolist() == [2, 0, 2]
-    assert explore.au_prevalence(table, AUS).tolist() == pytest.approx([0.75, 0.25])
+    assert stats.au_prevalence(table, AUS).tolist() == pytest.approx([0.75, 0.25])
 
 
 def test_au_cooccurrence_is_conditional(table: pd.DataFrame) -> None:
-    co = explore.au_cooccurrence(table, AUS)
+    co = stats.au_cooccurrence(table, AUS)
     assert co.loc["AU1", "AU2"] == pytest.approx(1 / 3)  # AU2 present in 1 of the 3 AU1 frames
     assert co.loc["AU2", "AU1"] == pytest.approx(1.0)
     assert co.loc["AU1", "AU1"] == 1.0
 
 
 def test_sequence_lengths_and_samples(table: pd.DataFrame) -> None:
-    lengths = explore.sequence_lengths(table)
+    lengths = stats.sequence_lengths(table)
     assert lengths.loc["a"].tolist() == [4, 2, 0.5]
-    sample = explore.sample_rows(table, 3, seed=0, au_names=AUS)
+    sample = stats.sample_rows(table, 3, seed=0, au_names=AUS)
     assert len(sample) == 3 and (sample["image"] != "").all()
-    assert explore.sample_rows(table, 3, seed=0, au_names=AUS).equals(sample)
+    assert stats.sample_rows(table, 3, seed=0, au_names=AUS).equals(sample)
 
 
 def test_pixel_baseline_stays_well_below_the_ceiling(smoke_root) -> None:

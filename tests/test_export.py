@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mtanet.cli import main
-from mtanet.export import OnnxEngine, export_checkpoint, read_onnx_metadata
+from mtanet.errors import DeviceUnavailableError
+from mtanet.inference import OnnxEngine, Predictor, export_checkpoint, read_onnx_metadata
 from mtanet.models import MTANet, save_checkpoint
-from mtanet.predict import DeviceUnavailableError, Predictor
 
 
 THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.35, 0.45, 0.55]
@@ -90,7 +90,7 @@ def test_onnx_gpu_request_is_an_error_when_onnxruntime_has_no_cuda(onnx_file):
 def test_cli_predict_runs_the_onnx_engine(onnx_file, tmp_path, capsys):
     from PIL import Image
 
-    from mtanet.synth_render import Identity, render_face
+    from mtanet.synth.render import Identity, render_face
 
     Image.fromarray(render_face(Identity(), {})).save(tmp_path / "crop.png")
     out = tmp_path / "out.csv"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtanet import faces
-from mtanet.faces import (
+from mtanet.errors import DataFormatError
+from mtanet.inference import faces
+from mtanet.inference.faces import (
     ARCFACE_112,
     SYNTH_112,
     FaceAligner,
@@ -21,7 +22,7 @@ from mtanet.faces import (
     umeyama,
     warp_affine,
 )
-from mtanet.synth_render import Identity, Nuisance, five_points, landmarks, random_identity, render_face
+from mtanet.synth.render import Identity, Nuisance, five_points, landmarks, random_identity, render_face
 
 
 
@@ -227,8 +228,6 @@ def test_as_rgb_accepts_gray_rgba_float_and_16_bit():
 
 
 def test_load_image_applies_exif_orientation_and_names_bad_files(tmp_path):
-    from mtanet.data import DataFormatError
-
     img = Image.new("RGB", (40, 20), (200, 10, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mtanet import loss_experiments as X
 from mtanet import losses as L
+from mtanet.book import loss_experiments as X
 from mtanet.metrics import ccc
 
 

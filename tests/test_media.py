@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtanet.media import camera_path, render_frame, write_camera_video
+from mtanet.book.media import camera_path, render_frame, write_camera_video
 
 av = pytest.importorskip("av")
 

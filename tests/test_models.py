@@ -23,6 +23,7 @@ from mtanet.models import (
     load_model,
     load_vggface2_senet50,
     macs,
+    probabilities,
     save_checkpoint,
 )
 from mtanet.tasks import EDITIONS
@@ -365,3 +366,45 @@ def test_macs_counts_multiply_adds():
     assert model.training  # the mode is restored
     assert 3.5 * small < large < 4.5 * small
 
+
+# ------------------------------------------------------------------------------------------------- probabilities
+
+
+def test_probabilities_match_an_independent_computation():
+    gen = torch.Generator().manual_seed(0)
+    outputs = {"va": torch.rand(5, 2, generator=gen) * 2 - 1, "au": torch.randn(5, 8, generator=gen) * 4,
+               "expr": torch.randn(5, 7, generator=gen) * 4}
+    before = {k: v.clone() for k, v in outputs.items()}
+    got = probabilities(outputs)
+    assert set(got) == set(outputs) and got is not outputs
+    x = outputs["au"].double().numpy()
+    np.testing.assert_allclose(got["au"].numpy(), 1 / (1 + np.exp(-x)), rtol=1e-6, atol=1e-7)
+    z = outputs["expr"].double().numpy()
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(got["expr"].numpy(), e / e.sum(axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    assert torch.equal(got["va"], outputs["va"])
+    assert all(torch.equal(outputs[k], before[k]) for k in before)  # the input is left as it was
+    # any subset of the heads; float64 in, float64 out, and the same as float32 up to rounding
+    only_expr = probabilities({"expr": outputs["expr"].double()})
+    assert set(only_expr) == {"expr"} and only_expr["expr"].dtype == torch.float64
+    np.testing.assert_allclose(only_expr["expr"].numpy(), e / e.sum(axis=1, keepdims=True), rtol=1e-12)
+    assert probabilities({"au": outputs["au"].half()})["au"].dtype == torch.float16
+    assert probabilities({}) == {}
+    # on a model's outputs: AU in (0, 1), expression rows sum to 1, VA untouched
+    model = MTANet("seresnet18_half").eval()
+    with torch.no_grad():
+        raw = model(torch.rand(2, 3, 64, 64, generator=gen))
+    p = probabilities(raw)
+    assert torch.all((p["au"] > 0) & (p["au"] < 1)) and torch.allclose(p["expr"].sum(dim=1), torch.ones(2))
+    assert torch.equal(p["va"], raw["va"])
+
+
+def test_package_reexports_its_public_names():
+    import mtanet.errors
+    from mtanet.models import checkpoint, mtanet as net, weights
+
+    for name in models.__all__:
+        assert getattr(models, name) is not None, name
+    assert models.PretrainedWeightsNotFound is mtanet.errors.PretrainedWeightsNotFound
+    internal = {"load_timm_pretrained"}  # what MTANet(pretrained=True) calls
+    assert (set(net.__all__) | set(checkpoint.__all__) | set(weights.__all__)) - internal <= set(models.__all__)

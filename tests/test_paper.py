@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtanet import paper
+from mtanet.book import paper
 from mtanet.models import BACKBONES
 
 

@@ -1,6 +1,6 @@
 """Per-frame prediction: one row per frame, streaming CSV, bad inputs, devices, smoothing and the CLI.
 
-Media are generated here: synthetic faces (mtanet.synth_render) pasted on 640x480 frames at known places, written
+Media are generated here: synthetic faces (mtanet.synth.render) pasted on 640x480 frames at known places, written
 as images or as videos with PyAV.
 """
 
@@ -16,17 +16,10 @@ import torch
 from PIL import Image
 
 from mtanet.cli import main
-from mtanet.data import DataFormatError
+from mtanet.errors import ConfigError, DataFormatError, DeviceUnavailableError
+from mtanet.inference import MovingAverage, Predictor, metadata_path, predict, predict_to_csv
 from mtanet.models import MTANet, save_checkpoint
-from mtanet.predict import (
-    DeviceUnavailableError,
-    MovingAverage,
-    Predictor,
-    metadata_path,
-    predict,
-    predict_to_csv,
-)
-from mtanet.synth_render import random_identity, render_face
+from mtanet.synth.render import random_identity, render_face
 
 import av  # a declared dependency: a missing install must fail, not skip
 
@@ -260,7 +253,7 @@ def test_all_faces_gives_one_row_per_face_largest_first(ckpt, tmp_path):
     assert df.loc[0, "face_x"] > 300
     largest = predict(path, ckpt, threads=1)
     assert len(largest) == 1 and largest.loc[0, "face_x"] == pytest.approx(df.loc[0, "face_x"])
-    with pytest.raises(ValueError, match="not tracked"):
+    with pytest.raises(ConfigError, match="not tracked"):
         predict(path, ckpt, all_faces=True, smooth=3)
 
 
@@ -277,7 +270,7 @@ def test_tasks_subset_aligned_input_and_default_thresholds(tmp_path):
     assert "expression" not in df.columns and df["face_score"].isna().all() and (df["face_w"] == 112).all()
     assert df.attrs["mtanet"]["au_threshold_source"].startswith("default 0.5")
     np.testing.assert_array_equal(df["AU1"], (df["AU1_prob"] >= 0.5).astype(int))
-    with pytest.raises(ValueError, match="heads"):
+    with pytest.raises(ConfigError, match="heads"):
         Predictor(path, tasks=["va", "pain"], aligned=True)
 
 
@@ -294,6 +287,18 @@ def test_an_unavailable_gpu_is_an_error_not_a_fallback(ckpt, video, tmp_path, ca
     out = tmp_path / "out.csv"
     assert main(["predict", str(video), "-o", str(out), "--checkpoint", str(ckpt), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_string_that_names_no_device_is_a_config_error(ckpt, video, tmp_path, capsys):
+    for spec in ("gpu", "cuda:x", "tpu:0"):
+        with pytest.raises(ConfigError, match="not a device name") as info:
+            Predictor(ckpt, device=spec, aligned=True)
+        assert not isinstance(info.value, DeviceUnavailableError)  # a typo, not a missing device
+    assert Predictor(ckpt, device="CPU ", aligned=True).device == "cpu"
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(video), "-o", str(out), "--checkpoint", str(ckpt), "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'gpu' is not a device name" in err and err.startswith("mtanet: error:") and not out.exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -324,7 +329,7 @@ def test_moving_average_streams_a_centred_nan_aware_mean():
     ref = pd.DataFrame(values, columns=["a", "b"]).rolling(5, center=True, min_periods=1).mean()
     ref = ref.where(~np.isnan(values))  # a row without a value stays without
     np.testing.assert_allclose(got[["a", "b"]], ref, atol=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         MovingAverage(4, ["a"])
 
 

@@ -16,12 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtanet import sweep
-from mtanet.book import NotebookFailed
+import mtanet.sweep
+from mtanet.book import sweep
+from mtanet.errors import ConfigError, NotebookFailed
 from mtanet.models import BACKBONES
+from mtanet.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A stand-in for the training notebook: same interface (parameters in, metrics.json into output_dir), no training.
-# Its scores are a function of backbone and seed, it logs every execution, and it fails once for one run.
+# Its scores are a function of backbone and seed, it logs every execution, and it fails once for one run. Like the
+# training chapter, it merges train_options into a TrainConfig last and stores that config in metrics.json.
 FAKE_TRAINING = '''# %% tags=["parameters"]
 output_dir: str = ""
 seed: int = 0
@@ -30,6 +35,8 @@ tasks: list = ["va", "au", "expr"]
 calls: str = ""
 fail_once: str = ""
 hold_once: str = ""
+threads: int = 0
+train_options: dict = {}
 
 # %%
 import dataclasses
@@ -62,8 +69,12 @@ if "au" in tasks:
     final["au"] = {"score": 0.6 + 0.01 * seed, "f1_mean": 0.3, "accuracy": 0.9}
 if "expr" in tasks:
     final["expr"] = {"score": 0.5 - 0.01 * seed, "f1_macro": 0.4, "accuracy": 0.7}
+config = {"backbone": backbone, "image_size": 40}
+if train_options:  # only then: importing the trainer takes seconds, and most runs here have none
+    from mtanet.train import TrainConfig
+    config = TrainConfig.from_dict({"data_root": str(out), **config, "seed": seed, **train_options}).to_dict()
 (out / "best.pt").write_text("weights")
-(out / "metrics.json").write_text(json.dumps({"final": final, "config": {"backbone": backbone, "image_size": 40},
+(out / "metrics.json").write_text(json.dumps({"final": final, "config": config,
                                               "steps": 3, "wall_time_s": {"total": 1.0},
                                               "hardware": {"device_name": "test cpu"}}))
 '''
@@ -78,6 +89,11 @@ def fake(tmp_path: Path) -> tuple[Path, Path]:
 
 def _calls(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
+
+
+def _run_config(folder: Path) -> dict:
+    """The TrainConfig a run stored in its metrics.json, with the stages' fields as flat keys (stage2_lr, ...)."""
+    return TrainConfig.from_dict(json.loads((folder / sweep.METRICS_FILE).read_text())["config"]).to_flat_dict()
 
 
 def test_plan_resolves_each_design_to_its_family_and_changes_one_thing() -> None:
@@ -104,6 +120,94 @@ def test_plan_resolves_each_design_to_its_family_and_changes_one_thing() -> None
 def test_plan_rejects_bad_requests(rows, seeds, family, match) -> None:
     with pytest.raises(ValueError, match=match):
         sweep.plan(rows, seeds, {}, family=family)
+
+
+def test_rows_and_shared_parameters_carry_any_train_config_field() -> None:
+    slow = sweep.Row("slow", "stage 2 at 1e-5", "learning rate", {"backbone": "se"}, train_options={"stage2_lr": 1e-5})
+    runs = sweep.plan(["senet", slow], [0], {"image_size": 40, "train_options": {"warmup_steps": 5, "stage2_lr": 1e-4}},
+                      family="small")
+    by_key = {r.key: dict(r.parameters) for r in runs}
+    assert by_key["senet/seed0"] == {"image_size": 40, "backbone": "seresnet26_half", "seed": 0,
+                                     "train_options": {"warmup_steps": 5, "stage2_lr": 1e-4}}
+    assert by_key["slow/seed0"]["train_options"] == {"warmup_steps": 5, "stage2_lr": 1e-5}  # the row's value wins
+    # no options, no key: the records of sweeps run before train_options existed still match
+    assert "train_options" not in sweep.plan(["senet"], [0], {"train_options": {}}, family="small")[0].parameters
+    with pytest.raises(ValueError, match="must name a design"):
+        sweep.plan([sweep.Row("x", "x", "x", {"backbone": "senet50"})], [0], {}, family="small")
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"stage2_lrr": 1e-4}, "stage2_lrr"),
+    ({"stage2_optimizer": "rmsprop"}, "rmsprop"),
+    ({"seed": 3}, r"sets \['seed'\], which the sweep sets"),
+    ({"output_dir": "elsewhere"}, "output_dir"),
+])
+def test_train_options_are_checked_when_the_sweep_is_planned(options, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        sweep.plan(["senet"], [0], {"train_options": options}, family="small")
+    with pytest.raises(ConfigError, match=match):
+        sweep.plan([sweep.Row("mine", "mine", "mine", {"backbone": "se"}, train_options=options)], [0], {},
+                   family="small")
+
+
+def test_a_row_that_sets_a_train_config_field_reaches_the_runs_config(fake, tmp_path: Path) -> None:
+    notebook, calls = fake
+    assert "stage2_lr" not in sweep.notebook_parameters(notebook)
+    slow = sweep.Row("slow", "stage 2 at 1e-5", "learning rate", {"backbone": "se"}, train_options={"stage2_lr": 1e-5})
+    base = {"calls": str(calls), "train_options": {"warmup_steps": 7}}
+    out = tmp_path / "results"
+    sweep.run_sweep(sweep.plan(["senet", slow], [0], base, family="small"), out, notebook=notebook, log=None)
+    config = _run_config(out / "slow" / "seed0")
+    assert (config["stage2_lr"], config["warmup_steps"], config["backbone"], config["seed"]) == (
+        1e-5, 7, "seresnet26_half", 0)
+    reference = _run_config(out / "senet" / "seed0")
+    assert reference["warmup_steps"] == 7 and reference["stage2_lr"] != 1e-5
+    assert json.loads((out / "slow" / "seed0" / sweep.RUN_FILE).read_text())["parameters"]["train_options"] == {
+        "warmup_steps": 7, "stage2_lr": 1e-5}
+    table = sweep.collect(out)
+    assert table["row"].tolist() == ["senet", "slow"]  # a row of one's own comes after the paper's rows
+    assert list(sweep.summarize(table, ["va"]).index) == ["senet", "slow"]
+    # the same row with another value is another configuration: refused, not reused
+    faster = dataclasses.replace(slow, train_options={"stage2_lr": 1e-3})
+    with pytest.raises(sweep.SweepConflict, match="slow"):
+        sweep.run_sweep(sweep.plan([faster], [0], base, family="small"), out, notebook=notebook, log=None)
+    assert _calls(calls) == ["senet/seed0", "slow/seed0"]
+
+
+def test_a_parameter_the_notebook_does_not_declare_is_refused_before_anything_runs(fake, tmp_path: Path) -> None:
+    notebook, calls = fake
+    runs = sweep.plan(["senet", "resnext"], [0], {"calls": str(calls), "stage2_lr": 1e-5}, family="small")
+    with pytest.raises(ConfigError, match="declares no parameter stage2_lr.*train_options"):
+        sweep.run_sweep(runs, tmp_path / "results", notebook=notebook, log=None)
+    assert _calls(calls) == [] and not (tmp_path / "results").exists()
+
+
+def test_the_training_chapter_declares_what_the_sweep_sets() -> None:
+    declared = sweep.notebook_parameters(ROOT / "notebooks" / "04_training.py")
+    assert {"train_options", "output_dir", "seed", "threads"} <= declared
+    for row in sweep.ROWS.values():
+        assert set(row.changes) <= declared, row.name
+
+
+@pytest.mark.slow
+def test_a_row_option_reaches_the_config_the_training_chapter_trains(smoke_root: Path, tmp_path: Path) -> None:
+    """The real chapter, a few steps: TrainConfig fields that are no chapter parameter end up in its metrics.json."""
+    row = sweep.Row("warm", "warm-up, narrow feature", "schedule", {"backbone": "se"},
+                    train_options={"warmup_steps": 1, "stage1_lr": 2e-3, "feature_dim": 32, "aug_flip": 0.0})
+    base = {"data_root": str(smoke_root), "synth_size": "smoke", "device": "cpu", "image_size": 32, "batch_size": 8,
+            "steps_per_epoch": 2, "stage1_epochs": 1, "stage2_epochs": 0}
+    out = tmp_path / "results"
+    sweep.run_sweep(sweep.plan([row], [0], base, family="small"), out, drop_tags=("report",), log=None)
+    config = _run_config(out / "warm" / "seed0")
+    assert {k: config[k] for k in ("warmup_steps", "stage1_lr", "feature_dim", "aug_flip", "backbone", "image_size")} \
+        == {"warmup_steps": 1, "stage1_lr": 2e-3, "feature_dim": 32, "aug_flip": 0.0, "backbone": "seresnet26_half",
+            "image_size": 32}
+    assert sweep.collect(out)["row"].tolist() == ["warm"]
+
+
+def test_mtanet_sweep_re_exports_the_book_kits_sweep() -> None:
+    assert set(mtanet.sweep.__all__) == set(sweep.__all__)
+    assert all(getattr(mtanet.sweep, name) is getattr(sweep, name) for name in sweep.__all__)
 
 
 def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, tmp_path: Path) -> None:
@@ -255,3 +359,9 @@ def test_summary_file_round_trips_and_the_results_folder_follows_the_shared_para
     assert a.parent == tmp_path / "runs" / "sweep" and a.name.startswith("cpu-small-")
     # where the image cache lives changes how runs execute, not their results
     assert a == sweep.results_folder({"synth_size": "cpu", "image_size": 40, "cache_dir": "x"}, "small", root=tmp_path)
+    # training options shared by every run are shared parameters too; none at all is the folder of no options
+    assert a != sweep.results_folder({"synth_size": "cpu", "image_size": 40, "train_options": {"stage2_lr": 1e-5}},
+                                     "small", root=tmp_path)
+    for options in ({}, {"num_workers": 2}):
+        assert a == sweep.results_folder({"synth_size": "cpu", "image_size": 40, "train_options": options}, "small",
+                                         root=tmp_path)

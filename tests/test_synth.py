@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtanet import synth, synth_render
+from mtanet import synth
+from mtanet.synth import render
+from mtanet.synth.generate import _smooth_noise
 from mtanet.data import load_frames, read_split
 from mtanet.tasks import AU_NAMES_2020, EXPR_NAMES_2020, TASKS
 
@@ -140,11 +142,11 @@ def test_ceiling_sits_well_above_the_trivial_floor(smoke_root: Path) -> None:
 
 def test_faces_show_the_latent_actions() -> None:
     """The renderer is driven by the same latents the labels come from: a smile changes the mouth."""
-    identity = synth_render.random_identity(np.random.default_rng(4))
-    clean = synth_render.Nuisance()
-    neutral = synth_render.render_face(identity, {}, clean).astype(float)
-    smile = synth_render.render_face(identity, {"AU12": 1.0, "AU6": 1.0}, clean).astype(float)
-    lm = synth_render.landmarks(identity, {}, clean)
+    identity = render.random_identity(np.random.default_rng(4))
+    clean = render.Nuisance()
+    neutral = render.render_face(identity, {}, clean).astype(float)
+    smile = render.render_face(identity, {"AU12": 1.0, "AU6": 1.0}, clean).astype(float)
+    lm = render.landmarks(identity, {}, clean)
     y = int(lm["mouth_left"][1])
     mouth = slice(y - 8, y + 8)
     assert np.abs(smile[mouth] - neutral[mouth]).mean() > 2 * np.abs(smile[:20] - neutral[:20]).mean() + 1
@@ -153,6 +155,6 @@ def test_faces_show_the_latent_actions() -> None:
 def test_smooth_noise_has_its_scale_on_short_and_long_sequences() -> None:
     rng = np.random.default_rng(0)
     for n in (30, 60, 5000):
-        draws = np.concatenate([synth._smooth_noise(rng, n, 25, 0.12) for _ in range(200)])
+        draws = np.concatenate([_smooth_noise(rng, n, 25, 0.12) for _ in range(200)])
         # reflection at the ends raises the spread of very short sequences a little; never to a large constant
         assert 0.07 < draws.std() < 0.3, n

@@ -1,4 +1,4 @@
-"""Tests of the parametric face renderer (mtanet.synth_render): output contract, determinism, AU geometry."""
+"""Tests of the parametric face renderer (mtanet.synth.render): output contract, determinism, AU geometry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mtanet.synth_render import (
+from mtanet.synth.render import (
     ACTIONS,
     LABELED_ACTIONS,
     SIZE,
@@ -20,6 +20,7 @@ from mtanet.synth_render import (
     random_nuisance,
     render_face,
 )
+from mtanet.tasks import AU_NAMES_2020
 
 CLEAN = Nuisance()  # frontal, no blur/noise/occlusion/lighting
 
@@ -112,8 +113,6 @@ def test_random_nuisance_bounds_and_zero_strength_is_clean():
 
 
 def test_labeled_actions_match_the_2020_label_set():
-    from mtanet.tasks import AU_NAMES_2020
-
     assert LABELED_ACTIONS == AU_NAMES_2020 and set(LABELED_ACTIONS) < set(ACTIONS)
 
 

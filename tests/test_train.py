@@ -20,6 +20,12 @@ import pytest
 import torch
 
 from mtanet import train as T
+from mtanet.data import FaceAugment
+from mtanet.data.loading import KeyedFrames
+from mtanet.errors import CheckpointError, ConfigError, DeviceUnavailableError, NonFiniteLossError
+from mtanet.evaluate import headline, predict_frames, write_submission
+from mtanet.losses import au_positive_weights, expression_class_weights
+from mtanet.runtime import resolve_device
 from mtanet.tasks import AU_NAMES_2020, EXPR_NAMES_2020
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,27 +83,41 @@ def test_config_round_trip_unknown_keys_and_coercion(tmp_path: Path) -> None:
     assert again == cfg
     # the paper's recipe is the default
     d = T.TrainConfig()
-    assert (d.stage1_optimizer, d.stage1_lr, d.stage1_weight_decay, d.stage1_weighting) == ("adam", 1e-3, 1e-3, "sum")
-    assert (d.stage2_optimizer, d.stage2_lr, d.stage2_weight_decay, d.stage2_weighting, d.momentum) == (
+    assert (d.stage1.optimizer, d.stage1.lr, d.stage1.weight_decay, d.stage1.weighting) == ("adam", 1e-3, 1e-3, "sum")
+    assert (d.stage2.optimizer, d.stage2.lr, d.stage2.weight_decay, d.stage2.weighting, d.momentum) == (
         "sgd", 1e-4, 5e-3, "uncertainty", 0.9)
+    # one record per stage, read from flat keys (the command line's --stage2-lr) or a partial mapping
+    flat = T.TrainConfig(stage2_lr="3e-4", stage2_epochs=0)
+    nested = T.TrainConfig(stage2={"lr": 3e-4, "epochs": 0})
+    assert flat == nested and flat.stage2 == d.stage2.model_copy(update={"lr": 3e-4, "epochs": 0})
+    assert flat.to_dict()["stage2"] == {"epochs": 0, "weighting": "uncertainty", "optimizer": "sgd", "lr": 3e-4,
+                                        "weight_decay": 5e-3}
 
     path = tmp_path / "cfg.yaml"
     path.write_text("stage1_lr: 1e-3\ntasks: [au]\namp: null\nthreads: '2'\naugment: 'false'\n")
     from_yaml = T.TrainConfig.from_yaml(path)
-    assert from_yaml.stage1_lr == 1e-3 and isinstance(from_yaml.stage1_lr, float)  # YAML reads 1e-3 as a string
+    assert from_yaml.stage1.lr == 1e-3 and isinstance(from_yaml.stage1.lr, float)  # YAML reads 1e-3 as a string
     assert (from_yaml.tasks, from_yaml.amp, from_yaml.threads, from_yaml.augment) == (["au"], None, 2, False)
 
-    with pytest.raises(T.ConfigError, match="stage1_lrr.*did you mean 'stage1_lr'"):
+    with pytest.raises(ConfigError, match="stage1_lrr.*did you mean 'stage1_lr'"):
         T.TrainConfig.from_dict({"stage1_lrr": 0.1})
     path.write_text("batch_sise: 3\n")
-    with pytest.raises(T.ConfigError, match="batch_sise"):
+    with pytest.raises(ConfigError, match="batch_sise"):
         T.TrainConfig.from_yaml(path)
-    with pytest.raises(T.ConfigError, match="batch_size"):
+    path.write_text("batch_size: [3\n")
+    with pytest.raises(ConfigError, match="cfg.yaml: not valid YAML"):
+        T.TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="batch_size='many'"):
         T.TrainConfig(batch_size="many")
-    with pytest.raises(T.ConfigError, match="tasks"):
+    with pytest.raises(ConfigError, match="tasks"):
         T.TrainConfig(tasks=["va", "pose"])
-    with pytest.raises(T.ConfigError, match="stage2_optimizer"):
+    with pytest.raises(ConfigError, match="stage2_optimizer='lbfgs'"):
         T.TrainConfig(stage2_optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="steps_per_epoch=2.5"):
+        T.TrainConfig(steps_per_epoch=2.5)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        T.TrainConfig(stage1_epochs=0, stage2_epochs="0")
+    assert T.TrainConfig(steps_per_epoch="1e3", amp="auto", threads="none").steps_per_epoch == 1000
 
 
 def test_cli_resolves_config_precedence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -109,8 +129,10 @@ def test_cli_resolves_config_precedence(tmp_path: Path, capsys: pytest.CaptureFi
                "-o", str(tmp_path / "run"), "--print-config"])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
-    assert (printed["stage1_lr"], printed["batch_size"], printed["augment"], printed["momentum"]) == (0.01, 32, False,
-                                                                                                     0.5)
+    assert (printed["stage1"]["lr"], printed["batch_size"], printed["augment"], printed["momentum"]) == (
+        0.01, 32, False, 0.5)
+    rc = main(["train", "--stage2-lr", "2e-4", "--stage2-epochs", "1", "-o", str(tmp_path / "run"), "--print-config"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["stage2"]["lr"] == 2e-4
     assert main(["train", "--set", "momentum=fast", "-o", str(tmp_path / "run"), "--print-config"]) == 2
     assert "momentum" in capsys.readouterr().err
 
@@ -126,12 +148,19 @@ def test_lr_factor() -> None:
 def test_unavailable_device_is_an_error(smoke_root: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(T.DeviceUnavailableError, match="'cuda' was requested but CUDA is not available"):
+    with pytest.raises(DeviceUnavailableError, match="'cuda' was requested but CUDA is not available"):
         T.train(tiny(smoke_root, tmp_path / "run", device="cuda"))
-    with pytest.raises(T.DeviceUnavailableError):
-        T.resolve_device("cuda:1")
-    assert T.resolve_device("auto").type == "cpu"
+    with pytest.raises(DeviceUnavailableError):
+        resolve_device("cuda:1")
+    assert resolve_device("auto").type == "cpu"
     assert not (tmp_path / "run").exists()  # failed before writing anything
+
+
+def test_training_never_writes_a_dataset_of_its_own(tmp_path: Path) -> None:
+    # no data root is an error, not a synthetic set written into the checkout as a side effect
+    with pytest.raises(ConfigError, match="data_root is empty"):
+        T.train({"output_dir": str(tmp_path / "run"), "device": "cpu", "progress": False})
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------------- one run, read
@@ -195,7 +224,7 @@ def test_best_checkpoints_hold_model_scores_and_thresholds(reference) -> None:
         assert best["score"] == max(values) and best["epoch"] == 1 + int(np.argmax(values))  # first best epoch
         ckpt = torch.load(out / f"best_{key}.pt", map_location="cpu", weights_only=True)
         assert ckpt["epoch"] == best["epoch"]
-        assert T.headline(ckpt["scores"])[key] == best["score"]
+        assert headline(ckpt["scores"])[key] == best["score"]
         thresholds = ckpt["au_thresholds"]
         assert len(thresholds) == 8 and all(0 < t < 1 for t in thresholds)
         assert thresholds == ckpt["scores"]["au_tuned"]["thresholds"]
@@ -216,9 +245,9 @@ def test_refuses_to_overwrite_and_never_loads_a_corrupt_checkpoint(reference, sm
     broken.mkdir()
     good = (out / "last.pt").read_bytes()
     (broken / "last.pt").write_bytes(good[: len(good) // 2])  # what a non-atomic write could have left
-    with pytest.raises(T.CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read"):
         T.train(tiny(smoke_root, broken, resume=True))
-    with pytest.raises(T.ConfigError, match="stage1_lr"):
+    with pytest.raises(ConfigError, match="stage1_lr: 0.001 -> 0.5"):
         T.train({**cfg, "resume": True, "stage1_lr": 0.5})
 
 
@@ -283,11 +312,32 @@ def test_resume_after_sigkill_equals_uninterrupted(reference, tmp_path: Path) ->
     assert without_timing(read_log(out)) == without_timing(read_log(ref_out))
 
 
-def test_nan_loss_stops_before_the_step_and_its_checkpoint(smoke_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "nan"
-    cfg = tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=1, checkpoint_every=2, inject_nan_at_step=5)
-    with pytest.raises(T.NonFiniteLossError, match=r"stage 1, epoch 1, step 5\b"):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_loss_stops_before_the_step_and_its_checkpoint(smoke_root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+    from mtanet.train import trainer
+
+    calls = {"n": 0, "stepped": []}
+    real_losses = trainer.task_losses
+
+    def losses_bad_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        losses = real_losses(*args, **kwargs)
+        return {t: v * bad for t, v in losses.items()} if calls["n"] == 5 else losses
+
+    real_step = torch.optim.Adam.step
+
+    def recorded_step(self, *args, **kwargs):
+        calls["stepped"].append(calls["n"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "task_losses", losses_bad_at_step_5)
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded_step)
+    out = tmp_path / "bad"
+    cfg = tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=1, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"stage 1, epoch 1, step 5\b"):
         T.train(cfg)
+    assert calls["stepped"] == [1, 2, 3, 4]  # the optimiser never took step 5
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["position"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
@@ -351,7 +401,7 @@ def test_predict_frames_alignment_and_no_face_fallback(reference, smoke_root: Pa
     out, _, _ = reference
     table = load_frames(smoke_root, "val")
     frames = table[table["name"].isin(sorted(table["name"].unique())[:2])].reset_index(drop=True)
-    preds = T.predict_frames(load_model(out / "last.pt"), frames, smoke_root, image_size=32, batch_size=16)
+    preds = predict_frames(load_model(out / "last.pt"), frames, smoke_root, image_size=32, batch_size=16)
     has_image = (frames["image"] != "").to_numpy()
     assert preds["va"].shape == (len(frames), 2) and preds["au"].shape == (len(frames), 8)
     assert np.isnan(preds["expr"][~has_image]).all() and np.isfinite(preds["expr"][has_image]).all()
@@ -361,7 +411,7 @@ def test_predict_frames_alignment_and_no_face_fallback(reference, smoke_root: Pa
     # a name without any face gets the training-set constants
     blind = {t: np.full((len(table), p.shape[1]), np.nan, np.float32) for t, p in preds.items()}
     fallback = {"va_mean": [0.1, -0.2], "au_prevalence": [0.9] * 4 + [0.1] * 4, "expr_majority": 4}
-    summary = T.write_submission(table, blind, tmp_path / "sub", smoke_root, split="val", fallback=fallback)
+    summary = write_submission(table, blind, tmp_path / "sub", smoke_root, split="val", fallback=fallback)
     for folder, task, line in (("VA_Set", "va", "0.100000,-0.200000"), ("AU_Set", "au", "1,1,1,1,0,0,0,0"),
                                ("EXPR_Set", "expr", "4")):
         files = sorted((tmp_path / "sub" / folder).glob("*.txt"))
@@ -398,20 +448,18 @@ def test_ddp_two_processes_on_cpu(reference, tmp_path: Path) -> None:
 
 
 def test_expression_class_weights_follow_the_training_labels() -> None:
-    from mtanet.train import TrainConfig, expression_class_weights
+    from mtanet.train import TrainConfig
 
     labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
     assert expression_class_weights(labels, 4, "none") is None
     balanced = expression_class_weights(labels, 4, "balanced").tolist()
     assert balanced == pytest.approx([10 / 24, 10 / 12, 10 / 4, 0.0])  # class 3 never occurs
     assert expression_class_weights(labels, 4, "sqrt").tolist() == pytest.approx(np.sqrt(balanced).tolist())
-    with pytest.raises(Exception, match="expr_class_weight"):
+    with pytest.raises(ConfigError, match="expr_class_weight"):
         TrainConfig(expr_class_weight="inverse")
 
 
 def test_au_positive_weights_balance_each_au() -> None:
-    from mtanet.train import au_positive_weights
-
     labels = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]])
     assert au_positive_weights(labels, "none") is None
     assert au_positive_weights(labels, "balanced").tolist() == pytest.approx([3.0, 1.0, 1 / 3])
@@ -420,7 +468,7 @@ def test_au_positive_weights_balance_each_au() -> None:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["jpeg", "packed-cache"])
 def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_path: Path, packed: bool) -> None:
-    # The training loader fetches a whole batch at once (_KeyedFrames.__getitems__): one cache read and batched
+    # The training loader fetches a whole batch at once (KeyedFrames.__getitems__): one cache read and batched
     # float arithmetic. It must give exactly what the per-item path gives, or runs would change with the loader.
     from torch.utils.data import default_collate
 
@@ -428,11 +476,11 @@ def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_p
     from mtanet.tasks import AU_NAMES_2020
 
     frames = read_split(smoke_root, "train").frames
-    augment = T.FaceAugment(48)
+    augment = FaceAugment(48)
     dataset = FrameDataset(frames, smoke_root, AU_NAMES_2020, image_size=48, transform=augment)
     if packed:
         dataset.packed = build_packed_cache(dataset, tmp_path / "cache.npy")
-    keyed = T._KeyedFrames(dataset, augment)
+    keyed = KeyedFrames(dataset, augment)
     rows = np.random.default_rng(3).choice(len(dataset), size=24)
     rows[5] = rows[4]  # a frame twice in one batch, as the task-balanced sampler can draw it
     items = [(int(r), (0, 1, 2, j)) for j, r in enumerate(rows)]
@@ -446,7 +494,7 @@ def test_batched_fetch_equals_collated_items_bit_for_bit(smoke_root: Path, tmp_p
     plain = FrameDataset(frames, smoke_root, AU_NAMES_2020, image_size=48, packed=dataset.packed)
     assert_same_batch(plain.batch(rows.tolist()), default_collate([plain[int(r)] for r in rows]))
     # training without augmentation goes through the same batched fetch
-    unaugmented = T._KeyedFrames(plain, None)
+    unaugmented = KeyedFrames(plain, None)
     assert_same_batch(unaugmented.__getitems__(items), default_collate([unaugmented[item] for item in items]))
 
 

@@ -1,4 +1,10 @@
-"""Command line: ``mtanet synth``, ``mtanet inspect``, and the subcommands of train / evaluate / predict."""
+"""Command line: ``mtanet synth``, ``mtanet inspect``, and the subcommands of :mod:`mtanet.cli.train` (train,
+evaluate) and :mod:`mtanet.cli.predict` (predict, export).
+
+The only modules of the package that import :mod:`argparse`. Every error a user can fix (:class:`mtanet.errors.
+MtanetError` and the file errors of the standard library) is printed as one line, ``mtanet: error: ...``, with exit
+code 2.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,14 @@ import json
 import sys
 from pathlib import Path
 
+from mtanet.cli import predict as cli_predict
+from mtanet.cli import train as cli_train
+from mtanet.data import read_split
+from mtanet.errors import MtanetError
+from mtanet.synth import CEILING_FILE, DEFAULT_SIZE, SIZES, write_synth
+
 
 def _synth(args: argparse.Namespace) -> int:
-    from mtanet.synth import CEILING_FILE, write_synth
-
     manifest = write_synth(args.root, args.size, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(manifest, indent=2))
     ceiling = json.loads((Path(args.root) / CEILING_FILE).read_text())
@@ -20,8 +30,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from mtanet.data import read_split
-
     for split in ("train", "val"):
         table = read_split(args.root, split, allow_cross_task_leak=args.allow_cross_task_leak,
                            verify_images=args.verify_images)
@@ -38,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("synth", help="write the synthetic Aff-Wild2 twin (ABAW 2020 layout)")
     p.add_argument("root", type=Path, help="folder to write (created)")
-    p.add_argument("--size", default="smoke", choices=["smoke", "cpu", "gpu"])
+    p.add_argument("--size", default=DEFAULT_SIZE, choices=list(SIZES),
+                   help="; ".join(f"{name}: {size.purpose}" for name, size in SIZES.items()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at ROOT")
@@ -50,22 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-images", action="store_true", help="decode every jpg once")
     p.set_defaults(func=_inspect)
 
-    # Subcommands that live beside the code they drive: each module exposes add_cli(subparsers).
-    import importlib
-
-    for module in ("mtanet.train", "mtanet.predict"):
-        try:
-            importlib.import_module(module).add_cli(sub)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+    cli_train.add_parsers(sub)
+    cli_predict.add_parsers(sub)
 
     args = parser.parse_args(argv)
-    from mtanet.data import DataFormatError
-
     try:
         return args.func(args)
-    except (DataFormatError, FileExistsError, FileNotFoundError) as err:
+    except (MtanetError, FileExistsError, FileNotFoundError) as err:
         print(f"mtanet: error: {err}", file=sys.stderr)
         return 2
 

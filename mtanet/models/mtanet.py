@@ -10,25 +10,24 @@ The pieces, in the order a batch meets them:
 3. **Neck** (:class:`PoolingNeck`), pooling and a ReLU-activated projection to ``feature_dim`` (1024 in the paper).
 4. **Heads**, one ``nn.Linear(feature_dim, n)`` per task named in ``num_outputs``; VA goes through ``tanh``.
 
-Nothing here downloads: ``pretrained=True`` only reads weights already in the local Hugging Face or torch hub cache.
+Nothing here downloads: ``pretrained=True`` only reads weights already in the local Hugging Face or torch hub cache
+(:mod:`mtanet.models.weights`). :func:`probabilities` turns head outputs into what they predict.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import pickle
-import re
-import tempfile
-from pathlib import Path
-from typing import Any, Mapping
-from urllib.parse import urlparse
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from mtanet.models.weights import load_timm_pretrained, read_state_dict
 from mtanet.tasks import TASKS
 
 __all__ = [
@@ -36,16 +35,12 @@ __all__ = [
     "PAPER_BACKBONES",
     "POOLING_MODES",
     "NORMALIZATIONS",
-    "PretrainedWeightsNotFound",
     "PoolingNeck",
     "MTANet",
     "build_backbone",
-    "save_checkpoint",
-    "load_model",
-    "convert_senet50_ft",
-    "load_vggface2_senet50",
     "count_parameters",
     "macs",
+    "probabilities",
 ]
 
 _RESNET26_HALF = dict(model_name="resnet26", channels=(32, 64, 128, 256), stem_width=32)
@@ -87,10 +82,6 @@ NORMALIZATIONS: dict[str, dict[str, Any]] = {
     # VGGFace2 Caffe models (ABAW2020.md section 4): 0-255 pixels minus the RGB mean, no std division.
     "vggface2": dict(mean=(131.0912, 103.8827, 91.4953), std=(1.0, 1.0, 1.0), scale=255.0),
 }
-
-
-class PretrainedWeightsNotFound(FileNotFoundError):
-    """``pretrained=True`` asked for timm weights that are not in the local cache (nothing is ever downloaded)."""
 
 
 def build_backbone(name: str) -> nn.Module:
@@ -154,15 +145,15 @@ class MTANet(nn.Module):
         feature_dim: width of the shared feature (1024 in the paper).
         dropout: dropout probability in the neck.
         input_norm: a key of :data:`NORMALIZATIONS`; ``None`` means ``"imagenet"`` (timm's weights). Loading the
-            VGGFace2 SENet-50 with :func:`load_vggface2_senet50` switches it to ``"vggface2"``.
+            VGGFace2 SENet-50 with :func:`~mtanet.models.load_vggface2_senet50` switches it to ``"vggface2"``.
         pretrained: load timm's ImageNet weights for the backbone from the local cache; raises
-            :class:`PretrainedWeightsNotFound` (and downloads nothing) when they are not there.
-        weights_path: a :func:`save_checkpoint` file or a plain ``state_dict`` of this model, loaded strictly
+            :class:`~mtanet.errors.PretrainedWeightsNotFound` (and downloads nothing) when they are not there.
+        weights_path: a :func:`~mtanet.models.save_checkpoint` file or a plain ``state_dict`` of this model, loaded strictly
             after ``pretrained``.
 
     ``forward`` takes float RGB images ``(B, 3, H, W)`` in [0, 1] and returns a dict: ``"va"`` ``(B, 2)`` in [-1, 1]
     (tanh), ``"au"`` ``(B, K)`` logits, ``"expr"`` ``(B, C)`` logits. ``config`` holds the constructor arguments
-    (JSON-serialisable) so that :func:`load_model` can rebuild the model from a checkpoint.
+    (JSON-serialisable) so that :func:`~mtanet.models.load_model` can rebuild the model from a checkpoint.
     """
 
     def __init__(
@@ -207,9 +198,9 @@ class MTANet(nn.Module):
         self.set_input_norm(input_norm)
 
         if pretrained:
-            _load_timm_pretrained(self.backbone, BACKBONES[backbone]["model_name"])
+            load_timm_pretrained(self.backbone, BACKBONES[backbone]["model_name"])
         if weights_path is not None:
-            self.load_state_dict(_read_state_dict(weights_path))
+            self.load_state_dict(read_state_dict(weights_path))
             self.config["input_norm"] = self._current_norm_name()
 
     def set_input_norm(self, name: str) -> None:
@@ -250,185 +241,20 @@ class MTANet(nn.Module):
         return out
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
+def probabilities(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head outputs as what they predict: ``va`` as is (already in [-1, 1] by ``tanh``), ``au`` per-unit
+    probabilities (sigmoid of the logits), ``expr`` class probabilities (softmax over dim 1).
 
-
-def save_checkpoint(model: MTANet, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``{"config", "state_dict", **extra}`` to ``path`` atomically (temporary file, then ``os.replace``).
-
-    ``extra`` (epoch, metrics, optimizer state, ...) must hold only what ``torch.load(weights_only=True)`` accepts:
-    tensors, numbers, strings, lists, tuples and dicts of them.
+    ``outputs`` is a dict like :meth:`MTANet.forward` returns, with any subset of the heads; other keys pass through
+    unchanged. Floating tensors keep their dtype and device (cast to ``float64`` first for float64 results); numpy
+    callers wrap arrays with ``torch.from_numpy``.
     """
-    extra = dict(extra or {})
-    clash = {"config", "state_dict"} & set(extra)
-    if clash:
-        raise ValueError(f"extra must not override {sorted(clash)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": copy.deepcopy(model.config), "state_dict": model.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MTANet:
-    """Rebuild the model saved by :func:`save_checkpoint` and load its weights; returned in eval mode.
-
-    Uses ``torch.load(weights_only=True)``, so a checkpoint cannot run code. Nothing is read from the timm cache:
-    the backbone weights come from the checkpoint.
-    """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not an MTANet checkpoint (needs 'config' and 'state_dict')")
-    config = ckpt["config"]
-    model = MTANet(**{**config, "pretrained": False, "weights_path": None})
-    model.load_state_dict(ckpt["state_dict"])
-    model.config = copy.deepcopy(config)
-    return model.to(map_location).eval()
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a :func:`save_checkpoint` file, or the file itself when it is a plain state dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and "config" in ckpt:
-        return ckpt["state_dict"]
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------- timm weights, offline
-
-
-def _local_pretrained_file(pretrained_cfg: Mapping[str, Any]) -> Path:
-    """Find the weights a timm ``pretrained_cfg`` points at in the local caches, never touching the network."""
-    import huggingface_hub  # deferred: only needed for pretrained=True
-
-    arch = pretrained_cfg.get("architecture", "this model")
-    looked: list[str] = []
-    if pretrained_cfg.get("file"):
-        if Path(pretrained_cfg["file"]).is_file():
-            return Path(pretrained_cfg["file"])
-        looked.append(str(pretrained_cfg["file"]))
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if hub_id:
-        repo_id, _, revision = hub_id.partition("@")
-        names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else [
-            "model.safetensors", "pytorch_model.bin"]
-        for name in names:
-            hit = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision or None)
-            if isinstance(hit, str):
-                return Path(hit)
-            looked.append(
-                f"Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE}: repo {repo_id}, file {name} "
-                f"(`huggingface-cli download {repo_id} {name}` writes it there)"
-            )
-    url = pretrained_cfg.get("url")
-    if url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        if cached.is_file():
-            return cached
-        looked.append(f"{cached} (the file of {url})")
-    if not looked:
-        raise PretrainedWeightsNotFound(f"timm has no pretrained weights for {arch}; use pretrained=False")
-    raise PretrainedWeightsNotFound(
-        f"pretrained weights for {arch} are not in the local cache, and nothing is downloaded. Put the file at one "
-        "of these places (fetch it on a machine with network access and copy the cache over), or use "
-        "pretrained=False:\n  " + "\n  ".join(looked)
-    )
-
-
-def _load_timm_pretrained(backbone: nn.Module, model_name: str) -> None:
-    """Load cached timm weights into ``backbone``, dropping the classifier; only CBAM modules may stay random."""
-    from timm.layers.cbam import CbamModule
-    from timm.models import load_state_dict
-
-    cfg = backbone.pretrained_cfg
-    state = load_state_dict(str(_local_pretrained_file(cfg)), weights_only=True)
-    classifiers = cfg.get("classifier") or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
-    result = backbone.load_state_dict(state, strict=False)
-    # A CBAM variant reuses the plain network's weights; its attention modules have none (ABAW2020.md section 5).
-    cbam = {f"{name}." for name, mod in backbone.named_modules() if isinstance(mod, CbamModule)}
-    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in cbam)]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"pretrained weights for {model_name} do not fit the backbone: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-
-
-# ------------------------------------------------------------------------------------- VGGFace2 SENet-50 weights
-
-_SENET50_FT_KEYS = [  # cydonia999 pickle name -> timm legacy_seresnet50 name (ABAW2020.md section 4)
-    (re.compile(r"^conv1\."), "layer0.conv1."),
-    (re.compile(r"^bn1\."), "layer0.bn1."),
-    (re.compile(r"^(layer\d+\.\d+)\.conv4\."), r"\1.se_module.fc1."),
-    (re.compile(r"^(layer\d+\.\d+)\.conv5\."), r"\1.se_module.fc2."),
-    (re.compile(r"^fc\."), "last_linear."),
-]
-
-
-def _senet50_ft_key(name: str) -> str:
-    for pattern, repl in _SENET50_FT_KEYS:
-        new, n = pattern.subn(repl, name)
-        if n:
-            return new
-    return name
-
-
-def convert_senet50_ft(
-    pickle_path_or_dict: str | os.PathLike | Mapping[str, Any], bgr_to_rgb: bool = True
-) -> dict[str, torch.Tensor]:
-    """Convert the VGGFace2 ``senet50_ft`` weights of the cydonia999 port to timm ``legacy_seresnet50`` keys.
-
-    The port stores ``{name: ndarray}`` in a pickle. Keys are mapped as in ABAW2020.md section 4; BatchNorm
-    ``num_batches_tracked`` counters, absent from the Caffe-converted file, are added as 0 so a strict load works.
-
-    The port feeds BGR images (``img[:, :, ::-1] - mean_bgr``). With ``bgr_to_rgb`` (the default) the input
-    channels of the first convolution are reversed, so the converted network takes RGB images minus the RGB mean,
-    which is what :data:`NORMALIZATIONS` ``["vggface2"]`` and the rest of this package use.
-
-    Security: unpickling can run arbitrary code. Only pass files you trust (the published weights file), or a
-    dict you built yourself.
-    """
-    import numpy as np
-
-    if isinstance(pickle_path_or_dict, Mapping):
-        weights = pickle_path_or_dict
-    else:
-        with open(pickle_path_or_dict, "rb") as f:
-            weights = pickle.load(f, encoding="latin1")  # noqa: S301 - trusted file, see the docstring
-    out: dict[str, torch.Tensor] = {}
-    for name, value in weights.items():
-        tensor = value.detach().clone() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
-        out[_senet50_ft_key(name)] = tensor
-    if bgr_to_rgb:
-        out["layer0.conv1.weight"] = out["layer0.conv1.weight"].flip(1).contiguous()
-    for key in [k for k in out if k.endswith(".running_mean")]:
-        out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    out = dict(outputs)
+    if "au" in out:
+        out["au"] = torch.sigmoid(out["au"])
+    if "expr" in out:
+        out["expr"] = torch.softmax(out["expr"], dim=1)
     return out
-
-
-def load_vggface2_senet50(model: MTANet, pickle_path_or_dict: str | os.PathLike | Mapping[str, Any]) -> MTANet:
-    """Load the VGGFace2 SENet-50 (the paper's initialisation) into a ``"senet50"`` MTANet, in place.
-
-    The backbone is loaded strictly (the 8631-identity classifier is dropped) and the input normalisation is set to
-    ``"vggface2"``. Same security note as :func:`convert_senet50_ft`: only load pickles you trust.
-    """
-    if model.config["backbone"] != "senet50":
-        raise ValueError(f"VGGFace2 SENet-50 weights need backbone 'senet50', not {model.config['backbone']!r}")
-    state = {k: v for k, v in convert_senet50_ft(pickle_path_or_dict).items() if not k.startswith("last_linear.")}
-    model.backbone.load_state_dict(state, strict=True)
-    model.set_input_norm("vggface2")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------- size and cost
@@ -445,8 +271,6 @@ def macs(model: nn.Module, image_size: int = 112) -> int:
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions; pooling, activations
     and normalisation are not counted), halved to turn FLOPs into MACs. Runs in eval mode without gradients.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     param = next(model.parameters())
     images = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
     was_training = model.training

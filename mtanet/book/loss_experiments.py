@@ -26,7 +26,10 @@ from scipy.ndimage import gaussian_filter1d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mtanet.data import FrameDataset, TaskBalancedBatchSampler
 from mtanet.losses import SumWeighting, UncertaintyWeighting, task_losses
+from mtanet.metrics import ccc
+from mtanet.models import MTANet
 from mtanet.tasks import LABEL_SENTINEL, TASKS
 
 #: Kinds of the three tasks in eq. 5: VA is a regression (Gaussian likelihood), AU and EXPR classifications.
@@ -172,8 +175,6 @@ def compare_predictors(y: Any, predictions: Mapping[str, Any]) -> pd.DataFrame:
     ``CCC = r * C_b`` with ``C_b = 2 / (v + 1/v + u^2)``, ``v = s_x / s_y`` (scale) and
     ``u = (mean x - mean y) / sqrt(s_x s_y)`` (location); ``r`` is 0 and ``C_b`` NaN for a constant prediction.
     """
-    from mtanet.metrics import ccc
-
     y = np.asarray(y, dtype=np.float64)
     rows = {}
     for name, p in predictions.items():
@@ -409,9 +410,6 @@ def run_weighting_demo(root: Any, frames: pd.DataFrame, au_names: Iterable[str],
         num_threads: ``torch.set_num_threads`` for the run (``None`` leaves it alone).
         training: further keyword arguments of :func:`two_stage_training` (learning rates, momentum, on_step).
     """
-    from mtanet.data import FrameDataset, TaskBalancedBatchSampler
-    from mtanet.models import MTANet
-
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     au_names = tuple(au_names)

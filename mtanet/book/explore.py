@@ -1,7 +1,6 @@
-"""Summaries of a frame table for the data-exploration chapter (the chapter only plots what these return).
+"""What only the data-exploration chapter computes: decoded face grids and the raw-pixel baseline.
 
-Every function takes frame tables from :func:`mtanet.data.load_frames` and returns a DataFrame or arrays, so the
-numbers the book shows are tested like the rest of the package.
+The frame-table statistics the chapter plots are library code, in :mod:`mtanet.data.stats`.
 """
 
 from __future__ import annotations
@@ -12,89 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import Ridge, RidgeClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from mtanet import metrics
 from mtanet.data import decode_image_file, label_arrays
 from mtanet.tasks import TASKS
 
-
-def label_masks(frames: pd.DataFrame, au_names: Sequence[str]) -> pd.DataFrame:
-    """One bool column per task: is this frame labeled for it."""
-    _, masks = label_arrays(frames, au_names)
-    return pd.DataFrame(masks, index=frames.index)
-
-
-def split_summary(tables: dict[str, pd.DataFrame], au_names: Sequence[str]) -> pd.DataFrame:
-    """Names (videos per person), labeled frames and labeled frames with an image, per task and split."""
-    rows = []
-    for split, frames in tables.items():
-        masks = label_masks(frames, au_names)
-        has_image = frames["image"] != ""
-        for task in TASKS:
-            labeled = masks[task]
-            rows.append({"task": task, "split": split, "names": frames.loc[labeled, "name"].nunique(),
-                         "labeled_frames": int(labeled.sum()), "labeled_with_image": int((labeled & has_image).sum())})
-    return pd.DataFrame(rows).set_index(["task", "split"])
-
-
-def task_combinations(frames: pd.DataFrame, au_names: Sequence[str]) -> pd.Series:
-    """How many frames carry each combination of task labels (e.g. ``va+expr``); ``none`` for image-only rows."""
-    masks = label_masks(frames, au_names)
-    keys = masks.apply(lambda r: "+".join(t for t in TASKS if r[t]) or "none", axis=1)
-    return keys.value_counts()
-
-
-def expression_distribution(frames: pd.DataFrame, expr_names: Sequence[str]) -> pd.Series:
-    """Labeled frames per expression class, in header order (classes never seen count 0)."""
-    labeled = frames["expression"][frames["expression"] >= 0].to_numpy()
-    counts = np.bincount(labeled, minlength=len(expr_names))
-    return pd.Series(counts, index=list(expr_names), name="frames")
-
-
-def au_prevalence(frames: pd.DataFrame, au_names: Sequence[str]) -> pd.Series:
-    """Share of AU-labeled frames on which each AU is present."""
-    au = frames[list(au_names)].to_numpy()
-    labeled = au[(au >= 0).all(axis=1)]
-    if len(labeled) == 0:
-        return pd.Series(np.nan, index=list(au_names))
-    return pd.Series(labeled.mean(axis=0), index=list(au_names), name="prevalence")
-
-
-def au_cooccurrence(frames: pd.DataFrame, au_names: Sequence[str]) -> pd.DataFrame:
-    """P(column AU present | row AU present) over AU-labeled frames; NaN for an AU that never occurs."""
-    au = frames[list(au_names)].to_numpy()
-    labeled = au[(au >= 0).all(axis=1)].astype(float)
-    both = labeled.T @ labeled
-    present = np.diag(both)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conditional = both / present[:, None]
-    return pd.DataFrame(conditional, index=list(au_names), columns=list(au_names))
-
-
-def sequence_lengths(frames: pd.DataFrame) -> pd.DataFrame:
-    """Per name: frames (last frame number), frames with an image, and the share of frames without a face."""
-    g = frames.groupby("name", sort=True)
-    out = pd.DataFrame({"frames": g["frame"].max(), "images": g["image"].apply(lambda s: int((s != "").sum()))})
-    out["no_face_share"] = 1.0 - out["images"] / out["frames"]
-    return out
-
-
-def sample_rows(frames: pd.DataFrame, n: int, *, seed: int = 0, au_names: Sequence[str] = ()) -> pd.DataFrame:
-    """``n`` frames with an image, spread over names, preferring frames labeled for several tasks."""
-    with_image = frames[frames["image"] != ""]
-    if with_image.empty:
-        return with_image
-    masks = label_masks(with_image, au_names) if au_names else None
-    weight = masks.sum(axis=1).to_numpy() + 1.0 if masks is not None else np.ones(len(with_image))
-    rng = np.random.default_rng(seed)
-    take = rng.choice(len(with_image), size=min(n, len(with_image)), replace=False, p=weight / weight.sum())
-    return with_image.iloc[np.sort(take)]
+__all__ = ["load_images", "pixel_baseline", "pixel_features"]
 
 
 def load_images(root: str | os.PathLike[str], rel_paths: Sequence[str], size: int | None = None) -> np.ndarray:
     """Decode jpgs to an (N, H, W, 3) uint8 array (optionally resized to ``size``, in batches)."""
-    import torch
-    import torch.nn.functional as F
-
     if not len(rel_paths):
         return np.zeros((0, size or 112, size or 112, 3), np.uint8)
     images = torch.stack([decode_image_file(Path(root) / rel) for rel in rel_paths])
@@ -123,12 +54,6 @@ def pixel_baseline(root: str | os.PathLike[str], train: pd.DataFrame, val: pd.Da
     (subsampled with ``seed``) and is scored on up to ``max_frames`` validation frames. This is the floor that shows
     the data is not trivially easy: a CNN should beat it by a wide margin.
     """
-    from sklearn.linear_model import Ridge, RidgeClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from mtanet import metrics
-
     rng = np.random.default_rng(seed)
     results: dict[str, dict] = {}
     chosen: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}

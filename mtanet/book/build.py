@@ -1,6 +1,6 @@
 """Build the book: py:percent notebooks -> papermill (per-profile parameters) -> Jupyter Book HTML.
 
-``python -m mtanet.book --profile cpu`` is what ``make book`` runs. Steps:
+``python -m mtanet.book --profile cpu`` (:mod:`mtanet.book.__main__`) is what ``make book`` runs. Steps:
 
 1. Each ``notebooks/NN_name.py`` is read with jupytext and executed by papermill with the parameters in
    ``notebooks/params/NN_name/<profile>.yaml``, with an explicit kernel and the notebooks folder as working directory
@@ -13,7 +13,6 @@ A failing cell stops the build with the notebook's name, the cell's number and i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,25 +24,26 @@ from typing import Any
 
 import yaml
 
+from mtanet.errors import NotebookFailed
+from mtanet.runtime import project_root, write_json
+
+__all__ = [
+    "CELL_TIMEOUT_S",
+    "KERNEL_NAME",
+    "PROFILES",
+    "build",
+    "execute",
+    "notebooks",
+    "parameters_for",
+    "record_run",
+    "recorded_run",
+    "render_html",
+    "stage_sources",
+    "toc_chapters",
+]
+
 PROFILES: tuple[str, ...] = ("smoke", "cpu", "gpu")
 KERNEL_NAME = "mtanet"
-
-
-class NotebookFailed(RuntimeError):
-    """A notebook cell raised; the message names the notebook, the cell and the error."""
-
-
-def project_root(start: str | os.PathLike[str] | None = None) -> Path:
-    """The checkout: the nearest folder at or above ``start`` (default: cwd) holding ``_toc.yml`` and ``mtanet/``."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "_toc.yml").is_file() and (folder / "mtanet").is_dir():
-            return folder
-    # an installed (non-editable) package: fall back to the folder above the package, then cwd
-    package_parent = Path(__file__).resolve().parents[1]
-    if (package_parent / "_toc.yml").is_file():
-        return package_parent
-    return here
 
 
 def notebooks(root: Path | None = None) -> list[Path]:
@@ -84,7 +84,7 @@ def toc_chapters(root: Path) -> list[str]:
 def _kernel_manager_logging_to(path: Path):
     """A kernel manager whose kernel writes its process-level stderr (start-up and shut-down chatter, crashes of
     native code) to ``path`` instead of inheriting ours; cell output still reaches the notebook."""
-    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.manager import AsyncKernelManager  # here: the notebooks import this package, not Jupyter
 
     class LoggedKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
@@ -107,6 +107,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
         NotebookFailed: naming the notebook, the failing cell and its error (the partly executed notebook is still
             written to ``output`` so the traceback can be read).
     """
+    # here, not at the top: papermill, nbclient and jupytext take seconds to import, and every chapter's kernel
+    # imports this package (record_run, project_root) without executing notebooks
     import jupytext
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -204,7 +206,7 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
         print(f"[book] html: {timings['html_seconds']:.1f} s -> {build_dir / 'html' / 'index.html'}", flush=True)
     timings["total_seconds"] = round(time.perf_counter() - build_started, 1)
     timings["date"] = time.strftime("%Y-%m-%d")
-    (build_dir / f"timings-{profile}.json").write_text(json.dumps(timings, indent=2))
+    write_json(build_dir / f"timings-{profile}.json", timings)
     return timings
 
 
@@ -223,31 +225,12 @@ def render_html(src: Path, build_dir: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtanet.book", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
-    parser.add_argument("--build-dir", type=Path, default=None, help="default: book/_build")
-    parser.add_argument("--only", nargs="*", help="notebook stems to execute (default: all)")
-    parser.add_argument("--no-html", action="store_true", help="execute only, do not render")
-    args = parser.parse_args(argv)
-    try:
-        build(args.profile, build_dir=args.build_dir, only=args.only, html=not args.no_html)
-    except (NotebookFailed, RuntimeError, FileNotFoundError) as err:
-        print(f"[book] FAILED: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def record_run(chapter: str, synth_size: str, run_dir: str | os.PathLike[str], root: Path | None = None) -> Path:
     """Note where a chapter's run lives, so a later chapter can use its model (``runs/book/<chapter>-<size>.json``)."""
     root = root or project_root()
     pointer = root / "runs" / "book" / f"{chapter}-{synth_size}.json"
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve())}, indent=2))
+    write_json(pointer, {"run_dir": str(Path(run_dir).resolve())})
     return pointer
 
 

@@ -1,4 +1,4 @@
-"""Tests of mtanet.inspect_model: stage shapes, size tables and attention capture, on the small backbones."""
+"""Tests of mtanet.models.inspect: stage shapes, size tables and attention capture, on the small backbones."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtanet import inspect_model as im
+from mtanet.models import inspect as im
 from mtanet.models import MTANet, count_parameters, macs
 
 

@@ -6,7 +6,7 @@ read back with :func:`mtanet.data.load_frames`, the same reader the real dataset
 How a video is made (all from one seed, video by video, so the result does not depend on the number of workers):
 
 1. **People.** A video shows one person, or two (``<video>_left`` / ``<video>_right``, one file each). Each person
-   gets an identity (face shape, skin, hair, features) from :mod:`mtanet.synth_render`.
+   gets an identity (face shape, skin, hair, features) from :mod:`mtanet.synth.render`.
 2. **Episodes.** The timeline alternates neutral stretches with expression episodes (onset, apex, offset). The
    expression is drawn from a skewed distribution like Aff-Wild2's (Neutral dominant, Disgust and Fear rare).
 3. **Actions.** Each expression drives its FACS prototype (e.g. Happiness = AU6 + AU12 (+AU25)), scaled by the
@@ -40,10 +40,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from mtanet import synth_render
+from mtanet.data import label_arrays, load_frames
+from mtanet.errors import ConfigError
+from mtanet.metrics import au_score, expr_score, va_score
+from mtanet.runtime import json_clean, project_root, usable_cores, write_json
+from mtanet.synth.render import ACTIONS, random_identity, random_nuisance, render_face
 from mtanet.tasks import AU_NAMES_2020, EDITIONS, EXPR_NAMES_2020, TASKS, VA_NAMES
+
+__all__ = [
+    "EDITION",
+    "CEILING_FILE",
+    "MANIFEST_FILE",
+    "LATENT_DIR",
+    "GENERATOR_VERSION",
+    "SynthSize",
+    "SIZES",
+    "DEFAULT_SIZE",
+    "EPISODE_EXPRESSIONS",
+    "PROTOTYPES",
+    "CIRCUMPLEX",
+    "CONFUSIONS",
+    "AU_ACTIVE",
+    "EXPR_ACTIVE",
+    "VideoPlan",
+    "plan_person",
+    "latent_labels",
+    "annotate",
+    "format_annotation",
+    "write_synth",
+    "load_latent",
+    "ceiling",
+    "default_data_root",
+    "resolve_data_root",
+]
 
 EDITION = EDITIONS["2020"]
 CEILING_FILE = "synth_ceiling.json"
@@ -54,19 +87,30 @@ GENERATOR_VERSION = 4
 
 @dataclasses.dataclass(frozen=True)
 class SynthSize:
-    """How much data one named size writes."""
+    """How much data one named size writes, and what it is for."""
 
     videos: int
     min_frames: int
     max_frames: int
+    purpose: str = ""
 
 
-#: ``smoke`` for tests (seconds), ``cpu`` for the default book, ``gpu`` for training SENet-50 at 112 px on a GPU.
+#: The named sizes, the one place they are spelled out: the command line's ``--size`` choices, the notebooks'
+#: ``synth_size`` and the book's profiles are names of this registry.
 SIZES: dict[str, SynthSize] = {
-    "smoke": SynthSize(videos=14, min_frames=30, max_frames=60),
-    "cpu": SynthSize(videos=90, min_frames=100, max_frames=200),
-    "gpu": SynthSize(videos=700, min_frames=300, max_frames=800),
+    "smoke": SynthSize(videos=14, min_frames=30, max_frames=60, purpose="tests and quick checks (seconds)"),
+    "cpu": SynthSize(videos=90, min_frames=100, max_frames=200, purpose="the default book, on a CPU"),
+    "gpu": SynthSize(videos=700, min_frames=300, max_frames=800,
+                     purpose="training SENet-50 at 112 px on a GPU"),
 }
+#: The size an empty ``data_root`` stands for unless another is named.
+DEFAULT_SIZE = "smoke"
+
+
+def _check_size(size: str) -> SynthSize:
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    return SIZES[size]
 
 #: Share of expression episodes by class (Neutral comes from the stretches between episodes and low intensities).
 EPISODE_EXPRESSIONS: dict[str, float] = {
@@ -128,8 +172,8 @@ def _envelope(n: int, onset: int, apex: int, offset: int) -> np.ndarray:
 
 def plan_person(rng: np.random.Generator, name: str, n_frames: int) -> VideoPlan:
     """Draw the latent timeline of one person: episodes, actions, expression and valence-arousal."""
-    actions_idx = {a: i for i, a in enumerate(synth_render.ACTIONS)}
-    actions = np.zeros((n_frames, len(synth_render.ACTIONS)))
+    actions_idx = {a: i for i, a in enumerate(ACTIONS)}
+    actions = np.zeros((n_frames, len(ACTIONS)))
     expression = np.zeros(n_frames, dtype=np.int64)
     va = np.zeros((n_frames, 2))
     episode_names = list(EPISODE_EXPRESSIONS)
@@ -169,7 +213,7 @@ def plan_person(rng: np.random.Generator, name: str, n_frames: int) -> VideoPlan
 
 def latent_labels(plan: VideoPlan) -> dict[str, np.ndarray]:
     """Noise-free labels in the annotation files' encoding: VA (T,2), AU (T,8) 0/1, EXPR (T,) 0-6."""
-    idx = [synth_render.ACTIONS.index(a) for a in AU_NAMES_2020]
+    idx = [ACTIONS.index(a) for a in AU_NAMES_2020]
     return {"va": plan.va.astype(np.float32), "au": (plan.actions[:, idx] >= AU_ACTIVE).astype(np.int16),
             "expr": plan.expression.astype(np.int16)}
 
@@ -181,7 +225,7 @@ def annotate(rng: np.random.Generator, plan: VideoPlan) -> dict[str, np.ndarray]
     va = latent["va"] + np.stack([_smooth_noise(rng, n, 8, 0.07), _smooth_noise(rng, n, 8, 0.07)], 1)
     va = np.clip(va + rng.normal(0, 0.03, va.shape), -1, 1).astype(np.float32)
     # AU: annotators mark onsets and offsets a few frames off, and miss or add a few frames.
-    idx = [synth_render.ACTIONS.index(a) for a in AU_NAMES_2020]
+    idx = [ACTIONS.index(a) for a in AU_NAMES_2020]
     shifted = np.stack([np.roll(plan.actions[:, j], int(rng.integers(-3, 4))) for j in idx], 1)
     au = (shifted >= AU_ACTIVE + rng.normal(0, 0.05, (1, len(idx)))).astype(np.int16)
     flips = rng.random(au.shape) < 0.015
@@ -249,11 +293,11 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
     rng = np.random.default_rng([seed, index])
     n_frames = int(rng.integers(size.min_frames, size.max_frames + 1))
     assignment = _assign(rng, index)
-    scene_light = synth_render.random_nuisance(rng)
+    scene_light = random_nuisance(rng)
     results = []
     for person, name in enumerate(_people_of_video(rng, index)):
         person_rng = np.random.default_rng([seed, index, person + 1])
-        identity = synth_render.random_identity(person_rng)
+        identity = random_identity(person_rng)
         plan = plan_person(person_rng, name, n_frames)
         notes = annotate(person_rng, plan)
         folder = root_path / "cropped_aligned" / name
@@ -265,7 +309,7 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
         for start in np.flatnonzero(person_rng.random(n_frames) < 0.003):
             occluded[start: start + int(person_rng.integers(5, 30))] = True
         # Camera and compression stay fixed within a video; pose, gaze and exposure drift smoothly, noise is fresh.
-        camera = synth_render.random_nuisance(person_rng, strength=0.6)
+        camera = random_nuisance(person_rng, strength=0.6)
         gaze = np.clip(_smooth_noise(person_rng, n_frames, 10, 0.4), -1, 1)
         exposure = _smooth_noise(person_rng, n_frames, 20, 6.0)
         for t in range(n_frames):
@@ -277,8 +321,8 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
                 pitch=float(np.clip(poses["pitch"][t], -20, 20)), roll=float(np.clip(poses["roll"][t], -15, 15)),
                 light_angle=scene_light.light_angle, light_strength=scene_light.light_strength,
                 occlusion=occluder if occluded[t] else 0, occlusion_seed=index)
-            actions = dict(zip(synth_render.ACTIONS, plan.actions[t]))
-            pixels = synth_render.render_face(identity, actions, nuisance, float(plan.va[t, 0]), float(plan.va[t, 1]))
+            actions = dict(zip(ACTIONS, plan.actions[t]))
+            pixels = render_face(identity, actions, nuisance, float(plan.va[t, 0]), float(plan.va[t, 1]))
             _save_jpeg(pixels, folder / f"{t + 1:05d}.jpg", nuisance.jpeg_quality)
         for task, split in assignment.items():
             ann = root_path / "annotations" / EDITION.task_dirs[task] / EDITION.split_dirs[split]
@@ -294,14 +338,12 @@ def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
 
 
 def _save_jpeg(pixels: np.ndarray, path: Path, quality: int) -> None:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
     path.write_bytes(buffer.getvalue())
 
 
-def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int = 0, workers: int | None = None,
+def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed: int = 0, workers: int | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Write SynthAffWild of a named size at ``root`` in the ABAW 2020 layout and return its manifest.
 
@@ -309,9 +351,12 @@ def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int 
     rewritten (so ``make book`` can call this every time). A partial or different dataset is an error unless
     ``overwrite=True``. The dataset is built in ``<root>.partial`` and renamed at the end, so an interrupted run never
     leaves something that looks complete.
+
+    Raises:
+        ConfigError: ``size`` is not a name of :data:`SIZES`.
+        FileExistsError: ``root`` holds something else and ``overwrite`` is false.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    spec = _check_size(size)
     root = Path(root)
     wanted = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed}
     manifest_path = root / MANIFEST_FILE
@@ -327,9 +372,8 @@ def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int 
     shutil.rmtree(partial, ignore_errors=True)
     (partial / LATENT_DIR).mkdir(parents=True)
     started = time.perf_counter()
-    spec = SIZES[size]
     jobs = [(str(partial), seed, i, size) for i in range(spec.videos)]
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(usable_cores(), 8)
     if workers > 1:
         # spawn, not fork: forking a process that already runs torch or a Jupyter kernel's threads can deadlock
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -342,8 +386,8 @@ def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int 
                 "frames": sum(n["frames"] for n in names), "images": sum(n["images"] for n in names),
                 "seconds": round(seconds, 2), "workers": workers,
                 "images_per_second": round(sum(n["images"] for n in names) / seconds, 1)}
-    (partial / CEILING_FILE).write_text(json.dumps(ceiling(partial), indent=2))
-    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_json(partial / CEILING_FILE, ceiling(partial))
+    write_json(partial / MANIFEST_FILE, manifest)
     if root.exists():
         shutil.rmtree(root)
     os.replace(partial, root)
@@ -353,7 +397,7 @@ def write_synth(root: str | os.PathLike[str], size: str = "smoke", *, seed: int 
 # --------------------------------------------------------------------------------------------------- the ceiling
 
 
-def load_latent(root: str | os.PathLike[str], frames) -> dict[str, np.ndarray]:
+def load_latent(root: str | os.PathLike[str], frames: pd.DataFrame) -> dict[str, np.ndarray]:
     """Noise-free labels aligned with the rows of a frame table of a synthetic root."""
     root = Path(root)
     out = {"va": [], "au": [], "expr": []}
@@ -378,29 +422,27 @@ def ceiling(root: str | os.PathLike[str]) -> dict[str, Any]:
     the majority expression, and per AU either its prevalence as a probability (thresholded at 0.5, so mostly
     "absent") or always "present". ``trivial_best`` is the best trivial score per task, the floor a model must beat.
     """
-    from mtanet import data, metrics
-
-    train = data.load_frames(root, "train")
-    val = data.load_frames(root, "val")
-    targets, masks = data.label_arrays(val, AU_NAMES_2020)
-    train_targets, train_masks = data.label_arrays(train, AU_NAMES_2020)
+    train = load_frames(root, "train")
+    val = load_frames(root, "val")
+    targets, masks = label_arrays(val, AU_NAMES_2020)
+    train_targets, train_masks = label_arrays(train, AU_NAMES_2020)
     latent = load_latent(root, val)
     va_true, au_true, expr_true = (targets[t][masks[t]] for t in TASKS)
     result: dict[str, Any] = {"split": "val", "frames": {t: int(masks[t].sum()) for t in TASKS}}
     result["ceiling"] = {
-        "va": metrics.va_score(va_true, latent["va"][masks["va"]]),
-        "au": metrics.au_score(au_true, latent["au"][masks["au"]].astype(float)),
-        "expr": metrics.expr_score(expr_true, latent["expr"][masks["expr"]].astype(int),
+        "va": va_score(va_true, latent["va"][masks["va"]]),
+        "au": au_score(au_true, latent["au"][masks["au"]].astype(float)),
+        "expr": expr_score(expr_true, latent["expr"][masks["expr"]].astype(int),
                                    num_classes=len(EXPR_NAMES_2020)),
     }
     mean_va = train_targets["va"][train_masks["va"]].mean(axis=0)
     prevalence = train_targets["au"][train_masks["au"]].mean(axis=0)
     majority = int(np.bincount(train_targets["expr"][train_masks["expr"]], minlength=7).argmax())
     trivial = {
-        "va_constant_mean": metrics.va_score(va_true, np.tile(mean_va, (len(va_true), 1))),
-        "au_prevalence": metrics.au_score(au_true, np.tile(prevalence, (len(au_true), 1))),
-        "au_all_present": metrics.au_score(au_true, np.ones_like(au_true, dtype=float)),
-        "expr_majority": metrics.expr_score(expr_true, np.full(len(expr_true), majority),
+        "va_constant_mean": va_score(va_true, np.tile(mean_va, (len(va_true), 1))),
+        "au_prevalence": au_score(au_true, np.tile(prevalence, (len(au_true), 1))),
+        "au_all_present": au_score(au_true, np.ones_like(au_true, dtype=float)),
+        "expr_majority": expr_score(expr_true, np.full(len(expr_true), majority),
                                             num_classes=len(EXPR_NAMES_2020)),
     }
     result["trivial"] = trivial
@@ -410,34 +452,20 @@ def ceiling(root: str | os.PathLike[str]) -> dict[str, Any]:
         "expr": trivial["expr_majority"]["score"],
     }
     result["ceiling_score"] = {t: result["ceiling"][t]["score"] for t in TASKS}
-    return _jsonable(result)
+    # JSON-safe, floats rounded to 6 decimals (json's own float text parses back to the very same float first)
+    return json.loads(json.dumps(json_clean(result), allow_nan=False), parse_float=lambda text: round(float(text), 6))
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return round(float(obj), 6)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def default_data_root(size: str = "smoke", *, create: bool = True, seed: int = 0) -> Path:
+def default_data_root(size: str = DEFAULT_SIZE, *, create: bool = True, seed: int = 0) -> Path:
     """The embedded default dataset: ``<checkout>/data/synth-<size>``, written on first use (then reused)."""
-    from mtanet.book import project_root
-
+    _check_size(size)
     root = project_root() / "data" / f"synth-{size}"
     if create:
         write_synth(root, size, seed=seed)
     return root
 
 
-def resolve_data_root(data_root: str | os.PathLike[str] | None, synth_size: str = "smoke") -> Path:
+def resolve_data_root(data_root: str | os.PathLike[str] | None, synth_size: str = DEFAULT_SIZE) -> Path:
     """A notebook's ``data_root`` parameter: a path to an Aff-Wild2 root, or empty for the synthetic default."""
     if data_root:
         path = Path(data_root).expanduser()

@@ -8,9 +8,9 @@ motion is synthetic (a rigid similarity of a flat picture, no change of expressi
 Each frame is a similarity warp of the photo (:func:`render_frame`): output pixel ``o`` shows the photo at
 ``c + s * R(angle) @ (o - o0)``, with ``c`` the camera centre in photo pixels, ``s`` photo pixels per output pixel
 (smaller is more zoom), ``o0`` the frame centre; outside the photo is black. Pixel centres follow
-:mod:`mtanet.faces` (pixel ``(i, j)`` at ``x = j, y = i``). The path (:func:`camera_path`) is a function of its
-arguments only, and the handheld shake comes from ``seed``: the same arguments give the same rendered frames. The
-H.264 bytes are not bit-exact between runs (x264 here varies run to run by a few grey levels on some frames), so
+:mod:`mtanet.inference.faces` (pixel ``(i, j)`` at ``x = j, y = i``). The path (:func:`camera_path`) is a function
+of its arguments only, and the handheld shake comes from ``seed``: the same arguments give the same rendered frames.
+The H.264 bytes are not bit-exact between runs (x264 here varies run to run by a few grey levels on some frames), so
 compare the rendered frames, or decoded ones with a tolerance.
 """
 
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["CameraPath", "camera_path", "render_frame", "write_camera_video", "write_video"]
 
@@ -107,8 +108,6 @@ def render_frame(image: np.ndarray, cx: float, cy: float, scale: float, angle: f
                  frame_size: tuple[int, int] = (640, 480)) -> np.ndarray:
     """One ``uint8`` RGB frame ``(height, width, 3)`` of the camera at ``(cx, cy)``, ``scale``, ``angle``
     (bilinear, black outside the photo)."""
-    from PIL import Image
-
     fw, fh = frame_size
     a = math.radians(angle)
     ca, sa = math.cos(a) * scale, math.sin(a) * scale
@@ -124,7 +123,7 @@ def render_frame(image: np.ndarray, cx: float, cy: float, scale: float, angle: f
 
 def write_video(frames, path: str | os.PathLike, fps: int = 15, crf: int = 20) -> Path:
     """Encode ``uint8`` RGB frames (an iterable of equal-size arrays) as H.264 (yuv420p) with PyAV."""
-    import av
+    import av  # PyAV loads FFmpeg: imported where a video is written, not when the book kit is imported
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

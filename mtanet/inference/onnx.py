@@ -17,13 +17,27 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
+
+from mtanet.errors import DeviceUnavailableError
+from mtanet.inference.extras import (
+    CHECKPOINT_EXTRAS,
+    CROP_SIZE,
+    label_names,
+    load_checkpoint,
+    resolve_au_thresholds,
+)
+from mtanet.inference.faces import session_options
+from mtanet.models import MTANet, probabilities
+from mtanet.runtime import atomic_path, json_clean
+from mtanet.tasks import TASKS
 
 __all__ = [
     "ONNX_INPUT",
@@ -39,10 +53,10 @@ ONNX_INPUT = "images"
 
 
 def export_onnx(
-    model: Any,
+    model: MTANet,
     path: str | os.PathLike,
     metadata: Mapping[str, Any] | None = None,
-    image_size: int = 112,
+    image_size: int = CROP_SIZE,
     opset: int = 17,
     check: bool = True,
     atol: float = 1e-4,
@@ -56,9 +70,6 @@ def export_onnx(
 
     The file is written atomically (a temporary file in the same folder, then ``os.replace``).
     """
-    import onnx
-    import torch
-
     path = Path(path)
     model = model.eval()
     was_device = next(model.parameters()).device
@@ -67,94 +78,69 @@ def export_onnx(
     dummy = torch.rand(2, 3, image_size, image_size)
     axes = {name: {0: "batch"} for name in [ONNX_INPUT, *tasks]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        with warnings.catch_warnings():
-            # the TorchScript-based exporter is deprecated in favour of the dynamo one (see the module docstring);
-            # the tracer also notes the shape check in MTANet.features, which is constant for a fixed input layout
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dummy,), tmp, input_names=[ONNX_INPUT], output_names=tasks,
-                              dynamic_axes=axes, opset_version=opset, dynamo=False)
-        proto = onnx.load(tmp)
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        proto.producer_name = "mtanet"
-        onnx.save(proto, tmp)
-        if check:
-            onnx.checker.check_model(tmp)
-            _check_parity(model, tmp, tasks, image_size, atol)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            with warnings.catch_warnings():
+                # the TorchScript-based exporter is deprecated in favour of the dynamo one (see the module
+                # docstring); the tracer also notes the shape check in MTANet.features, which is constant for a
+                # fixed input layout
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (dummy,), str(tmp), input_names=[ONNX_INPUT], output_names=tasks,
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False)
+            proto = onnx.load(str(tmp))
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(json_clean(value), allow_nan=False)
+            proto.producer_name = "mtanet"
+            onnx.save(proto, str(tmp))
+            if check:
+                onnx.checker.check_model(str(tmp))
+                _check_parity(model, tmp, tasks, image_size, atol)
     finally:
         model.to(was_device)
     return path
 
 
-def export_checkpoint(model: Any, path: str | os.PathLike, *, au_thresholds: Any = None, opset: int = 17,
-                      check: bool = True) -> Path:
-    """Export a checkpoint (path) or an MTANet to ONNX with the metadata :class:`mtanet.predict.Predictor` reads:
+def export_checkpoint(model: MTANet | str | os.PathLike, path: str | os.PathLike, *, au_thresholds: Any = None,
+                      opset: int = 17, check: bool = True) -> Path:
+    """Export a checkpoint (path) or an MTANet to ONNX with the metadata :class:`mtanet.inference.Predictor` reads:
     the model config, AU and expression names, AU thresholds (``au_thresholds``, else the checkpoint's, else 0.5,
     and where they came from), and the checkpoint's alignment template and edition when it has them."""
-    from mtanet.predict import DEFAULT_AU_THRESHOLD, _label_names, _thresholds, load_checkpoint
-
     extras: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         model, extras = load_checkpoint(model)
-    au_names, expr_names = _label_names(model.config["num_outputs"], extras)
-    if au_thresholds is not None:
-        thresholds, source = _thresholds(au_thresholds, au_names), "argument"
-    elif extras.get("au_thresholds") is not None:
-        thresholds, source = _thresholds(extras["au_thresholds"], au_names), "checkpoint"
-    else:
-        thresholds = np.full(len(au_names), DEFAULT_AU_THRESHOLD)
-        source = f"default {DEFAULT_AU_THRESHOLD} (the checkpoint carries no tuned au_thresholds)"
+    au_names, expr_names = label_names(model.config["num_outputs"], extras)
+    thresholds, source = resolve_au_thresholds(au_names, au_thresholds, extras.get("au_thresholds"))
     metadata = {"mtanet_config": model.config, "au_names": au_names, "expr_names": expr_names,
                 "au_thresholds": [float(t) for t in thresholds], "au_threshold_source": source}
     for key in ("align_template", "edition"):
         if extras.get(key) is not None:
             metadata[key] = extras[key]
-    image_size = int(extras.get("image_size") or 112)
+    image_size = int(extras.get("image_size") or CROP_SIZE)
     metadata["image_size"] = image_size
     return export_onnx(model, path, metadata=metadata, image_size=image_size, opset=opset, check=check)
 
 
-def _check_parity(model, onnx_path: str, tasks: list[str], image_size: int, atol: float) -> None:
-    import torch
-
+def _check_parity(model: MTANet, onnx_path: str | os.PathLike, tasks: list[str], image_size: int,
+                  atol: float) -> None:
     engine = OnnxEngine(onnx_path, threads=1)
     gen = torch.Generator().manual_seed(0)
     for n in (1, 3):
         x = torch.rand(n, 3, image_size, image_size, generator=gen)
         with torch.inference_mode():
-            ref = {k: v.numpy() for k, v in model(x).items()}
-        got = engine(x.numpy())
+            ref = probabilities(model(x))
+        got = probabilities({k: torch.from_numpy(v) for k, v in engine(x.numpy()).items()})
         for task in tasks:
-            a, b = _probs(task, ref[task]), _probs(task, got[task])
-            err = float(np.abs(a - b).max())
+            err = float((ref[task] - got[task]).abs().max())
             if not err <= atol:
                 raise AssertionError(f"ONNX export differs from PyTorch on {task} (batch {n}): max |diff| {err:.2e}")
 
 
-def _probs(task: str, out: np.ndarray) -> np.ndarray:
-    if task == "au":
-        return 1.0 / (1.0 + np.exp(-out))
-    if task == "expr":
-        e = np.exp(out - out.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-    return out
-
-
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata_props`` written by :func:`export_onnx`, JSON-decoded (without loading the weights)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # loads the onnxruntime library: only when a model is read, not at import
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return _decode_metadata(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
+    return _decode_metadata(ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]))
 
 
 def _decode_metadata(session) -> dict[str, Any]:
@@ -168,10 +154,9 @@ def _decode_metadata(session) -> dict[str, Any]:
 
 
 def onnx_device_providers(device: str) -> list[str]:
-    """onnxruntime providers for a device string; raises when a GPU is asked for and onnxruntime has none."""
-    import onnxruntime as ort
-
-    from mtanet.predict import DeviceUnavailableError
+    """onnxruntime providers for a device string; raises :class:`~mtanet.errors.DeviceUnavailableError` when a GPU is
+    asked for and onnxruntime has none."""
+    import onnxruntime as ort  # loads the onnxruntime library: only when a session is built, not at import
 
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -193,31 +178,41 @@ class OnnxEngine:
         threads: ``intra_op_num_threads`` (set explicitly: onnxruntime's default takes every core).
         device: ``"cpu"`` or ``"cuda[:N]"``; a GPU that onnxruntime cannot use is an error, not a silent
             CPU fallback (the session's providers are checked after it is built).
+
+    Besides the session, the engine says what the file holds: ``tasks`` (output names), ``num_outputs`` (width of
+    each head, in task order), ``image_size`` (the input side, ``None`` when the graph leaves it open), ``metadata``
+    (the decoded ``metadata_props``) and :meth:`extras`.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, device: str = "cpu"):
-        import onnxruntime as ort
+        import onnxruntime as ort  # loads the onnxruntime library: only when a session is built, not at import
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX model")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
         providers: list[Any] = onnx_device_providers(device)
         if providers[0] == "CUDAExecutionProvider" and ":" in device:
             providers = [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])})]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         if device != "cpu" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            from mtanet.predict import DeviceUnavailableError
-
             raise DeviceUnavailableError(f"onnxruntime could not start CUDA for {device!r} "
                                          f"(session providers: {self.session.get_providers()})")
         self.device = device
         self.tasks = [o.name for o in self.session.get_outputs()]
+        widths = {o.name: o.shape[1] for o in self.session.get_outputs()}
+        self.num_outputs = {t: int(widths[t]) for t in TASKS if t in widths}
+        side = self.session.get_inputs()[0].shape[-1]
+        self.image_size: int | None = int(side) if isinstance(side, int) else None
         self.metadata = _decode_metadata(self.session)
+
+    def extras(self) -> dict[str, Any]:
+        """The metadata a checkpoint would carry as extras (the keys of
+        :data:`~mtanet.inference.extras.CHECKPOINT_EXTRAS` that are set); ``au_thresholds`` only when they were
+        tuned, not the default the export filled in, so a predictor keeps saying that they are a default."""
+        extras = {k: self.metadata[k] for k in CHECKPOINT_EXTRAS if self.metadata.get(k) is not None}
+        if str(self.metadata.get("au_threshold_source", "")).startswith("default"):
+            extras.pop("au_thresholds", None)
+        return extras
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {ONNX_INPUT: np.ascontiguousarray(images, dtype=np.float32)})

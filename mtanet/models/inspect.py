@@ -17,10 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from timm.layers.cbam import ChannelAttn, SpatialAttn
+from timm.layers.squeeze_excite import SEModule
+from timm.models.senet import SEModule as LegacySEModule
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from mtanet.models import NORMALIZATIONS, POOLING_MODES, MTANet, PoolingNeck, count_parameters, macs
+from mtanet.models.mtanet import NORMALIZATIONS, POOLING_MODES, MTANet, PoolingNeck, count_parameters, macs
 from mtanet.tasks import EDITIONS
 
 __all__ = [
@@ -57,8 +61,6 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _flop_counts(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, int], int]:
     """FLOPs per module path (relative to ``model``) and in total, for one forward pass on ``images``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         model(images)
     prefix = type(model).__name__ + "."
@@ -211,10 +213,6 @@ def attention_modules(backbone: nn.Module) -> list[tuple[str, str, nn.Module]]:
     The gate module is the sigmoid whose output multiplies the features: ``sigmoid`` of the legacy SENet
     ``SEModule``, ``gate`` of timm's ``SEModule`` and of CBAM's ``ChannelAttn`` / ``SpatialAttn``.
     """
-    from timm.layers.cbam import ChannelAttn, SpatialAttn
-    from timm.layers.squeeze_excite import SEModule
-    from timm.models.senet import SEModule as LegacySEModule
-
     found = []
     for path, mod in backbone.named_modules():
         if isinstance(mod, LegacySEModule):

@@ -1,4 +1,4 @@
-"""Reading an Aff-Wild2 root (real or synthetic) into one frame table, and feeding it to a model.
+"""Reading an Aff-Wild2 root (real or synthetic) into one frame table: the annotation files, the crops, the skips.
 
 The on-disk contract is `ABAW2020.md` (in the project's shared notes): one folder of 112x112 crops per name
 (`cropped_aligned/<name>/00001.jpg`), one annotation file per name, task and split
@@ -14,19 +14,20 @@ in the input either raise :class:`DataFormatError` naming the file and line, or 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from mtanet.errors import DataFormatError
 from mtanet.tasks import (
     EDITIONS,
     EXPR_NAMES_2020,
@@ -36,6 +37,25 @@ from mtanet.tasks import (
     VA_NAMES,
     Edition,
 )
+
+__all__ = [
+    "SPLITS",
+    "IMAGE_DIR",
+    "ANNOTATION_DIR",
+    "SKIP_KINDS",
+    "DataFormatError",
+    "LoadReport",
+    "detect_edition",
+    "parse_annotation_text",
+    "read_annotation_file",
+    "image_path",
+    "video_of",
+    "FrameTable",
+    "read_split",
+    "load_frames",
+    "label_arrays",
+    "decode_image_file",
+]
 
 SPLITS: tuple[str, ...] = ("train", "val")
 IMAGE_DIR = "cropped_aligned"
@@ -56,16 +76,6 @@ SKIP_KINDS: dict[str, str] = {
     "labels_masked_cross_task_leak": "a training label of a video that is in another task's validation split; masked "
     "unless allow_cross_task_leak=True",
 }
-
-
-class DataFormatError(ValueError):
-    """Malformed dataset input. The message always starts with ``path:line:`` (line omitted for whole files)."""
-
-    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str):
-        self.path = str(path)
-        self.line = line
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {message}")
 
 
 @dataclasses.dataclass
@@ -515,7 +525,7 @@ def load_frames(root: str | os.PathLike[str], split: str, *, edition: str | Edit
                       verify_images=verify_images).frames
 
 
-# --------------------------------------------------------------------------------------------------- labels as tensors
+# --------------------------------------------------------------------------------------------------- labels as arrays
 
 
 def label_arrays(frames: pd.DataFrame, au_names: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -528,11 +538,15 @@ def label_arrays(frames: pd.DataFrame, au_names: Sequence[str]) -> tuple[dict[st
     return targets, masks
 
 
-def decode_image_file(path: str | os.PathLike[str]):
-    """Decode one jpg to a (3, H, W) uint8 tensor, or raise :class:`DataFormatError` naming the file."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+# --------------------------------------------------------------------------------------------------- images
 
+
+def decode_image_file(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode one jpg to a (3, H, W) uint8 tensor, or raise :class:`DataFormatError` naming the file.
+
+    It lives with the reader (not with :class:`mtanet.data.FrameDataset`, its main user) because ``verify_images``
+    decodes every jpg while reading the table.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -549,217 +563,3 @@ def decode_image_file(path: str | os.PathLike[str]):
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise DataFormatError(path, None, f"unreadable or truncated JPEG ({str(err).splitlines()[-1][:80]})") from None
-
-
-class FrameDataset:
-    """A torch map-style dataset over the frames that have an image.
-
-    Item ``i`` is ``(image, targets, masks)``: a float32 (3, S, S) tensor in [0, 1], and dicts keyed by task
-    (``va`` float (2,), ``au`` float (K,), ``expr`` int64 ()) with a bool mask per task saying whether the target
-    is a label. Rows without a jpg are dropped here: they stay in the table for scoring, but are never fed.
-
-    Args:
-        frames: a frame table from :func:`load_frames`.
-        root: the dataset root the ``image`` paths are relative to.
-        au_names: the AU columns, in head order.
-        image_size: side of the square the model sees; crops are 112 px, other sizes are resized (antialiased).
-        transform: optional callable on the uint8 (3, H, W) tensor before scaling (augmentation).
-        packed: optional uint8 array (N, 112, 112, 3) aligned with the image rows of ``frames`` (see
-            :func:`build_packed_cache`), read instead of the jpgs.
-    """
-
-    def __init__(self, frames: pd.DataFrame, root: str | os.PathLike[str], au_names: Sequence[str], *,
-                 image_size: int = 112, transform: Any = None, packed: np.ndarray | None = None):
-        self.frames = frames[frames["image"] != ""].reset_index(drop=True)
-        self.root = Path(root)
-        self.au_names = tuple(au_names)
-        self.image_size = image_size
-        self.transform = transform
-        self.packed = packed
-        if packed is not None and len(packed) != len(self.frames):
-            raise ValueError(f"packed cache has {len(packed)} images, the table {len(self.frames)}: rebuild it")
-        self.targets, self.masks = label_arrays(self.frames, self.au_names)
-        self.paths = self.frames["image"].tolist()
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def load_image(self, i: int):
-        import torch
-
-        if self.packed is not None:
-            return torch.from_numpy(np.array(self.packed[i])).permute(2, 0, 1)  # a copy: the memmap is read-only
-        return decode_image_file(self.root / self.paths[i])
-
-    def _packed_rows(self, rows: Sequence[int]):
-        """uint8 (B, 3, H, W) of ``rows`` from the packed cache in one read, in its channels-last layout."""
-        import torch
-
-        return torch.from_numpy(np.asarray(self.packed[np.asarray(rows, dtype=np.int64)])).permute(0, 3, 1, 2)
-
-    def load_images(self, rows: Sequence[int]) -> list:
-        """The uint8 (3, H, W) images of ``rows``; from the packed cache in one read (one copy, not one per row)."""
-        if self.packed is not None:
-            return list(self._packed_rows(rows).unbind(0))
-        return [decode_image_file(self.root / self.paths[i]) for i in rows]
-
-    def labels(self, rows: Sequence[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Targets and masks of ``rows`` as batched tensors keyed by task (what collating the items gives)."""
-        import torch
-
-        rows = np.asarray(rows, dtype=np.int64)
-        targets = {t: torch.from_numpy(self.targets[t][rows]) for t in ("va", "au", "expr")}
-        masks = {t: torch.from_numpy(self.masks[t][rows]) for t in TASKS}
-        return targets, masks
-
-    def batch(self, rows: Sequence[int]):
-        """Items ``rows`` already collated: ``(images (B, 3, S, S), targets, masks)``, equal to collating them.
-
-        Without a transform the scaling and resizing run once for the whole batch (on the packed cache's
-        channels-last layout, the per-item path's kernel, so the numbers are the same bit for bit; tested). With a
-        transform, or jpgs of different sizes (each is resized on its own), the items are collated one by one.
-        """
-        import torch
-        import torch.nn.functional as F
-        from torch.utils.data import default_collate
-
-        if self.transform is not None:
-            return default_collate([self[i] for i in rows])
-        if self.packed is not None:
-            images = self._packed_rows(rows)
-        else:
-            decoded = self.load_images(rows)
-            if len({tuple(im.shape) for im in decoded}) > 1:
-                return default_collate([self[i] for i in rows])
-            images = torch.stack(decoded)
-        images = images.float().div_(255.0)
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        return (images.contiguous(), *self.labels(rows))
-
-    def __getitem__(self, i: int):
-        import torch
-        import torch.nn.functional as F
-
-        image = self.load_image(i)
-        if self.transform is not None:
-            image = self.transform(image)
-        image = image.float().div_(255.0)
-        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
-            image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                  antialias=True, align_corners=False)[0]
-        targets = {"va": torch.from_numpy(self.targets["va"][i]), "au": torch.from_numpy(self.targets["au"][i]),
-                   "expr": torch.tensor(self.targets["expr"][i])}
-        masks = {t: torch.tensor(bool(self.masks[t][i])) for t in TASKS}
-        return image, targets, masks
-
-
-class TaskBalancedBatchSampler:
-    """Batches in which every task has labels, despite incomplete labels.
-
-    Aff-Wild2's tasks label different videos, so uniform sampling gives batches where a task has few or no labels and
-    its loss (and CCC in particular, a batch statistic) is noisy or undefined. Each batch here is built from equal
-    shares, one per task, each drawn from the frames labeled for that task (a frame labeled for several tasks counts
-    for all of them, so the shares overlap in labels). Each task's pool is shuffled per epoch and walked without
-    replacement, restarting when exhausted, so small pools are revisited more often than large ones.
-
-    An epoch is ``num_batches`` batches (default: as many as cover the largest pool once). Deterministic given
-    ``seed`` and the epoch; ``state_dict`` records the position so a resumed run draws the same batches. Under
-    DistributedDataParallel give ``num_replicas``/``rank``: every rank draws the same global batch and keeps its own
-    slice of it, so ranks never see the same frame in one step.
-    """
-
-    def __init__(self, masks: dict[str, np.ndarray], batch_size: int, *, tasks: Sequence[str] = TASKS,
-                 num_batches: int | None = None, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        self.tasks = tuple(t for t in tasks if t in masks)
-        self.pools = {t: np.flatnonzero(masks[t]) for t in self.tasks}
-        empty = [t for t, p in self.pools.items() if p.size == 0]
-        if empty:
-            raise ValueError(f"no labeled frames for task(s) {empty}; drop them from tasks=")
-        if batch_size % num_replicas:
-            raise ValueError(f"batch_size {batch_size} is not divisible by num_replicas {num_replicas}")
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        largest = max(p.size for p in self.pools.values())
-        self.num_batches = num_batches or max(1, math.ceil(largest * len(self.tasks) / batch_size))
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def shares(self) -> dict[str, int]:
-        base, extra = divmod(self.batch_size, len(self.tasks))
-        return {t: base + (i < extra) for i, t in enumerate(self.tasks)}
-
-    def global_batches(self) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        orders = {t: rng.permutation(p) for t, p in self.pools.items()}
-        cursor = {t: 0 for t in self.tasks}
-        shares = self.shares()
-        for _ in range(self.num_batches):
-            parts = []
-            for t in self.tasks:
-                take = []
-                need = shares[t]
-                while need:
-                    if cursor[t] >= orders[t].size:
-                        orders[t] = rng.permutation(self.pools[t])
-                        cursor[t] = 0
-                    chunk = orders[t][cursor[t]: cursor[t] + need]
-                    cursor[t] += chunk.size
-                    need -= chunk.size
-                    take.append(chunk)
-                parts.append(np.concatenate(take))
-            batch = np.concatenate(parts)
-            yield batch[rng.permutation(batch.size)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b, batch in enumerate(self.global_batches()):
-            if b < self.start_batch:
-                continue
-            yield batch[self.rank:: self.num_replicas].tolist()
-        self.start_batch = 0
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start_batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int], batches_done: int = 0) -> None:
-        self.epoch = int(state["epoch"])
-        self.seed = int(state["seed"])
-        self.start_batch = batches_done
-
-
-def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode every image of ``dataset`` once into a uint8 memory-mapped ``.npy`` (N, H, W, 3) at ``path``.
-
-    A later call with the same path and row count opens the existing file. The file is written to a temporary name
-    of this process and renamed, so an interrupted build never leaves a half-filled cache that looks complete.
-    """
-    path = Path(path)
-    if path.exists():
-        cache = np.load(path, mmap_mode="r")
-        if len(cache) == len(dataset):
-            return cache
-    path.parent.mkdir(parents=True, exist_ok=True)
-    first = decode_image_file(dataset.root / dataset.paths[0]) if len(dataset) else None
-    h, w = (first.shape[1], first.shape[2]) if first is not None else (112, 112)
-    # a name of this process's own: two processes building the same cache at once (sweep runs side by side) each
-    # write a whole file, and the atomic rename leaves one of the identical results
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), h, w, 3))
-    for i, rel in enumerate(dataset.paths):
-        img = decode_image_file(dataset.root / rel)
-        if img.shape[1:] != (h, w):
-            raise DataFormatError(dataset.root / rel, None, f"image is {tuple(img.shape[1:])}, the cache holds {(h, w)}")
-        out[i] = img.permute(1, 2, 0).numpy()
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")

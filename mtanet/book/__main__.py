@@ -1,0 +1,36 @@
+"""``python -m mtanet.book``: execute the chapters for a profile and render the book (what ``make book`` runs).
+
+``--only 05_ablations --no-html`` executes one chapter alone (``make sweep``). A failing cell, a missing parameter
+file or a failed HTML build prints one ``[book] FAILED: ...`` line and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mtanet.book.build import PROFILES, build
+from mtanet.errors import NotebookFailed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtanet.book",
+                                     description="Build the book: py:percent notebooks -> papermill (per-profile "
+                                                 "parameters) -> Jupyter Book HTML.")
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
+    parser.add_argument("--build-dir", type=Path, default=None, help="default: book/_build")
+    parser.add_argument("--only", nargs="*", help="notebook stems to execute (default: all)")
+    parser.add_argument("--no-html", action="store_true", help="execute only, do not render")
+    args = parser.parse_args(argv)
+    try:
+        build(args.profile, build_dir=args.build_dir, only=args.only, html=not args.no_html)
+    except (NotebookFailed, RuntimeError, FileNotFoundError) as err:
+        print(f"[book] FAILED: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""A model on a frame table: batched predictions, the ABAW 2020 scores, and the challenge's submission files.
+
+The trainer validates with :func:`predict_dataset` and :func:`score_predictions`; ``mtanet evaluate`` is
+:func:`evaluate`: a checkpoint scored on a split, its predictions written in the submission format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mtanet import metrics
+from mtanet.data import FrameDataset, detect_edition, label_arrays, read_annotation_file, read_split
+from mtanet.data.loading import BatchedFrames, collate_batched
+from mtanet.errors import CheckpointError, ConfigError
+from mtanet.models import load_model, probabilities
+from mtanet.runtime import json_clean, resolve_device, usable_cores, write_json
+from mtanet.tasks import TASKS
+
+__all__ = ["predict_dataset", "predict_frames", "score_predictions", "headline", "train_label_stats",
+           "write_submission", "evaluate"]
+
+
+# --------------------------------------------------------------------------------------------------- prediction
+
+
+def _eval_loader(dataset: FrameDataset, indices: np.ndarray, batch_size: int, num_workers: int, pin: bool):
+    batches = [indices[i: i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
+    # a generator of its own, so predicting never draws from (and shifts) the global torch RNG
+    return torch.utils.data.DataLoader(BatchedFrames(dataset), batch_sampler=batches, collate_fn=collate_batched,
+                                       num_workers=num_workers, pin_memory=pin,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def predict_dataset(model, dataset: FrameDataset, indices: np.ndarray, *, batch_size: int, device: torch.device,
+                    num_workers: int = 0, amp: bool = False, channels_last: bool = False, progress: bool = False,
+                    desc: str = "predict") -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on the items ``indices`` of a FrameDataset: VA values, AU and EXPR probabilities."""
+    tasks = list(model.heads.keys())
+    out: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    was_training = model.training
+    model.eval()
+    loader = _eval_loader(dataset, indices, batch_size, num_workers, device.type == "cuda")
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            for images, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                pred = probabilities({t: p.float() for t, p in model(images).items()})
+                for t in tasks:
+                    out[t].append(pred[t].cpu().numpy())
+    finally:
+        model.train(was_training)
+    widths = {t: model.heads[t].out_features for t in tasks}
+    return {t: np.concatenate(v) if v else np.zeros((0, widths[t]), np.float32) for t, v in out.items()}
+
+
+def _au_columns(frames: pd.DataFrame) -> list[str]:
+    return [c for c in frames.columns if re.fullmatch(r"AU\d+", str(c))]
+
+
+def predict_frames(model, frames: pd.DataFrame, root: str | os.PathLike[str], *, image_size: int = 112,
+                   batch_size: int = 64, device=None, num_workers: int = 0, amp: bool | None = None,
+                   channels_last: bool | None = None, packed: np.ndarray | None = None,
+                   progress: bool = False) -> dict[str, np.ndarray]:
+    """Batched inference over a frame table.
+
+    Args:
+        model: an :class:`mtanet.models.MTANet` (its mode is restored afterwards).
+        frames: a frame table from :func:`mtanet.data.load_frames` (any subset of its rows).
+        root: the dataset root the ``image`` paths are relative to.
+        image_size: input side the model was trained at (a trainer checkpoint's ``train_config["image_size"]``).
+        batch_size: images per forward pass.
+        device: where to run; default: where the model's parameters are.
+        num_workers: data loader processes decoding the jpgs.
+        amp, channels_last: bfloat16 autocast and channels-last input; ``None``: on when ``device`` is CUDA.
+        packed: optional uint8 cache aligned with the image rows (:func:`mtanet.data.build_packed_cache`).
+        progress: show a progress bar.
+
+    Returns:
+        ``{task: array}`` for each head of the model, aligned with the rows of ``frames``: ``va`` (N, 2) in [-1, 1],
+        ``au`` (N, K) sigmoid probabilities, ``expr`` (N, C) softmax probabilities; NaN on rows without an image.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cuda = device.type == "cuda"
+    dataset = FrameDataset(frames, root, _au_columns(frames), image_size=image_size, packed=packed)
+    pred = predict_dataset(model, dataset, np.arange(len(dataset)), batch_size=batch_size, device=device,
+                           num_workers=num_workers, amp=cuda if amp is None else amp,
+                           channels_last=cuda if channels_last is None else channels_last, progress=progress)
+    has_image = (frames["image"] != "").to_numpy()
+    out = {}
+    for t, p in pred.items():
+        full = np.full((len(frames), p.shape[1]), np.nan, dtype=np.float32)
+        full[has_image] = p
+        out[t] = full
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- scores
+
+
+def score_predictions(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
+                      thresholds: Sequence[float] | np.ndarray | None = None,
+                      require_image: bool = True) -> dict[str, Any]:
+    """ABAW 2020 scores of predictions aligned with the rows of ``frames``.
+
+    Scored rows are those with a label for the task and (``require_image=True``, as in training) an image; with
+    ``require_image=False`` every labeled row is scored, which needs predictions on face-less rows too (see
+    :func:`write_submission`'s fill rule).
+
+    Returns:
+        ``va`` (:func:`mtanet.metrics.va_score`), ``au`` (:func:`mtanet.metrics.au_score` at 0.5, the headline AU
+        score), ``au_tuned`` (the AU score with ``thresholds``, or with per-AU thresholds tuned on these very frames
+        by :func:`mtanet.metrics.tune_au_thresholds` when ``thresholds`` is None: optimistic, since tuned and scored
+        on the same data), ``expr`` (:func:`mtanet.metrics.expr_score`), and ``mean``: the mean of the headline
+        scores of the tasks present. A task without labeled rows is left out.
+    """
+    keep = (frames["image"] != "").to_numpy() if require_image else np.ones(len(frames), dtype=bool)
+    out: dict[str, Any] = {}
+    if "va" in preds:
+        y = frames[["valence", "arousal"]].to_numpy(np.float64)[keep]
+        if metrics.va_valid_rows(y).any():
+            out["va"] = metrics.va_score(y, preds["va"][keep])
+    if "au" in preds:
+        y = frames[_au_columns(frames)].to_numpy(np.int64)[keep]
+        if (y >= 0).all(axis=1).any():
+            p = preds["au"][keep]
+            out["au"] = metrics.au_score(y, p, 0.5)
+            th = metrics.tune_au_thresholds(y, p) if thresholds is None else np.asarray(thresholds, np.float64)
+            out["au_tuned"] = metrics.au_score(y, p, th)
+    if "expr" in preds:
+        y = frames["expression"].to_numpy(np.int64)
+        keep = keep & (y >= 0)  # expr_score checks every row of 2-D scores, labeled or not
+        if keep.any():
+            out["expr"] = metrics.expr_score(y[keep], preds["expr"][keep], num_classes=preds["expr"].shape[1])
+    parts = [out[t]["score"] for t in TASKS if t in out]
+    out["mean"] = float(np.mean(parts)) if parts else None
+    return json_clean(out)
+
+
+def headline(scores: Mapping[str, Any]) -> dict[str, float | None]:
+    """The single numbers of a :func:`score_predictions` dict: ``va``, ``au`` (at 0.5), ``au_tuned``, ``expr``,
+    ``mean``."""
+    out = {k: (scores[k]["score"] if isinstance(scores.get(k), Mapping) else None)
+           for k in ("va", "au", "au_tuned", "expr")}
+    out["mean"] = scores.get("mean")
+    return out
+
+
+def train_label_stats(frames: pd.DataFrame, au_names: Sequence[str], n_expr: int) -> dict[str, Any]:
+    """Training-set constants used where a name has no face at all: mean VA, AU prevalence, majority expression."""
+    targets, masks = label_arrays(frames, au_names)
+    out: dict[str, Any] = {"va_mean": None, "au_prevalence": None, "expr_majority": None}
+    if masks["va"].any():
+        out["va_mean"] = targets["va"][masks["va"]].mean(axis=0).tolist()
+    if masks["au"].any():
+        out["au_prevalence"] = targets["au"][masks["au"]].mean(axis=0).tolist()
+    if masks["expr"].any():
+        out["expr_majority"] = int(np.bincount(targets["expr"][masks["expr"]], minlength=n_expr).argmax())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- submission
+
+
+def _fill(values: np.ndarray, has: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Fill rows without a prediction: from the previous row that has one, leading rows from the first one; all
+    rows from ``fallback`` when no row has one."""
+    if not has.any():
+        return np.tile(fallback, (len(values), 1)).astype(np.float32)
+    idx = np.where(has, np.arange(len(has)), -1)
+    idx = np.maximum.accumulate(idx)  # last row with a prediction at or before each row
+    idx[idx < 0] = int(np.argmax(has))  # rows before the first face take the first face's
+    return values[idx]
+
+
+def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_dir: str | os.PathLike[str],
+                     root: str | os.PathLike[str], *, split: str = "val", edition=None,
+                     au_thresholds: Sequence[float] | float = 0.5,
+                     fallback: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write per-frame predictions in the ABAW 2020 submission format.
+
+    One file per name per task, ``<out_dir>/<task folder>/<name>.txt``, where the task folders are the edition's
+    annotation folders (ABAW 2020: ``VA_Set``, ``AU_Set``, ``EXPR_Set``). Each file has the header of the
+    annotation files (``valence,arousal``; the edition's AU names, ``AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25`` in 2020;
+    ``Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise``) and one line per frame 1..N, where N is the number of
+    lines of that name's annotation file for the task: VA as two floats in [-1, 1] (6 decimals), AU as 0/1 per AU
+    (probability >= the AU's threshold), EXPR as the index of the most probable class.
+
+    The names written for a task are those whose annotation file of that task lies in ``split``.
+
+    Fill rule for frames without a face (no jpg, so no prediction): the prediction of the previous frame that has a
+    face (forward fill); frames before the first face take the first face's (backward fill). A name without any
+    face gets the training-set constants of ``fallback``: mean valence-arousal, the AU prevalences thresholded like
+    the predictions, the majority expression.
+
+    Args:
+        frames: the frame table of ``split`` (all rows of the names).
+        preds: :func:`predict_frames` output aligned with ``frames`` (NaN on rows without an image).
+        out_dir: folder to write.
+        root: the dataset root (annotation files give N).
+        split: the split the names come from.
+        edition: an :class:`mtanet.tasks.Edition`; default: detected from ``root``.
+        au_thresholds: one threshold or one per AU.
+        fallback: ``{"va_mean", "au_prevalence", "expr_majority"}`` (a trainer checkpoint's ``train_label_stats``).
+
+    Returns:
+        ``{task: {"folder", "files", "lines", "filled", "names_without_face"}}`` and ``filled_preds``:
+        ``{task: array}`` aligned with ``frames`` with every row filled (rows past N stay NaN).
+    """
+    ed = edition or detect_edition(root)
+    out_dir, root = Path(out_dir), Path(root)
+    fallback = dict(fallback or {})
+    summary: dict[str, Any] = {}
+    filled_preds = {t: np.full_like(p, np.nan, dtype=np.float32) for t, p in preds.items()}
+    rows_of = frames.groupby("name", sort=False).indices
+    for task, p in preds.items():
+        folder = out_dir / ed.task_dirs[task]
+        folder.mkdir(parents=True, exist_ok=True)
+        names = sorted(frames.loc[frames[f"split_{task}"] == split, "name"].unique())
+        width = p.shape[1]
+        if task == "va":
+            header, fb = "valence,arousal", np.asarray(fallback.get("va_mean") or [0.0, 0.0], np.float32)
+        elif task == "au":
+            header, fb = ",".join(ed.au_names), np.asarray(fallback.get("au_prevalence") or [0.0] * width,
+                                                           np.float32)
+            th = np.broadcast_to(np.asarray(au_thresholds, np.float64), (width,))
+        else:
+            header = ",".join(ed.expr_names)
+            fb = np.zeros(width, np.float32)
+            fb[int(fallback.get("expr_majority") or 0)] = 1.0
+        info = {"folder": ed.task_dirs[task], "files": 0, "lines": 0, "filled": 0, "names_without_face": []}
+        for name in names:
+            path = root / "annotations" / ed.task_dirs[task] / ed.split_dirs[split] / f"{name}.txt"
+            n = len(read_annotation_file(path, task)[1])
+            rows = np.sort(rows_of[name])
+            f = frames["frame"].to_numpy()[rows]
+            inside = f <= n
+            rows, f = rows[inside], f[inside]
+            values = np.full((n, width), np.nan, np.float32)
+            values[f - 1] = p[rows]
+            has = np.isfinite(values).all(axis=1)
+            full = _fill(values, has, fb)
+            filled_preds[task][rows] = full[f - 1]
+            if task == "va":
+                lines = [f"{v:.6f},{a:.6f}" for v, a in np.clip(full, -1.0, 1.0)]
+            elif task == "au":
+                lines = [",".join(map(str, r)) for r in (full >= th).astype(np.int64)]
+            else:
+                lines = [str(int(c)) for c in full.argmax(axis=1)]
+            (folder / f"{name}.txt").write_text(header + "\n" + "\n".join(lines) + "\n")
+            info["files"] += 1
+            info["lines"] += n
+            info["filled"] += int((~has).sum())
+            if not has.any():
+                info["names_without_face"].append(name)
+        summary[task] = info
+    summary["filled_preds"] = filled_preds
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- a checkpoint
+
+
+def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None,
+             split: str = "val", output_dir: str | os.PathLike[str] = "eval", batch_size: int = 64,
+             device: str = "auto", num_workers: int = 0, threads: int | None = None,
+             au_thresholds: str = "saved", image_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score a checkpoint on a split and write its predictions in the ABAW 2020 submission format.
+
+    Writes ``<output_dir>/scores.json`` and the files of :func:`write_submission` (``VA_Set/``, ``AU_Set/``,
+    ``EXPR_Set/`` for ABAW 2020). Scores (:func:`score_predictions`) come twice: ``scores`` over the labeled frames
+    that have an image (as during training; ``au`` at 0.5, ``au_tuned`` with the AU thresholds used for the files),
+    and ``scores_all_frames`` over every labeled frame with the filled predictions of the files, which is what the
+    challenge's scorer sees.
+
+    Args:
+        checkpoint: a trainer checkpoint (``best_*.pt``, ``last.pt``) or any :func:`mtanet.models.save_checkpoint`
+            file.
+        data_root: the Aff-Wild2 root; default: the training run's (``train_config["data_root"]``).
+        split: ``"train"`` or ``"val"``.
+        au_thresholds: ``"saved"`` (the checkpoint's tuned thresholds; 0.5 when it has none) or ``"0.5"``, the
+            thresholds that binarise AU predictions in the files and in ``au_tuned``.
+        image_size: input side; default: the training run's (112 when unknown).
+        threads: torch CPU threads while evaluating (default: all cores); restored afterwards.
+
+    Raises:
+        ConfigError: no data root was given and the checkpoint names none; a head that does not fit the data's
+            edition; an unknown ``au_thresholds``.
+        CheckpointError: the file is not a readable checkpoint.
+    """
+    if au_thresholds not in ("saved", "0.5"):
+        raise ConfigError(f"au_thresholds must be 'saved' or '0.5', got {au_thresholds!r}")
+    dev = resolve_device(device)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or usable_cores())
+    try:
+        return _evaluate(Path(checkpoint), dev, data_root, split, Path(output_dir), batch_size, num_workers,
+                         au_thresholds, image_size, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: Path, batch_size: int,
+              num_workers: int, au_thresholds: str, image_size: int | None, progress: bool) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means "do not use it"
+        raise CheckpointError(f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+    model = load_model(checkpoint, map_location=dev)
+    train_cfg = ckpt.get("train_config") or {}
+    root = data_root or train_cfg.get("data_root")
+    if not root:
+        raise ConfigError(f"{checkpoint} names no data root; pass data_root (--data-root) to score it")
+    root = Path(root).expanduser()
+    table = read_split(root, split)
+    frames = table.frames
+    size = image_size or train_cfg.get("image_size", 112)
+    for t, n in model.config["num_outputs"].items():
+        if n != table.edition.num_outputs[t]:
+            raise ConfigError(f"the checkpoint's {t} head has {n} outputs, the data's edition "
+                              f"{table.edition.name} {table.edition.num_outputs[t]}")
+    if au_thresholds == "saved" and ckpt.get("au_thresholds") is not None:
+        th = np.asarray(ckpt["au_thresholds"], np.float64)
+    else:
+        th = np.full(len(table.edition.au_names), 0.5)
+    fallback = ckpt.get("train_label_stats")
+    if fallback is None:
+        fallback = train_label_stats(read_split(root, "train").frames, table.edition.au_names,
+                                     len(table.edition.expr_names))
+    preds = predict_frames(model, frames, root, image_size=size, batch_size=batch_size, device=dev,
+                           num_workers=num_workers, progress=progress)
+    sub = write_submission(frames, preds, out, root, split=split, edition=table.edition, au_thresholds=th,
+                           fallback=fallback)
+    filled = sub.pop("filled_preds")
+    scores = score_predictions(frames, preds, thresholds=th if "au" in preds else None)
+    if "au" in filled:
+        filled["au"] = (filled["au"] >= th).astype(np.float32)  # the files hold decisions, not probabilities
+    all_frames = score_predictions(frames, filled, thresholds=th if "au" in filled else None, require_image=False)
+    result = json_clean({
+        "checkpoint": str(checkpoint), "data_root": str(root), "split": split, "image_size": size,
+        "au_thresholds": th.tolist(), "scores": scores, "headline": headline(scores),
+        "scores_all_frames": all_frames, "headline_all_frames": headline(all_frames), "submission": sub,
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "scores.json", result)
+    return result

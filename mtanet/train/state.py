@@ -1,0 +1,98 @@
+"""What a run keeps between sessions: RNG states, the append-only log, and the resume checkpoint's checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtanet.errors import CheckpointError, ConfigError
+from mtanet.runtime import json_clean
+from mtanet.train.config import TrainConfig, flatten
+
+__all__ = ["CHECKPOINT", "LOG_FILE", "METRICS_FILE", "CONFIG_FILE", "BEST_KEYS", "JsonlLog", "rng_state",
+           "set_rng_state", "read_resume_checkpoint"]
+
+CHECKPOINT = "last.pt"
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+#: The four "best" checkpoints: ``best_<key>.pt`` keeps the model of the epoch with the highest validation ``key``.
+BEST_KEYS: tuple[str, ...] = ("va", "au", "expr", "mean")
+
+
+class JsonlLog:
+    """Append-only ``log.jsonl`` whose byte offset is stored in checkpoints; a resume cuts it back to that offset,
+    so rows written after the checkpoint (and re-computed by the resumed run) never appear twice."""
+
+    def __init__(self, path: Path, offset: int | None, enabled: bool):
+        self.file = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 - closed in close()
+        self.file.truncate(offset or 0)
+        self.file.seek(0, os.SEEK_END)
+
+    @property
+    def offset(self) -> int:
+        return self.file.tell() if self.file is not None else 0
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write((json.dumps(json_clean(row), allow_nan=False) + "\n").encode())
+            self.file.flush()  # rows are few (every log_every steps); flushing lets a watcher see them at once
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def rng_state(cuda: bool) -> dict[str, Any]:
+    """Python's, numpy's global, torch's (and CUDA's) RNG states, as plain data a checkpoint can hold."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """``last.pt`` of the run in ``path.parent``, checked to belong to ``config``.
+
+    Raises:
+        CheckpointError: the file cannot be read or is not a resume checkpoint.
+        ConfigError: the checkpoint's run computes something else (a field outside
+            :attr:`TrainConfig.RESUMABLE_CHANGES` differs).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means "do not use it"
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it was not loaded. Move it "
+                              "away to start the run over") from err
+    if not isinstance(ckpt, dict) or "position" not in ckpt or "train_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a resume checkpoint of mtanet.train")
+    old, new = flatten(ckpt["train_config"]), config.to_flat_dict()
+    changed = sorted(k for k, v in new.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v)
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {path} with a different config ({diff}); resume with the run's own "
+                          f"config ({path.parent / CONFIG_FILE}) or start a new output folder")
+    return ckpt

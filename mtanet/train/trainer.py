@@ -1,0 +1,525 @@
+"""The paper's two-stage recipe as one resumable, reproducible loop.
+
+The recipe (paper section IV-B, ABAW2020.md section 6), every number a field of :class:`TrainConfig`:
+
+1. **Stage 1**: the plain sum of the task losses, Adam, lr 1e-3, weight decay 1e-3.
+2. **Stage 2**: fine-tuning with the uncertainty weighting of eq. 5, SGD (momentum 0.9), lr 1e-4, weight decay 5e-3;
+   the log-variances ``s = log sigma^2`` are parameters of this optimiser (without weight decay, which would pull them
+   back towards the plain sum).
+
+The learning rate is held constant in each stage by default (the paper gives a rate, no schedule); ``lr_schedule=
+"cosine"`` decays each stage to zero. Batches come from :class:`mtanet.data.TaskBalancedBatchSampler`, so every
+batch holds labels of every trained task despite the incomplete labels of Aff-Wild2. After each epoch the model is
+scored on the validation frames that have an image, with the ABAW 2020 scores of :mod:`mtanet.metrics`.
+
+What a run leaves in its output folder:
+
+- ``config.json``: the run's :class:`TrainConfig`.
+- ``log.jsonl``: one JSON object per line, ``kind`` ``"step"`` (every ``log_every`` steps: mean task losses of the
+  window ``loss_<task>``, ``loss_total``, ``lr``, effective task weights ``w_<task>``, ``sigma_<task>`` under the
+  uncertainty weighting, ``images_per_s``) or ``"epoch"`` (the same over the epoch, plus the validation scores
+  ``val_<task>``, ``val_au_tuned``, ``val_mean`` and their full dicts under ``val``).
+- ``last.pt``: the resume checkpoint, written atomically every ``checkpoint_every`` steps and at each epoch end:
+  model, optimiser, schedule position, loss weighting, sampler position, the RNG states of every rank, the log
+  offset, the best scores so far. ``best_va.pt``, ``best_au.pt``, ``best_expr.pt``, ``best_mean.pt``: the model at
+  the epoch with the best validation score of that kind, with the tuned AU thresholds.
+- ``metrics.json``: final and best validation scores, the per-epoch history, config, versions, git commit,
+  hardware and wall times (see :func:`train`).
+
+A run killed at any moment (SIGKILL included) and started again with ``resume=True`` ends with the same weights and
+scores as an uninterrupted run on CPU: batches, augmentation and dropout depend only on the seed and the position in
+the run (see :class:`mtanet.data.FaceAugment`), and everything else that changes is in the checkpoint.
+
+Under ``torchrun --nproc_per_node N`` the same entry point trains with DistributedDataParallel; every difference
+that makes is in :class:`mtanet.train.distributed.Distributed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mtanet.data import FaceAugment, FrameDataset, TaskBalancedBatchSampler, build_packed_cache, read_split
+from mtanet.data.loading import KeyedBatches, KeyedFrames, collate_batched
+from mtanet.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mtanet.evaluate import headline, predict_dataset, score_predictions, train_label_stats
+from mtanet.losses import au_positive_weights, expression_class_weights, make_weighting, task_losses
+from mtanet.models import MTANet, load_vggface2_senet50, save_checkpoint
+from mtanet.runtime import cpu_model, git_info, json_clean, resolve_device, usable_cores, versions, write_json
+from mtanet.train.config import TrainConfig
+from mtanet.train.distributed import Distributed
+from mtanet.train.optim import lr_factor, make_optimizer
+from mtanet.train.state import (
+    BEST_KEYS,
+    CHECKPOINT,
+    CONFIG_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    JsonlLog,
+    read_resume_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+
+__all__ = ["train", "Trainer"]
+
+
+def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Train MTANet as ``config`` says and return the content of ``metrics.json``.
+
+    ``metrics.json`` holds: ``final`` (the last epoch's validation scores, the dicts of :mod:`mtanet.metrics`:
+    ``va``, ``au`` at threshold 0.5 (the headline AU score), ``au_tuned`` with per-AU thresholds tuned on
+    validation, ``expr``, ``mean``), ``final_headline`` (their single numbers), ``au_thresholds`` (the tuned ones,
+    also stored in every checkpoint), ``best`` (per key of :data:`BEST_KEYS`: score, epoch, step, checkpoint file),
+    ``history`` (headline scores per epoch), ``config``, ``data`` (frame counts), ``versions``, ``git``,
+    ``hardware``, ``wall_time_s``, ``images_per_s`` and, under DDP, ``ddp`` (world size and the largest
+    difference of the final weights across ranks, which must be 0).
+
+    Raises:
+        ConfigError: an invalid config (an empty ``data_root`` included), or resuming with a config that changes
+            what the run computes.
+        DeviceUnavailableError: the requested device is not there.
+        NonFiniteLossError: a NaN/inf loss (message names stage, epoch and step).
+        FileExistsError: ``output_dir`` holds a run and ``resume`` is False.
+        CheckpointError: ``last.pt`` exists but cannot be read.
+    """
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    """One training run; :func:`train` is ``Trainer(config).run()``. See the module docstring for the recipe.
+
+    Attributes after construction: ``config``, ``device``, ``model`` (the plain :class:`mtanet.models.MTANet`, also
+    under DDP), ``train_frames``/``val_frames`` (frame tables), ``au_names``, ``expr_names``.
+    """
+
+    def __init__(self, config: TrainConfig | Mapping[str, Any]):
+        self._saved_globals = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        self.dist = Distributed.from_env()
+        self.log = None
+        try:
+            self._setup(config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config))
+        except BaseException:
+            self.close()  # leave the process (a notebook kernel, say) as it was
+            raise
+
+    # ------------------------------------------------------------------------------------------------------ setup
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        started = time.perf_counter()
+        self.config = cfg
+        if not cfg.data_root:
+            raise ConfigError("TrainConfig.data_root is empty: give an Aff-Wild2 root (`mtanet synth ROOT` writes "
+                              "the synthetic twin)")
+        # the device first: a missing GPU must fail before minutes of data loading
+        self.device = resolve_device(cfg.device, self.dist.local_rank if self.dist.active else None)
+        self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda if cfg.amp is None else cfg.amp
+        self.channels_last = self.cuda if cfg.channels_last is None else cfg.channels_last
+        cores = max(1, usable_cores() // self.dist.local_world)
+        self.threads = cfg.threads or cores
+        self.num_workers = (min(8, cores) if self.cuda else 0) if cfg.num_workers is None else cfg.num_workers
+        torch.set_num_threads(self.threads)
+        deterministic = (not self.cuda) if cfg.deterministic is None else cfg.deterministic
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = not deterministic
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.dist.start(self.cuda)
+
+        self.out = Path(cfg.output_dir)
+        ckpt = self._prepare_output()
+        self._setup_data()
+        self._setup_model()
+
+        # position in the run and what it has measured so far; a checkpoint overrides all of it
+        self.epoch, self.batches_done, self.step, self.opt_stage = 0, 0, 0, None
+        self.optimizer = None
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, dict[str, Any]] = {}
+        self.last_val: dict[str, Any] | None = None
+        self.au_thresholds: list[float] | None = None
+        # data_wait: the part of "train" spent waiting for the loader's next batch (on a GPU, time it idles for data)
+        self.timing = {"setup": 0.0, "train": 0.0, "data_wait": 0.0, "validation": 0.0, "total": 0.0, "sessions": 0}
+        self.images_trained = 0
+        n_acc = len(cfg.tasks) + 1
+        self.acc_window = torch.zeros(2, n_acc, dtype=torch.float64, device=self.device)  # sums, counts
+        self.acc_epoch = torch.zeros(2, n_acc, dtype=torch.float64, device=self.device)
+        # images/s of a log window counts training time only (validation falls between epochs)
+        self.window_started, self.window_time, self.window_steps = time.perf_counter(), 0.0, 0
+        # dropout streams differ per rank; rank 0's equals a one-process run's
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
+        log_offset = self._restore(ckpt) if ckpt is not None else 0
+        self.log = JsonlLog(self.out / LOG_FILE, log_offset, self.dist.main)
+        # An explicit generator: otherwise each new loader iterator draws its worker seed from the global torch RNG,
+        # which would shift the dropout stream whenever a resumed run starts mid-epoch.
+        self.loader = torch.utils.data.DataLoader(
+            KeyedFrames(self.train_set, self.augment), batch_sampler=KeyedBatches(self.sampler, cfg.seed),
+            collate_fn=collate_batched, num_workers=self.num_workers, pin_memory=self.cuda,
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+        self.timing["setup"] += time.perf_counter() - started
+        self.timing["sessions"] += 1
+        self._session_started = started
+
+    def _prepare_output(self) -> dict[str, Any] | None:
+        """Refuse to overwrite a run unless resuming; drop temporary files of interrupted writes; read last.pt."""
+        cfg, out = self.config, self.out
+        if not cfg.resume and any((out / f).exists() for f in (CHECKPOINT, LOG_FILE, METRICS_FILE)):
+            raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it, "
+                                  "or choose another output folder")
+        self.dist.barrier()  # every rank has looked before rank 0 writes anything
+        if self.dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            # Leftovers of writes killed half-way. They are never read: checkpoints are only ever read under their
+            # final name, which os.replace gives a file only once it is complete.
+            for tmp in list(out.glob(".*.tmp")):
+                tmp.unlink(missing_ok=True)
+        self.dist.barrier()
+        if cfg.resume and (out / CHECKPOINT).exists():
+            return read_resume_checkpoint(out / CHECKPOINT, cfg)
+        if self.dist.main:
+            write_json(out / CONFIG_FILE, cfg.to_dict())
+        return None
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        self.root = Path(cfg.data_root).expanduser()
+        train_table = read_split(self.root, "train", allow_cross_task_leak=cfg.allow_cross_task_leak)
+        val_table = read_split(self.root, "val")
+        self.edition = train_table.edition
+        self.au_names, self.expr_names = tuple(self.edition.au_names), tuple(self.edition.expr_names)
+        self.train_frames, self.val_frames = train_table.frames, val_table.frames
+        self.train_stats = train_label_stats(self.train_frames, self.au_names, len(self.expr_names))
+
+        self.augment = FaceAugment(cfg.image_size, cfg.aug_flip, cfg.aug_crop_scale, cfg.aug_brightness,
+                                   cfg.aug_contrast) if cfg.augment else None
+        self.train_set = FrameDataset(self.train_frames, self.root, self.au_names, image_size=cfg.image_size,
+                                      transform=self.augment)
+        self.val_set = FrameDataset(self.val_frames, self.root, self.au_names, image_size=cfg.image_size)
+        targets, masks = self.train_set.targets, self.train_set.masks
+        # label weights live on the device once, not copied there every step
+        self.expr_weight = _to(expression_class_weights(targets["expr"][masks["expr"]], len(self.expr_names),
+                                                        cfg.expr_class_weight), self.device)
+        self.au_pos_weight = _to(au_positive_weights(targets["au"][masks["au"]], cfg.au_pos_weight), self.device)
+        if cfg.cache_dir:
+            for name, ds in (("train", self.train_set), ("val", self.val_set)):
+                # the name pins the exact list of images, so a cache of another table is never reused
+                digest = hashlib.sha1("\n".join(ds.paths).encode()).hexdigest()[:16]
+                path = Path(cfg.cache_dir) / f"{name}-{digest}.npy"
+                ds.packed = self.dist.main_first(lambda ds=ds, path=path: build_packed_cache(ds, path))
+        self.sampler = TaskBalancedBatchSampler(
+            {t: masks[t] for t in cfg.tasks}, cfg.batch_size, tasks=cfg.tasks, num_batches=cfg.steps_per_epoch,
+            seed=cfg.seed, num_replicas=self.dist.world, rank=self.dist.rank)
+        self.steps_per_epoch = self.sampler.num_batches
+
+    def _setup_model(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
+        self.model = MTANet(cfg.backbone, num_outputs={t: self.edition.num_outputs[t] for t in cfg.tasks},
+                            pooling=cfg.pooling, feature_dim=cfg.feature_dim, dropout=cfg.dropout,
+                            pretrained=cfg.pretrained)
+        if cfg.vggface2_weights:
+            load_vggface2_senet50(self.model, cfg.vggface2_weights)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # one weighting object per kind, shared by the stages that use it (eq. 5's s carries over)
+        self.weightings = {
+            kind: make_weighting(kind, cfg.tasks, **({"init_log_var": cfg.init_log_var} if kind == "uncertainty"
+                                                     else {})).to(self.device)
+            for kind in sorted({s.weighting for s in cfg.stages})}
+        net = self.dist.wrap(self.model, self.device)
+        self.net = torch.compile(net) if cfg.compile else net
+
+    # ------------------------------------------------------------------------------------------------------ the loop
+
+    def stage_of(self, epoch: int) -> int:
+        """1 or 2: the stage a (0-based) epoch belongs to."""
+        return 1 if epoch < self.config.stage1.epochs else 2
+
+    def _weighting(self, stage: int):
+        return self.weightings[self.config.stages[stage - 1].weighting]
+
+    def _start_stage(self, stage: int, state: Mapping[str, Any] | None = None) -> None:
+        cfg = self.config
+        self.optimizer = make_optimizer(cfg.stages[stage - 1], self.model, self._weighting(stage),
+                                        momentum=cfg.momentum, lr_log_vars=cfg.lr_log_vars)
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        self.opt_stage = stage
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or from the checkpoint to the end) and return ``metrics.json``'s content."""
+        for epoch in range(self.epoch, self.config.total_epochs):
+            stage = self.stage_of(epoch)
+            if self.opt_stage != stage:
+                self._start_stage(stage)
+            self._train_epoch(epoch, stage)
+            self._end_epoch(epoch, stage)
+        return self._finish()
+
+    def _train_epoch(self, epoch: int, stage: int) -> None:
+        cfg, tasks = self.config, self.config.tasks
+        weighting = self._weighting(stage)
+        stage_start = (0 if stage == 1 else cfg.stage1.epochs) * self.steps_per_epoch
+        stage_steps = cfg.stages[stage - 1].epochs * self.steps_per_epoch
+        self.sampler.load_state_dict({"epoch": epoch, "seed": cfg.seed}, batches_done=self.batches_done)
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batches_done, desc=f"stage {stage} epoch {epoch + 1}",
+                   disable=not (cfg.progress and self.dist.main), dynamic_ncols=True)
+        started = self.window_started = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            self.timing["data_wait"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            images, targets, masks = batch
+            step = self.step + 1
+            # which tasks have labels in this rank's slice, read on the CPU (no device sync)
+            has_labels = [bool(masks[t].any()) for t in tasks]
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = {t: targets[t].to(self.device, non_blocking=True) for t in tasks}
+            masks = {t: masks[t].to(self.device, non_blocking=True) for t in tasks}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                pred = self.net(images)
+            # losses in float32: a CCC of bf16 moments is too coarse
+            losses = task_losses({t: pred[t].float() for t in tasks}, targets, masks, expr_weight=self.expr_weight,
+                                 au_pos_weight=self.au_pos_weight)
+            labeled = {t: losses[t] for t, has in zip(tasks, has_labels) if has}
+            # Tasks without labels in this slice stay out of the weighting (eq. 5's 0.5*s would still pull on them)
+            # but their zero losses keep every head in the graph, as DDP needs.
+            total = weighting(labeled) if labeled else 0.0
+            total = total + sum(losses[t] for t in tasks if t not in labeled)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self._check_finite(total, losses, stage, epoch, step)  # one sync per step, before anything is updated
+            self.dist.average_grads(weighting.parameters())
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                               cfg.grad_clip)
+            factor = lr_factor(cfg.lr_schedule, step - 1 - stage_start, stage_steps, cfg.warmup_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            self.optimizer.step()
+
+            row = torch.stack([losses[t].detach() for t in tasks] + [total.detach()]).double()
+            present = torch.tensor(has_labels + [True], dtype=torch.float64).to(self.device, non_blocking=True)
+            for acc in (self.acc_window, self.acc_epoch):
+                acc[0] += row * present
+                acc[1] += present
+            self.step, self.batches_done, self.window_steps = step, self.batches_done + 1, self.window_steps + 1
+            self.images_trained += cfg.batch_size
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                self._log_step(stage, epoch, weighting, bar)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and self.batches_done < self.steps_per_epoch:
+                self._save_checkpoint()  # the epoch's last step is saved by the epoch end, after validation
+        bar.close()
+        self.window_time += time.perf_counter() - self.window_started
+        self.timing["train"] += time.perf_counter() - started
+
+    def _check_finite(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], stage: int, epoch: int,
+                      step: int) -> None:
+        if self.dist.any_rank((~torch.isfinite(total.detach())).float()).item():
+            parts = ", ".join(f"{t}={float(v.detach()):.4g}" for t, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss {float(total.detach())} at stage {stage}, epoch {epoch + 1}, step {step} (task "
+                f"losses: {parts}); stopped before this step's update. The last checkpoint "
+                f"({self.out / CHECKPOINT}) holds an earlier step; lower the learning rate or check the data")
+
+    def _mean_losses(self, acc: torch.Tensor) -> dict[str, float | None]:
+        sums, counts = self.dist.sum(acc).cpu().tolist()
+        names = [f"loss_{t}" for t in self.config.tasks] + ["loss_total"]
+        return {n: (s / c if c else None) for n, s, c in zip(names, sums, counts)}
+
+    @staticmethod
+    def _weights_row(weighting) -> dict[str, Any]:
+        row = {f"w_{t}": w for t, w in weighting.weights().items()}
+        if hasattr(weighting, "sigmas"):
+            row.update({f"sigma_{t}": s for t, s in weighting.sigmas().items()})
+        return row
+
+    def _log_step(self, stage: int, epoch: int, weighting, bar) -> None:
+        losses = self._mean_losses(self.acc_window)
+        self.acc_window.zero_()
+        seconds = self.window_time + time.perf_counter() - self.window_started
+        self.log.write({"kind": "step", "stage": stage, "epoch": epoch + 1, "step": self.step, **losses,
+                        "lr": self.optimizer.param_groups[0]["lr"], **self._weights_row(weighting),
+                        "images_per_s": self.window_steps * self.config.batch_size / max(seconds, 1e-9)})
+        bar.set_postfix(loss=f"{losses['loss_total']:.3f}" if losses["loss_total"] is not None else "-")
+        self.window_started, self.window_time, self.window_steps = time.perf_counter(), 0.0, 0
+
+    # ------------------------------------------------------------------------------------------------------ epoch end
+
+    def _end_epoch(self, epoch: int, stage: int) -> None:
+        self.dist.sync_buffers(self.model)
+        train_losses = self._mean_losses(self.acc_epoch)
+        self.acc_epoch.zero_()
+        started = time.perf_counter()
+        scores = self._validate()
+        val_seconds = time.perf_counter() - started
+        self.timing["validation"] += val_seconds
+        self.epoch, self.batches_done = epoch + 1, 0
+        if self.dist.main:
+            self.last_val = scores
+            self.au_thresholds = scores["au_tuned"]["thresholds"] if "au_tuned" in scores else None
+            head = headline(scores)
+            self.history.append({"epoch": epoch + 1, "stage": stage, "step": self.step, **head})
+            self.log.write({"kind": "epoch", "stage": stage, "epoch": epoch + 1, "step": self.step, **train_losses,
+                            "lr": self.optimizer.param_groups[0]["lr"], **self._weights_row(self._weighting(stage)),
+                            **{f"val_{k}": v for k, v in head.items()}, "val": scores,
+                            "val_seconds": val_seconds})
+            for key in BEST_KEYS:
+                value = head.get(key)
+                if value is not None and (key not in self.best or value > self.best[key]["score"]):
+                    self.best[key] = {"score": value, "epoch": epoch + 1, "step": self.step,
+                                      "checkpoint": f"best_{key}.pt"}
+                    self._save_model(self.out / f"best_{key}.pt", {"scores": scores, "epoch": epoch + 1,
+                                                                    "step": self.step})
+        self._save_checkpoint()
+
+    def _validate(self) -> dict[str, Any]:
+        """Predict the validation images (split across ranks) and score them on rank 0."""
+        cfg = self.config
+        indices = self.dist.shard(len(self.val_set))
+        pred = predict_dataset(self.model, self.val_set, indices,
+                               batch_size=cfg.eval_batch_size or 2 * cfg.batch_size // self.dist.world,
+                               device=self.device, num_workers=self.num_workers, amp=self.amp,
+                               channels_last=self.channels_last, progress=cfg.progress and self.dist.main,
+                               desc="validation")
+        pred = self.dist.gather_predictions(indices, pred)
+        return score_predictions(self.val_set.frames, pred) if self.dist.main else {}
+
+    # ------------------------------------------------------------------------------------------------------ checkpoints
+
+    def _save_model(self, path: Path, extra: Mapping[str, Any]) -> None:
+        save_checkpoint(self.model, path, {
+            "train_config": self.config.to_dict(), "au_thresholds": self.au_thresholds,
+            "au_names": list(self.au_names), "expr_names": list(self.expr_names), "edition": self.edition.name,
+            "train_label_stats": self.train_stats, **extra})
+
+    def _save_checkpoint(self) -> None:
+        """Everything a resumed run needs, written atomically by rank 0 (every rank contributes its RNG state)."""
+        rng = self.dist.gather(rng_state(self.cuda))
+        if not self.dist.main:
+            return
+        timing = {**self.timing, "total": self.timing["total"] + time.perf_counter() - self._session_started}
+        self._save_model(self.out / CHECKPOINT, {
+            "position": {"epoch": self.epoch, "batches_done": self.batches_done, "step": self.step,
+                         "optimizer_stage": self.opt_stage},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"name": self.config.lr_schedule, "step": self.step},
+            "weightings": {k: w.state_dict() for k, w in self.weightings.items()},
+            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done},
+            "rng": rng,
+            "accumulators": {"window": self.acc_window.cpu(), "epoch": self.acc_epoch.cpu(),
+                             "window_steps": self.window_steps},
+            "log_offset": self.log.offset,
+            "history": self.history, "best": self.best, "last_val": self.last_val,
+            "timing": timing, "images_trained": self.images_trained,
+        })
+
+    def _restore(self, ckpt: Mapping[str, Any]) -> int:
+        """Continue where ``ckpt`` stopped; returns the log's byte offset at that point."""
+        pos = ckpt["position"]
+        rng = ckpt["rng"]
+        if len(rng) != self.dist.world:
+            raise CheckpointError(f"{self.out / CHECKPOINT} was written by {len(rng)} rank(s), this run has "
+                              f"{self.dist.world}; resume with the same number of processes")
+        self.model.load_state_dict(ckpt["state_dict"])
+        for k, state in ckpt["weightings"].items():
+            self.weightings[k].load_state_dict(state)
+        self.epoch, self.batches_done, self.step = pos["epoch"], pos["batches_done"], pos["step"]
+        if pos["optimizer_stage"] is not None and self.epoch < self.config.total_epochs \
+                and pos["optimizer_stage"] == self.stage_of(self.epoch):
+            self._start_stage(pos["optimizer_stage"], ckpt["optimizer"])
+        self.acc_window.copy_(ckpt["accumulators"]["window"])
+        self.acc_epoch.copy_(ckpt["accumulators"]["epoch"])
+        self.window_steps = ckpt["accumulators"]["window_steps"]
+        self.history, self.best, self.last_val = list(ckpt["history"]), dict(ckpt["best"]), ckpt["last_val"]
+        self.au_thresholds = ckpt["au_thresholds"]
+        self.timing = dict(ckpt["timing"])
+        self.images_trained = ckpt["images_trained"]
+        set_rng_state(rng[self.dist.rank])
+        return int(ckpt["log_offset"])
+
+    # ------------------------------------------------------------------------------------------------------ the end
+
+    def _finish(self) -> dict[str, Any]:
+        ddp = self.dist.weight_spread(self.model)
+        metrics = None
+        if self.dist.main:
+            metrics = json_clean(self._metrics(ddp))
+            write_json(self.out / METRICS_FILE, metrics)
+        return self.dist.from_main(metrics)
+
+    def _metrics(self, ddp: dict[str, Any] | None) -> dict[str, Any]:
+        cfg = self.config
+        timing = {**self.timing, "total": self.timing["total"] + time.perf_counter() - self._session_started}
+        return {
+            "final": self.last_val,
+            "final_headline": headline(self.last_val or {}),
+            "final_epoch": self.epoch,
+            "au_thresholds": self.au_thresholds,
+            "au_headline": "'au' binarises at 0.5 and is the headline; 'au_tuned' uses per-AU thresholds tuned on "
+                           "the same validation frames (optimistic), saved with every checkpoint",
+            "best": self.best,
+            "history": self.history,
+            "steps": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "images_trained": self.images_trained,
+            "images_per_s": self.images_trained / timing["train"] if timing["train"] else None,
+            # share of the training loop spent waiting for data (on a GPU: the share it idles for input)
+            "data_wait_share": timing["data_wait"] / timing["train"] if timing["train"] else None,
+            "config": cfg.to_dict(),
+            "data": {
+                "root": str(self.root), "edition": self.edition.name,
+                "train_images": len(self.train_set), "val_images": len(self.val_set),
+                "train_labeled": {t: int(self.train_set.masks[t].sum()) for t in cfg.tasks},
+                "val_labeled": {t: int(self.val_set.masks[t].sum()) for t in cfg.tasks},
+            },
+            "versions": versions(),
+            "git": git_info(),
+            "hardware": {
+                "device": str(self.device),
+                "device_name": torch.cuda.get_device_name(self.device) if self.cuda else cpu_model(),
+                "cpu": cpu_model(), "cpu_cores": usable_cores(), "torch_threads": self.threads,
+                "num_workers": self.num_workers, "world_size": self.dist.world, "amp_bf16": self.amp,
+                "channels_last": self.channels_last, "compile": cfg.compile,
+            },
+            "wall_time_s": timing,
+            "ddp": ddp,
+        }
+
+    def close(self) -> None:
+        """Close the log, leave the process group, restore torch's global settings."""
+        if self.log is not None:
+            self.log.close()
+        self.dist.stop()
+        threads, deterministic = self._saved_globals
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
