@@ -371,8 +371,8 @@ display(necks.style.format({"parameters": "{:,}"}))
 # ## Heads and outputs per edition
 #
 # One linear layer per task reads the shared feature. The VA head goes through tanh, so valence and arousal are in
-# [-1, 1] like their labels; AU and expression heads return logits (sigmoid and softmax live in the losses and the
-# scorer). The head widths follow the edition of the data (`mtanet.tasks.EDITIONS`): ABAW 2021 annotates 12 AUs, and
+# [-1, 1] like their labels; AU and expression heads return logits: the losses take logits, and `mtanet.models.probabilities` turns them into
+# probabilities for scoring and prediction. The head widths follow the edition of the data (`mtanet.tasks.EDITIONS`): ABAW 2021 annotates 12 AUs, and
 # from 2022 the expression task adds the class Other.
 
 # %%
@@ -388,3 +388,25 @@ display(Markdown(
     f"The heads of the traced network hold {head_params:,} parameters, {head_params / total_params:.2%} of the "
     "total: almost all of MTANet is the shared encoder, which is what makes the hard parameter sharing of the paper "
     "cheap. How the three losses pull on that shared encoder is the subject of the training chapters."))
+
+# %% [markdown]
+# ## Where the code lives
+#
+# The package is laid out like this chapter and the next ones: the vocabulary (tasks, errors, what every layer
+# shares), then the leaves the paper defines (the data, the model, the losses of section III-B, the ABAW scores), what
+# composes them (the synthetic twin, evaluation, inference on real video), the trainer, and last the entry points (the
+# `mtanet` command and this book's kit). A module imports only from its own layer or the ones above it in the table;
+# `tests/test_structure.py` reads every import statement, those inside functions too, and fails on a cycle or on an
+# import that points up. The table is read from the sources when the book is built.
+
+# %%
+from mtanet.book.layout import LAYERS, modules_table  # noqa: E402 - this section's only helper
+
+layout = modules_table()
+assert list(layout["layer"].unique()) == list(LAYERS), "a module outside the layers of the package"
+display(layout.style.hide(axis="index").format({"lines": "{:,}"}))
+per_layer = layout.groupby("layer", sort=False)["lines"].sum()
+display(Markdown(
+    f"{len(layout)} modules, {layout['lines'].sum():,} lines; the trainer itself (`train/trainer.py`) is "
+    f"{int(layout.loc[layout['module'] == 'train/trainer.py', 'lines'].iloc[0]):,} lines, and the entry points "
+    f"(the command line and the book kit) {per_layer.iloc[-1]:,}."))

@@ -158,3 +158,14 @@ def test_each_shared_helper_is_defined_once(name: str) -> None:
     where = [m for m, path in modules().items() for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") == name]
     assert where == ["mtanet.runtime"], where
+
+
+def test_the_architecture_chapter_describes_these_layers() -> None:
+    from mtanet.book.layout import LAYERS as CHAPTER_LAYERS
+    from mtanet.book.layout import modules_table
+
+    chapter = {part: rank for rank, parts in enumerate(CHAPTER_LAYERS.values()) for part in parts}
+    assert chapter == {part: rank for part, rank in LAYERS.items() if part != "mtanet"}
+    table = modules_table()
+    assert len(table) == len([p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE])
+    assert (table["summary"] != "").all(), "every module says what it is for in its docstring"

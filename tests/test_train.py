@@ -527,3 +527,16 @@ def assert_same_batch(got_batch, want_batch) -> None:
         assert got.keys() == want.keys()
         for task in want:
             assert got[task].dtype == want[task].dtype and torch.equal(got[task], want[task]), task
+
+
+def test_validation_only_where_asked(smoke_root: Path, tmp_path: Path) -> None:
+    # val_every=0: one validation, after the last epoch; the epochs before log their training losses only
+    out = tmp_path / "once"
+    metrics = T.train(tiny(smoke_root, out, val_every=0, stage1_epochs=2, stage2_epochs=1))
+    epochs = [r for r in read_log(out) if r["kind"] == "epoch"]
+    assert [("val" in r) for r in epochs] == [False, False, True]
+    assert [h["epoch"] for h in metrics["history"]] == [3] and metrics["best"]["mean"]["epoch"] == 3
+    assert all(math.isfinite(r["loss_total"]) for r in epochs)
+    out = tmp_path / "every2"
+    metrics = T.train(tiny(smoke_root, out, val_every=2, stage1_epochs=2, stage2_epochs=1))
+    assert [h["epoch"] for h in metrics["history"]] == [2, 3]

@@ -9,33 +9,36 @@ Three kinds of helpers, all deterministic given their seed:
 2. **Small simulations**: MSE versus CCC on hand-made predictors (:func:`example_predictors`,
    :func:`compare_predictors`), the batch-size bias of the CCC (:func:`batch_ccc_bias`), and the relaxation of the
    uncertainty parameters for fixed losses (:func:`relax_log_vars`).
-3. **A short two-stage training run** (:func:`two_stage_training`, :func:`run_weighting_demo`): the plain sum, then
-   the uncertainty weighting of eq. 5, logging every task loss and every learned weight at every step.
+3. **A short two-stage training run** through the package's trainer (:func:`run_weighting_demo`, configured by
+   :func:`weighting_demo_config`, its ``log.jsonl`` read by :func:`read_step_log`): the plain sum, then the
+   uncertainty weighting of eq. 5, logging every task loss and every learned weight at every step.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy.ndimage import gaussian_filter1d
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from mtanet.data import FrameDataset, TaskBalancedBatchSampler
-from mtanet.losses import SumWeighting, UncertaintyWeighting, task_losses
+from mtanet.errors import ConfigError
+from mtanet.losses import UncertaintyWeighting
 from mtanet.metrics import ccc
-from mtanet.models import MTANet
-from mtanet.tasks import LABEL_SENTINEL, TASKS
+from mtanet.tasks import LABEL_SENTINEL
+from mtanet.train import LOG_FILE, TrainConfig, train
 
 #: Kinds of the three tasks in eq. 5: VA is a regression (Gaussian likelihood), AU and EXPR classifications.
 DEFAULT_KINDS: dict[str, str] = {"va": "regression", "au": "classification", "expr": "classification"}
-
-Batch = tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,114 +312,98 @@ def relax_log_vars(losses: Mapping[str, float], steps: int, lr: float,
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# a short two-stage training run
+# a short two-stage training run, through the trainer
 
 
-def frame_batches(dataset: Any, sampler: Any, image_size: int, device: str | torch.device = "cpu") -> Iterator[Batch]:
-    """Endless ``(images, targets, masks)`` batches of a :class:`mtanet.data.FrameDataset`, in the order of a
-    :class:`mtanet.data.TaskBalancedBatchSampler` (one epoch after another).
+def weighting_demo_config(root: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
+                          backbone: str = "seresnet18", image_size: int = 64, feature_dim: int = 256,
+                          batch_size: int = 24, steps_sum: int = 10, steps_uncertainty: int = 30,
+                          lr_sum: float = 1e-3, lr_finetune: float = 1e-4, lr_log_vars: float = 0.1,
+                          momentum: float = 0.0, seed: int = 0, device: str = "cpu", threads: int | None = 2,
+                          **config: Any) -> TrainConfig:
+    """The :class:`mtanet.train.TrainConfig` of the chapter's demo: the paper's schedule in miniature.
 
-    Images are decoded as uint8 and resized as a whole batch (faster than the dataset's per-item resize).
-    """
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        for idx in sampler:
-            images = torch.stack([dataset.load_image(i) for i in idx]).float().div_(255.0)
-            if images.shape[-1] != image_size or images.shape[-2] != image_size:
-                images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True,
-                                       align_corners=False)
-            targets = {t: torch.from_numpy(dataset.targets[t][idx]).to(device) for t in TASKS}
-            masks = {t: torch.from_numpy(dataset.masks[t][idx]).to(device) for t in TASKS}
-            yield images.to(device), targets, masks
-        epoch += 1
-
-
-def two_stage_training(model: nn.Module, batches: Iterable[Batch], *, steps_sum: int, steps_uncertainty: int,
-                       lr_sum: float = 1e-3, weight_decay_sum: float = 1e-3, lr_finetune: float = 1e-4,
-                       weight_decay_finetune: float = 5e-3, lr_log_vars: float = 0.1, momentum: float = 0.0,
-                       tasks: tuple[str, ...] = TASKS, on_step: Callable[[dict[str, Any]], None] | None = None
-                       ) -> tuple[pd.DataFrame, UncertaintyWeighting]:
-    """The paper's schedule in miniature: ``steps_sum`` steps of the plain sum (Adam), then ``steps_uncertainty``
-    steps of eq. 5 (SGD), logging the task losses, the effective weights and ``s = log sigma^2`` at every step.
-
-    Stage 1 uses Adam (``lr_sum``, ``weight_decay_sum``; the paper's 1e-3 and 1e-3). Stage 2 uses SGD with two
-    parameter groups: the network (``lr_finetune``, ``weight_decay_finetune``; the paper's 1e-4 and 5e-3) and the
-    uncertainty parameters ``s`` (``lr_log_vars``, no weight decay, which would pull every ``s`` towards 0, i.e. towards
-    the plain sum). The paper gives one learning rate for both; a larger one for ``s`` only makes its movement visible
-    in a few steps.
+    Stage 1 is ``steps_sum`` steps of the plain sum (Adam, ``lr_sum``, weight decay 1e-3 as in the paper), stage 2
+    ``steps_uncertainty`` steps of eq. 5 (SGD, network ``lr_finetune``, weight decay 5e-3 as in the paper;
+    the log-variances ``s`` at ``lr_log_vars`` without weight decay). The trainer counts whole epochs and both stages
+    share one epoch length, so an epoch is ``gcd(steps_sum, steps_uncertainty)`` steps and each stage lasts exactly
+    the steps asked for. No augmentation (the demo shows the weighting, not the data), a step row of ``log.jsonl``
+    at every step, validation only after the last epoch, resume checkpoints at epoch ends only, no progress bars.
 
     Args:
-        model: maps images to ``{task: prediction}`` (an :class:`mtanet.models.MTANet` or anything shaped like it).
-        batches: ``(images, targets, masks)`` tuples (see :func:`frame_batches`); at least
-            ``steps_sum + steps_uncertainty`` of them.
-        on_step: called with each step's log row (for progress reports).
+        root: the Aff-Wild2 root (real or synthetic); the trainer reads its train and val splits.
+        output_dir: where the run writes ``log.jsonl``, ``metrics.json`` and its checkpoints (must not hold a run).
+        config: further :class:`mtanet.train.TrainConfig` keys (they override the ones above).
 
-    Returns:
-        The log (one row per step: ``step``, ``stage``, ``loss_<task>``, ``total``, ``w_<task>``, ``s_<task>``,
-        ``sigma_<task>``; ``s`` and ``sigma`` are NaN in stage 1, where no uncertainty parameter is in use) and the
-        trained weighting.
+    Raises:
+        ConfigError: a negative step count, both counts 0, or an invalid key or value.
     """
-    device = next(model.parameters()).device
-    summed = SumWeighting(tasks)
-    weighting = UncertaintyWeighting(tasks).to(device)
-    stages = [("sum", steps_sum, summed, torch.optim.Adam(model.parameters(), lr=lr_sum,
-                                                           weight_decay=weight_decay_sum))]
-    stages.append(("uncertainty", steps_uncertainty, weighting, torch.optim.SGD([
-        {"params": list(model.parameters()), "lr": lr_finetune, "weight_decay": weight_decay_finetune},
-        {"params": list(weighting.parameters()), "lr": lr_log_vars, "weight_decay": 0.0},
-    ], lr=lr_finetune, momentum=momentum)))
-    model.train()
-    it = iter(batches)
-    log: list[dict[str, Any]] = []
-    step = 0
-    for stage, n_steps, combine, opt in stages:
-        for _ in range(n_steps):
-            images, targets, masks = next(it)
-            pred = model(images)
-            losses = task_losses({t: pred[t] for t in tasks}, targets, masks, skip_empty=True)
-            total = combine(losses)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            # weights and s are read after the step, so row k shows the state the step left behind
-            row: dict[str, Any] = {"step": step, "stage": stage, "total": float(total.detach())}
-            row.update({f"loss_{t}": float(losses[t].detach()) if t in losses else math.nan for t in tasks})
-            row.update({f"w_{t}": w for t, w in combine.weights().items()})
-            in_use = stage == "uncertainty"
-            s_now = weighting.log_vars.detach().cpu().tolist()
-            row.update({f"s_{t}": s_now[i] if in_use else math.nan for i, t in enumerate(tasks)})
-            row.update({f"sigma_{t}": v if in_use else math.nan for t, v in weighting.sigmas().items()})
-            log.append(row)
-            if on_step is not None:
-                on_step(row)
-            step += 1
-    return pd.DataFrame(log), weighting
+    if steps_sum < 0 or steps_uncertainty < 0:
+        raise ConfigError(f"steps_sum and steps_uncertainty must be >= 0, got {steps_sum} and {steps_uncertainty}")
+    if steps_sum + steps_uncertainty == 0:
+        raise ConfigError("steps_sum and steps_uncertainty are both 0: nothing to train")
+    epoch = math.gcd(steps_sum, steps_uncertainty)
+    return TrainConfig.from_dict({
+        "data_root": str(root), "output_dir": str(output_dir), "backbone": backbone, "image_size": image_size,
+        "feature_dim": feature_dim, "batch_size": batch_size, "steps_per_epoch": epoch,
+        "stage1_epochs": steps_sum // epoch, "stage1_weighting": "sum", "stage1_optimizer": "adam",
+        "stage1_lr": lr_sum, "stage1_weight_decay": 1e-3,
+        "stage2_epochs": steps_uncertainty // epoch, "stage2_weighting": "uncertainty", "stage2_optimizer": "sgd",
+        "stage2_lr": lr_finetune, "stage2_weight_decay": 5e-3, "lr_log_vars": lr_log_vars, "momentum": momentum,
+        "augment": False, "val_every": 0, "log_every": 1, "checkpoint_every": 0, "progress": False,
+        "seed": seed, "device": device, "threads": threads, **config})
 
 
-def run_weighting_demo(root: Any, frames: pd.DataFrame, au_names: Iterable[str], num_expressions: int, *,
-                       backbone: str = "seresnet18",
-                       image_size: int = 64, feature_dim: int = 256, batch_size: int = 24, steps_sum: int = 10,
-                       steps_uncertainty: int = 30, seed: int = 0, device: str = "cpu",
-                       num_threads: int | None = 2, **training: Any) -> tuple[pd.DataFrame, UncertaintyWeighting]:
-    """:func:`two_stage_training` of a freshly initialised :class:`mtanet.models.MTANet` on a frame table.
+def read_step_log(path: str | os.PathLike[str], config: TrainConfig) -> pd.DataFrame:
+    """The ``"step"`` rows of a run's ``log.jsonl`` as the chapter plots them.
 
-    Batches come from a :class:`mtanet.data.TaskBalancedBatchSampler`, so every task has labels in every batch.
-    Deterministic given ``seed`` (model initialisation, dropout and batch order) on a given machine and thread count.
+    Columns: ``step`` (the trainer's, from 1), ``stage`` (the stage's weighting, ``"sum"`` or ``"uncertainty"``),
+    ``loss_<task>``, ``total`` (the weighted loss the step minimised), ``lr`` (the network's), ``w_<task>`` (the
+    effective weights after the step), ``sigma_<task>`` and ``s_<task> = log sigma^2 = 2 ln sigma``; ``s`` and
+    ``sigma`` are NaN under the plain sum, where no uncertainty parameter is in use. With ``log_every > 1`` each
+    row holds the mean losses of its window.
+    """
+    tasks = config.tasks
+    rows = []
+    with open(path, encoding="utf-8") as log:
+        for line in log:
+            entry = json.loads(line)
+            if entry.get("kind") != "step":
+                continue
+            row: dict[str, Any] = {"step": entry["step"], "stage": config.stages[entry["stage"] - 1].weighting}
+            row.update({f"loss_{t}": _number(entry.get(f"loss_{t}")) for t in tasks})
+            row.update({"total": _number(entry.get("loss_total")), "lr": _number(entry.get("lr"))})
+            row.update({f"w_{t}": _number(entry.get(f"w_{t}")) for t in tasks})
+            sigmas = {t: _number(entry.get(f"sigma_{t}")) for t in tasks}
+            row.update({f"s_{t}": 2.0 * math.log(v) if v > 0 else math.nan for t, v in sigmas.items()})
+            row.update({f"sigma_{t}": v for t, v in sigmas.items()})
+            rows.append(row)
+    columns = (["step", "stage"] + [f"loss_{t}" for t in tasks] + ["total", "lr"] + [f"w_{t}" for t in tasks]
+               + [f"s_{t}" for t in tasks] + [f"sigma_{t}" for t in tasks])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def run_weighting_demo(root: str | os.PathLike[str], *, output_dir: str | os.PathLike[str] | None = None,
+                       **settings: Any) -> pd.DataFrame:
+    """Train a freshly initialised MTANet with :func:`mtanet.train.train` as :func:`weighting_demo_config` says, and
+    return its step log (:func:`read_step_log`): one row per step, every task loss and every learned weight.
+
+    The trainer reads the train and val splits of ``root``; batches come from its task-balanced sampler, so every
+    task has labels in every batch. Deterministic given ``seed`` on a given machine and thread count (the trainer
+    switches on torch's deterministic algorithms on the CPU).
 
     Args:
-        root, frames, au_names: what :class:`mtanet.data.FrameDataset` needs.
-        num_expressions: width of the expression head (7 in ABAW 2020).
-        num_threads: ``torch.set_num_threads`` for the run (``None`` leaves it alone).
-        training: further keyword arguments of :func:`two_stage_training` (learning rates, momentum, on_step).
+        root: the Aff-Wild2 root.
+        output_dir: where the run is kept (it must not hold a run yet); ``None``: a temporary folder, removed
+            afterwards.
+        settings: keyword arguments of :func:`weighting_demo_config`.
     """
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    au_names = tuple(au_names)
-    dataset = FrameDataset(frames, root, au_names, image_size=image_size)
-    sampler = TaskBalancedBatchSampler(dataset.masks, batch_size, seed=seed)
-    torch.manual_seed(seed)
-    heads = {"va": 2, "au": len(au_names), "expr": int(num_expressions)}
-    model = MTANet(backbone, num_outputs=heads, feature_dim=feature_dim).to(device)
-    return two_stage_training(model, frame_batches(dataset, sampler, image_size, device), steps_sum=steps_sum,
-                              steps_uncertainty=steps_uncertainty, **training)
+    with tempfile.TemporaryDirectory(prefix="mtanet-weighting-demo-") as tmp:
+        out = Path(tmp) / "run" if output_dir is None else Path(output_dir)
+        config = weighting_demo_config(root, out, **settings)
+        train(config)
+        return read_step_log(out / LOG_FILE, config)

@@ -154,6 +154,8 @@ class TrainConfig(BaseModel):
                                                        "for CUDA")
     eval_batch_size: Annotated[MaybeCount, Field(description="validation batch per rank; None: twice the training "
                                                              "batch per rank")] = None
+    val_every: Annotated[Count, Field(ge=0, description="validate every this many epochs, and always after the "
+                                                        "last; 0: after the last epoch only")] = 1
     log_every: Annotated[Count, Field(ge=1, description="steps between step rows of log.jsonl")] = 10
     checkpoint_every: Annotated[Count, Field(ge=0, description="steps between resume checkpoints (also written at "
                                                                "every epoch end); 0: epoch ends only")] = 500

@@ -375,28 +375,36 @@ class Trainer:
         self.dist.sync_buffers(self.model)
         train_losses = self._mean_losses(self.acc_epoch)
         self.acc_epoch.zero_()
+        every, last = self.config.val_every, epoch + 1 == self.config.total_epochs
+        validate = last or (every > 0 and (epoch + 1) % every == 0)
         started = time.perf_counter()
-        scores = self._validate()
+        scores = self._validate() if validate else None
         val_seconds = time.perf_counter() - started
         self.timing["validation"] += val_seconds
         self.epoch, self.batches_done = epoch + 1, 0
         if self.dist.main:
-            self.last_val = scores
-            self.au_thresholds = scores["au_tuned"]["thresholds"] if "au_tuned" in scores else None
-            head = headline(scores)
-            self.history.append({"epoch": epoch + 1, "stage": stage, "step": self.step, **head})
-            self.log.write({"kind": "epoch", "stage": stage, "epoch": epoch + 1, "step": self.step, **train_losses,
-                            "lr": self.optimizer.param_groups[0]["lr"], **self._weights_row(self._weighting(stage)),
-                            **{f"val_{k}": v for k, v in head.items()}, "val": scores,
+            row = {"kind": "epoch", "stage": stage, "epoch": epoch + 1, "step": self.step, **train_losses,
+                   "lr": self.optimizer.param_groups[0]["lr"], **self._weights_row(self._weighting(stage))}
+            if scores is not None:
+                self._record_validation(epoch, stage, scores)
+                row.update({**{f"val_{k}": v for k, v in headline(scores).items()}, "val": scores,
                             "val_seconds": val_seconds})
-            for key in BEST_KEYS:
-                value = head.get(key)
-                if value is not None and (key not in self.best or value > self.best[key]["score"]):
-                    self.best[key] = {"score": value, "epoch": epoch + 1, "step": self.step,
-                                      "checkpoint": f"best_{key}.pt"}
-                    self._save_model(self.out / f"best_{key}.pt", {"scores": scores, "epoch": epoch + 1,
-                                                                    "step": self.step})
+            self.log.write(row)
         self._save_checkpoint()
+
+    def _record_validation(self, epoch: int, stage: int, scores: dict[str, Any]) -> None:
+        """Scores of the epoch into the history; the ``best_<key>.pt`` checkpoints they beat are replaced."""
+        self.last_val = scores
+        self.au_thresholds = scores["au_tuned"]["thresholds"] if "au_tuned" in scores else None
+        head = headline(scores)
+        self.history.append({"epoch": epoch + 1, "stage": stage, "step": self.step, **head})
+        for key in BEST_KEYS:
+            value = head.get(key)
+            if value is not None and (key not in self.best or value > self.best[key]["score"]):
+                self.best[key] = {"score": value, "epoch": epoch + 1, "step": self.step,
+                                  "checkpoint": f"best_{key}.pt"}
+                self._save_model(self.out / f"best_{key}.pt", {"scores": scores, "epoch": epoch + 1,
+                                                                "step": self.step})
 
     def _validate(self) -> dict[str, Any]:
         """Predict the validation images (split across ranks) and score them on rank 0."""
