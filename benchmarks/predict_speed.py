@@ -6,7 +6,7 @@ and model; the same end to end; and the model part on a GPU against the CPU when
 
 Each thread setting is measured in this process (torch and onnxruntime set alike), and the best end-to-end one is
 the figure against the goal (25 frames/s on 2 cores). The stages are timed one after the other on the same frames,
-so their shares add up to the pipeline's cost; the end-to-end figure is :func:`mtanet.predict.predict_to_csv` on
+so their shares add up to the pipeline's cost; the end-to-end figure is :func:`mtanet.inference.predict_to_csv` on
 the file, smoothing and CSV writing included.
 """
 

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from mtanet import metrics
 from mtanet.data import FrameDataset, detect_edition, label_arrays, read_annotation_file, read_split
 from mtanet.data.loading import BatchedFrames, collate_batched
-from mtanet.errors import CheckpointError, ConfigError
-from mtanet.models import load_model, probabilities
+from mtanet.errors import ConfigError
+from mtanet.models import load_model, probabilities, read_checkpoint
 from mtanet.runtime import json_clean, resolve_device, usable_cores, write_json
 from mtanet.tasks import TASKS
 
@@ -312,10 +312,7 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
 
 def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: Path, batch_size: int,
               num_workers: int, au_thresholds: str, image_size: int | None, progress: bool) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read means "do not use it"
-        raise CheckpointError(f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+    ckpt = read_checkpoint(checkpoint)
     model = load_model(checkpoint, map_location=dev)
     train_cfg = ckpt.get("train_config") or {}
     root = data_root or train_cfg.get("data_root")

@@ -10,7 +10,7 @@
 # formula numerically against the package's code (`mtanet.losses`): each check prints the measured discrepancy and
 # asserts it is below a tolerance, so the book does not build if the code drifts from the equations. The literal
 # equations used as references are in `mtanet.book.loss_experiments`, written independently of `mtanet.losses`. The
-# chapter ends with a short training run in which the learned weights of eq. 5 can be seen moving.
+# chapter ends with a short run of the package's trainer in which the learned weights of eq. 5 can be seen moving.
 
 # %% tags=["parameters"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size (written on first use)
@@ -507,28 +507,37 @@ plt.show()
 # %% [markdown]
 # ## 4. The learned weights during training
 #
-# A miniature of the paper's schedule on the training split: a small MTANet (backbone `backbone` at `image_size`
-# pixels, shared feature `feature_dim`) is trained for `steps_sum` steps with the plain sum of the three losses (Adam,
-# learning rate 1e-3, weight decay 1e-3, as in the paper), then for `steps_uncertainty` steps with eq. 5 (SGD, network
-# learning rate 1e-4, weight decay 5e-3, as in the paper). The paper gives one learning rate for the fine-tuning; at
-# 1e-4 the $s_t$ would need about 20,000 steps to move (section 3), so here they get their own, `lr_log_vars`, and
-# no weight decay (which would pull every $s_t$ back to 0, the plain sum). Every batch comes from the task-balanced
-# sampler, so every task has labels in every step. The run is deterministic given `seed`
-# (`mtanet.book.loss_experiments.run_weighting_demo`).
+# A miniature of the paper's schedule, run by the package's trainer (`mtanet.train.train`, the loop of the training
+# chapter): a freshly initialised MTANet (backbone `backbone` at `image_size` pixels, shared feature `feature_dim`)
+# is trained on the training split for `steps_sum` steps with the plain sum of the three losses (Adam at `lr_sum`,
+# weight decay 1e-3; the paper's 1e-3 and 1e-3), then for `steps_uncertainty` steps with eq. 5 (SGD, network at
+# `lr_finetune`, weight decay 5e-3; the paper's 1e-4 and 5e-3). The paper gives one learning rate for the
+# fine-tuning; at 1e-4 the $s_t$ would need about 20,000 steps to move (section 3), so here they get their own,
+# `lr_log_vars`, and no weight decay (which would pull every $s_t$ back to 0, the plain sum).
+#
+# The trainer counts whole epochs, of one length for both stages, so an epoch here is the greatest common divisor of
+# `steps_sum` and `steps_uncertainty` steps and each stage lasts exactly the steps asked for. Every batch comes from
+# the task-balanced sampler (reseeded at every epoch), so every task has labels in every step; the network has its
+# dropout, the images no augmentation. The trainer writes a row to its `log.jsonl` after every step (steps count
+# from 1): the step's task losses, the effective weights $w_t$ and, under eq. 5, $\sigma_t$, from which
+# $s_t = 2 \ln \sigma_t$. It validates once, after the last step (those scores are not used here). The run is
+# deterministic given `seed` on a given machine and thread count: on the CPU the trainer switches on torch's
+# deterministic algorithms (`mtanet.book.loss_experiments.run_weighting_demo`).
 
 # %%
 started = time.perf_counter()
-log, trained = X.run_weighting_demo(
-    root, frames, au_names, n_expr, backbone=backbone, image_size=image_size, feature_dim=feature_dim,
-    batch_size=batch_size, steps_sum=steps_sum, steps_uncertainty=steps_uncertainty, seed=seed, device=device,
-    num_threads=threads, lr_sum=lr_sum, lr_finetune=lr_finetune, lr_log_vars=lr_log_vars, momentum=momentum)
-print(f"{len(log)} steps in {time.perf_counter() - started:.1f} s "
+log = X.run_weighting_demo(
+    root, backbone=backbone, image_size=image_size, feature_dim=feature_dim, batch_size=batch_size,
+    steps_sum=steps_sum, steps_uncertainty=steps_uncertainty, lr_sum=lr_sum, lr_finetune=lr_finetune,
+    lr_log_vars=lr_log_vars, momentum=momentum, seed=seed, device=device, threads=threads)
+assert list(log["stage"]) == ["sum"] * steps_sum + ["uncertainty"] * steps_uncertainty, "stage lengths differ"
+print(f"{len(log)} steps and one validation pass in {time.perf_counter() - started:.1f} s "
       f"({backbone}, {image_size} px, batch {batch_size}, {device})")
 
 # %%
 loss_mean = log[[f"loss_{t}" for t in tasks]].rolling(smooth, min_periods=1).mean()
 stage2 = log["stage"] == "uncertainty"
-switch = steps_sum - 0.5
+switch = steps_sum + 0.5  # the trainer's steps count from 1
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), sharex=True)
 for t in tasks:
     c = colors[t]

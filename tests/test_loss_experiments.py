@@ -1,9 +1,11 @@
 """The loss chapter's helpers: literal equations against the package and torch, closed forms against autograd and
-simulation, and the two-stage training loop on tiny tensors."""
+simulation, and the two-stage demo run through the trainer."""
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,10 @@ from torch import nn
 
 from mtanet import losses as L
 from mtanet.book import loss_experiments as X
+from mtanet.errors import ConfigError
 from mtanet.metrics import ccc
+from mtanet.train import StageConfig
+from mtanet.train.optim import make_optimizer
 
 
 @pytest.fixture
@@ -180,83 +185,127 @@ def test_population_ccc_matches_a_large_sample(rng):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the training loop on tiny tensors
+# the two-stage demo, through the trainer
 
 
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(3 * 4 * 4, 16)
-        self.heads = nn.ModuleDict({"va": nn.Linear(16, 2), "au": nn.Linear(16, 8), "expr": nn.Linear(16, 7)})
-
-    def forward(self, x):
-        h = torch.relu(self.body(x.flatten(1)))
-        out = {t: head(h) for t, head in self.heads.items()}
-        out["va"] = torch.tanh(out["va"])
-        return out
-
-
-def _tiny_batches(seed=0, b=12):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        images = torch.rand(b, 3, 4, 4, generator=g)
-        targets = {"va": torch.rand(b, 2, generator=g) * 2 - 1, "au": torch.randint(0, 2, (b, 8), generator=g).float(),
-                   "expr": torch.randint(0, 7, (b,), generator=g)}
-        rows = torch.arange(b)
-        masks = {"va": rows % 3 != 0, "au": rows % 2 == 0, "expr": torch.ones(b, dtype=torch.bool)}
-        yield images, targets, masks
+@pytest.mark.parametrize(("steps_sum", "steps_uncertainty"), [(10, 30), (60, 180), (300, 1000), (7, 5), (0, 4), (4, 0)])
+def test_weighting_demo_config_keeps_the_stage_lengths(tmp_path, steps_sum, steps_uncertainty):
+    cfg = X.weighting_demo_config(tmp_path / "root", tmp_path / "run", steps_sum=steps_sum,
+                                  steps_uncertainty=steps_uncertainty, lr_sum=2e-3, lr_finetune=3e-4,
+                                  lr_log_vars=0.05, momentum=0.5, seed=3, dropout=0.25)
+    assert cfg.steps_per_epoch == math.gcd(steps_sum, steps_uncertainty)
+    assert cfg.stage1.epochs * cfg.steps_per_epoch == steps_sum
+    assert cfg.stage2.epochs * cfg.steps_per_epoch == steps_uncertainty
+    assert (cfg.stage1.weighting, cfg.stage1.optimizer, cfg.stage1.lr, cfg.stage1.weight_decay) == ("sum", "adam",
+                                                                                                    2e-3, 1e-3)
+    assert (cfg.stage2.weighting, cfg.stage2.optimizer, cfg.stage2.lr, cfg.stage2.weight_decay) == ("uncertainty",
+                                                                                                    "sgd", 3e-4, 5e-3)
+    assert (cfg.lr_log_vars, cfg.momentum, cfg.seed, cfg.dropout) == (0.05, 0.5, 3, 0.25)
+    # no augmentation, a log row per step, validation only after the last epoch, checkpoints at epoch ends only
+    assert (cfg.augment, cfg.log_every, cfg.val_every, cfg.checkpoint_every, cfg.progress) == (False, 1, 0, 0, False)
+    assert cfg.data_root == str(tmp_path / "root") and cfg.output_dir == str(tmp_path / "run")
 
 
-def _run(**kw):
-    torch.manual_seed(0)
-    return X.two_stage_training(TinyNet(), _tiny_batches(), **{"steps_sum": 3, "steps_uncertainty": 5, **kw})
+def test_weighting_demo_config_refuses_nothing_to_train(tmp_path):
+    with pytest.raises(ConfigError, match="both 0"):
+        X.weighting_demo_config(tmp_path, tmp_path / "run", steps_sum=0, steps_uncertainty=0)
+    with pytest.raises(ConfigError, match=">= 0"):
+        X.weighting_demo_config(tmp_path, tmp_path / "run", steps_sum=-1, steps_uncertainty=4)
+    with pytest.raises(ConfigError, match="did you mean"):
+        X.weighting_demo_config(tmp_path, tmp_path / "run", bach_size=4)
 
 
-def test_two_stage_training_log_and_determinism():
-    log, w = _run()
-    assert len(log) == 8 and list(log["stage"]) == ["sum"] * 3 + ["uncertainty"] * 5
-    assert (log.loc[log.stage == "sum", ["w_va", "w_au", "w_expr"]] == 1.0).all().all()
-    assert log.loc[log.stage == "sum", "s_va"].isna().all()
-    assert log.loc[log.stage == "uncertainty", "s_va"].notna().all()
-    assert np.isfinite(log[["loss_va", "loss_au", "loss_expr", "total"]].to_numpy()).all()
-    last = log.iloc[-1]
-    for i, t in enumerate(w.tasks):
-        assert last[f"s_{t}"] == pytest.approx(w.log_vars[i].item())
-        assert last[f"w_{t}"] == pytest.approx(w.weights()[t])
-        assert last[f"sigma_{t}"] == pytest.approx(math.exp(0.5 * w.log_vars[i].item()))
-    assert (log.loc[log.stage == "uncertainty", ["s_va", "s_au", "s_expr"]].abs() > 0).all().all()
-    log2, _ = _run()
-    pd.testing.assert_frame_equal(log, log2)
+def test_read_step_log_turns_sigma_into_s(tmp_path):
+    cfg = X.weighting_demo_config(tmp_path, tmp_path / "run", steps_sum=1, steps_uncertainty=2)
+    sigma = {"va": 0.9, "au": 1.0, "expr": 1.3}
+    rows = [
+        {"kind": "step", "stage": 1, "epoch": 1, "step": 1, "loss_va": 0.8, "loss_au": 0.6, "loss_expr": 1.9,
+         "loss_total": 3.3, "lr": 1e-3, "w_va": 1.0, "w_au": 1.0, "w_expr": 1.0, "images_per_s": 5.0},
+        {"kind": "epoch", "stage": 1, "epoch": 1, "step": 1, "loss_va": 0.8, "val_mean": 0.1},
+        {"kind": "step", "stage": 2, "epoch": 2, "step": 2, "loss_va": None, "loss_au": 0.5, "loss_expr": 1.7,
+         "loss_total": 2.0, "lr": 1e-4, **{f"w_{t}": 0.4 for t in sigma},
+         **{f"sigma_{t}": v for t, v in sigma.items()}},
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = X.read_step_log(path, cfg)
+    assert list(log["step"]) == [1, 2] and list(log["stage"]) == ["sum", "uncertainty"]
+    assert {"total", "lr", "loss_va", "w_expr", "s_au", "sigma_expr"} <= set(log.columns)
+    assert log.loc[0, ["s_va", "s_au", "s_expr", "sigma_va", "sigma_au", "sigma_expr"]].isna().all()
+    for t, v in sigma.items():
+        assert log.loc[1, f"s_{t}"] == pytest.approx(2 * math.log(v), abs=1e-15)
+        assert log.loc[1, f"sigma_{t}"] == v
+    assert math.isnan(log.loc[1, "loss_va"]) and log.loc[1, "total"] == 2.0 and log.loc[1, "lr"] == 1e-4
 
 
-def test_two_stage_training_s_reaches_closed_form_when_network_is_frozen():
-    # network frozen (lr 0) and one batch repeated: the losses are constants and every s must reach its optimum
-    batch = next(_tiny_batches())
-    torch.manual_seed(0)
-    model = TinyNet()
-    log, w = X.two_stage_training(model, iter([batch] * 300), steps_sum=0, steps_uncertainty=300, lr_finetune=0.0,
-                                  weight_decay_finetune=0.0, lr_log_vars=0.5)
-    model.train()
-    for t in w.tasks:
-        loss = log[f"loss_{t}"].iloc[-1]
-        assert log[f"loss_{t}"].std() < 1e-6
-        assert log[f"s_{t}"].iloc[-1] == pytest.approx(X.optimal_log_var(loss, X.DEFAULT_KINDS[t]), abs=1e-4)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_trainer_stage2_optimizer_drives_s_to_its_closed_form(momentum):
+    # the trainer's stage-2 optimiser with the task losses held fixed (a frozen network): every s reaches log(2cL),
+    # which it would miss if the optimiser put weight decay on s
+    losses = {"va": 0.3, "au": 0.2, "expr": 1.5}
+    weighting = L.UncertaintyWeighting().double()
+    network = nn.Linear(2, 2)  # in the first group; it gets no gradient, so SGD leaves it alone
+    stage = StageConfig(epochs=1, weighting="uncertainty", optimizer="sgd", lr=1e-4, weight_decay=5e-3)
+    opt = make_optimizer(stage, network, weighting, momentum=momentum, lr_log_vars=0.5)
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[1]["lr"] == 0.5
+    before = [p.detach().clone() for p in network.parameters()]
+    fixed = {t: torch.tensor(v, dtype=torch.float64) for t, v in losses.items()}
+    for _ in range(400):
+        opt.zero_grad(set_to_none=True)
+        weighting(fixed).backward()
+        opt.step()
+    for i, t in enumerate(weighting.tasks):
+        star = X.optimal_log_var(losses[t], X.DEFAULT_KINDS[t])
+        assert weighting.log_vars[i].item() == pytest.approx(star, abs=1e-6)
+        assert weighting.weights()[t] == pytest.approx(0.5 / losses[t], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, network.parameters()))
 
 
-def test_two_stage_training_sum_stage_only_moves_no_s():
-    log, w = _run(steps_uncertainty=0)
-    assert len(log) == 3 and torch.all(w.log_vars == 0)
+SMOKE_DEMO = dict(backbone="seresnet18", image_size=32, feature_dim=32, batch_size=6, lr_log_vars=0.1, momentum=0.0)
 
 
 @pytest.mark.slow
-def test_run_weighting_demo_on_smoke_data(smoke_root):
-    from mtanet.data import load_frames
-    from mtanet.tasks import EDITIONS
+def test_run_weighting_demo_through_the_trainer(smoke_root, tmp_path, monkeypatch):
+    # 2 + 3 steps: one step per epoch, so the stages are 2 and 3 epochs of the trainer
+    kw = dict(SMOKE_DEMO, steps_sum=2, steps_uncertainty=3)
+    log = X.run_weighting_demo(smoke_root, output_dir=tmp_path / "run", **kw)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["steps_per_epoch"] == 1 and metrics["final_epoch"] == 5
+    assert [h["epoch"] for h in metrics["history"]] == [5]  # validated once, after the last epoch
+    assert list(log["step"]) == [1, 2, 3, 4, 5] and list(log["stage"]) == ["sum"] * 2 + ["uncertainty"] * 3
+    assert np.isfinite(log[["loss_va", "loss_au", "loss_expr", "total"]].to_numpy()).all()
+    sum_stage, eq5 = log[log.stage == "sum"], log[log.stage == "uncertainty"]
+    assert (sum_stage[["w_va", "w_au", "w_expr"]] == 1.0).all().all() and (sum_stage["lr"] == 1e-3).all()
+    assert sum_stage[[f"{k}_{t}" for k in ("s", "sigma") for t in ("va", "au", "expr")]].isna().all().all()
+    assert (eq5["lr"] == 1e-4).all()
+    factor = {"va": 0.5, "au": 1.0, "expr": 1.0}
+    for t, c in factor.items():
+        assert eq5[f"s_{t}"].notna().all() and (eq5[f"s_{t}"].abs() > 0).all()
+        np.testing.assert_allclose(eq5[f"sigma_{t}"], np.exp(eq5[f"s_{t}"] / 2), rtol=1e-12)
+        np.testing.assert_allclose(eq5[f"w_{t}"], c * np.exp(-eq5[f"s_{t}"]), rtol=1e-5)
+        # stage 1 moved no s: the first step of eq. 5 (plain SGD) starts from s = 0, where ds = lr (c L - 1/2)
+        first = eq5.iloc[0]
+        assert first[f"s_{t}"] == pytest.approx(0.1 * (c * first[f"loss_{t}"] - 0.5), rel=1e-4, abs=1e-6)
+    # the last row holds the run's final s, as its resume checkpoint does
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    final = state["weightings"]["uncertainty"]["log_vars"].double().numpy()
+    np.testing.assert_allclose(log[["s_va", "s_au", "s_expr"]].iloc[-1].to_numpy(), final, rtol=1e-5, atol=1e-7)
+    # the same seed gives the same log; the temporary run folder is removed
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    again = X.run_weighting_demo(smoke_root, **kw)
+    pd.testing.assert_frame_equal(log, again)
+    assert list(scratch.iterdir()) == []
 
-    frames = load_frames(smoke_root, "train")
-    ed = EDITIONS["2020"]
-    kw = dict(backbone="seresnet18", image_size=32, feature_dim=32, batch_size=6, steps_sum=1, steps_uncertainty=2)
-    log, w = X.run_weighting_demo(smoke_root, frames, ed.au_names, len(ed.expr_names), **kw)
-    assert len(log) == 3 and np.isfinite(log[["loss_va", "loss_au", "loss_expr"]].to_numpy()).all()
-    log2, _ = X.run_weighting_demo(smoke_root, frames, ed.au_names, len(ed.expr_names), **kw)
-    pd.testing.assert_frame_equal(log, log2)
+
+@pytest.mark.slow
+def test_run_weighting_demo_sum_stage_only_moves_no_s(smoke_root, tmp_path):
+    log = X.run_weighting_demo(smoke_root, output_dir=tmp_path / "run", steps_sum=3, steps_uncertainty=0,
+                               **SMOKE_DEMO)
+    assert list(log["step"]) == [1, 2, 3] and (log["stage"] == "sum").all()
+    assert log[[f"{k}_{t}" for k in ("s", "sigma") for t in ("va", "au", "expr")]].isna().all().all()
+    assert (log[["w_va", "w_au", "w_expr"]] == 1.0).all().all()
+    # the uncertainty parameters of the run were never trained
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert torch.all(state["weightings"]["uncertainty"]["log_vars"] == 0)

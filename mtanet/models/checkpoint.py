@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mtanet.models.mtanet import MTANet
+from mtanet.errors import CheckpointError
 from mtanet.runtime import atomic_path
 
 __all__ = ["save_checkpoint", "load_model", "read_checkpoint"]
@@ -46,11 +47,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     cannot run code).
 
     Raises:
-        ValueError: the file is not an MTANet checkpoint (no ``config`` or no ``state_dict``).
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointError: the file cannot be read (truncated, empty, not a torch file) or is not an MTANet checkpoint
+            (no ``config`` or no ``state_dict``).
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means "do not use it"
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not an MTANet checkpoint (needs 'config' and 'state_dict')")
+        raise CheckpointError(f"{path} is not an MTANet checkpoint (needs 'config' and 'state_dict')")
     return ckpt
 
 
