@@ -15,6 +15,7 @@ __all__ = [
     "DataFormatError",
     "DeviceUnavailableError",
     "CheckpointError",
+    "OutputExistsError",
     "NonFiniteLossError",
     "PretrainedWeightsNotFound",
     "NotebookFailed",
@@ -51,6 +52,11 @@ class DeviceUnavailableError(MtanetError, RuntimeError):
 
 class CheckpointError(MtanetError, RuntimeError):
     """A checkpoint that cannot be read, is not of the kind asked for, or does not belong to this run."""
+
+
+class OutputExistsError(MtanetError, FileExistsError):
+    """An output path holds something the command did not write and must not replace or delete (user files, a
+    folder of another kind); nothing was deleted."""
 
 
 class NonFiniteLossError(MtanetError, FloatingPointError):

@@ -6,10 +6,11 @@ The trainer validates with :func:`predict_dataset` and :func:`score_predictions`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -18,15 +19,27 @@ import torch
 from tqdm.auto import tqdm
 
 from mtanet import metrics
-from mtanet.data import FrameDataset, detect_edition, label_arrays, read_annotation_file, read_split
-from mtanet.data.loading import BatchedFrames, collate_batched
-from mtanet.errors import ConfigError
-from mtanet.models import load_model, probabilities, read_checkpoint
+from mtanet.data import (
+    ANNOTATION_DIR,
+    FrameDataset,
+    detect_edition,
+    label_arrays,
+    read_annotation_file,
+    read_split,
+)
+from mtanet.data.loading import BatchedFrames, FrameLoader, collate_batched
+from mtanet.errors import ConfigError, DataFormatError, OutputExistsError
+from mtanet.models import model_from_checkpoint, probabilities, read_checkpoint
 from mtanet.runtime import json_clean, resolve_device, usable_cores, write_json
-from mtanet.tasks import TASKS
+from mtanet.tasks import EDITIONS, TASKS
 
 __all__ = ["predict_dataset", "predict_frames", "score_predictions", "headline", "train_label_stats",
-           "write_submission", "evaluate"]
+           "write_submission", "submission_paths", "evaluate", "SCORES_FILE"]
+
+#: The summary :func:`evaluate` writes beside the submission files; its ``files`` lists them.
+SCORES_FILE = "scores.json"
+#: Folders :func:`write_submission` may write (the task folders of every edition).
+_SUBMISSION_FOLDERS = frozenset(d for ed in EDITIONS.values() for d in ed.task_dirs.values())
 
 
 # --------------------------------------------------------------------------------------------------- prediction
@@ -35,9 +48,8 @@ __all__ = ["predict_dataset", "predict_frames", "score_predictions", "headline",
 def _eval_loader(dataset: FrameDataset, indices: np.ndarray, batch_size: int, num_workers: int, pin: bool):
     batches = [indices[i: i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     # a generator of its own, so predicting never draws from (and shifts) the global torch RNG
-    return torch.utils.data.DataLoader(BatchedFrames(dataset), batch_sampler=batches, collate_fn=collate_batched,
-                                       num_workers=num_workers, pin_memory=pin,
-                                       generator=torch.Generator().manual_seed(0))
+    return FrameLoader(BatchedFrames(dataset), batch_sampler=batches, collate_fn=collate_batched,
+                       num_workers=num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
 
 
 def predict_dataset(model, dataset: FrameDataset, indices: np.ndarray, *, batch_size: int, device: torch.device,
@@ -183,6 +195,16 @@ def _fill(values: np.ndarray, has: np.ndarray, fallback: np.ndarray) -> np.ndarr
     return values[idx]
 
 
+def _submission_names(frames: pd.DataFrame, task: str, split: str) -> list[str]:
+    return sorted(frames.loc[frames[f"split_{task}"] == split, "name"].unique())
+
+
+def submission_paths(frames: pd.DataFrame, tasks: Sequence[str], split: str, edition) -> list[str]:
+    """The files :func:`write_submission` writes for ``tasks``, as ``<task folder>/<name>.txt`` relative to its
+    ``out_dir``, sorted."""
+    return sorted(f"{edition.task_dirs[t]}/{name}.txt" for t in tasks for name in _submission_names(frames, t, split))
+
+
 def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_dir: str | os.PathLike[str],
                      root: str | os.PathLike[str], *, split: str = "val", edition=None,
                      au_thresholds: Sequence[float] | float = 0.5,
@@ -214,7 +236,8 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
         fallback: ``{"va_mean", "au_prevalence", "expr_majority"}`` (a trainer checkpoint's ``train_label_stats``).
 
     Returns:
-        ``{task: {"folder", "files", "lines", "filled", "names_without_face"}}`` and ``filled_preds``:
+        ``{task: {"folder", "files", "lines", "filled", "names_without_face", "paths"}}`` (``paths``: the files
+        written, relative to ``out_dir``, as :func:`submission_paths` gives them) and ``filled_preds``:
         ``{task: array}`` aligned with ``frames`` with every row filled (rows past N stay NaN).
     """
     ed = edition or detect_edition(root)
@@ -226,7 +249,7 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
     for task, p in preds.items():
         folder = out_dir / ed.task_dirs[task]
         folder.mkdir(parents=True, exist_ok=True)
-        names = sorted(frames.loc[frames[f"split_{task}"] == split, "name"].unique())
+        names = _submission_names(frames, task, split)
         width = p.shape[1]
         if task == "va":
             header, fb = "valence,arousal", np.asarray(fallback.get("va_mean") or [0.0, 0.0], np.float32)
@@ -238,7 +261,8 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
             header = ",".join(ed.expr_names)
             fb = np.zeros(width, np.float32)
             fb[int(fallback.get("expr_majority") or 0)] = 1.0
-        info = {"folder": ed.task_dirs[task], "files": 0, "lines": 0, "filled": 0, "names_without_face": []}
+        info = {"folder": ed.task_dirs[task], "files": 0, "lines": 0, "filled": 0, "names_without_face": [],
+                "paths": []}
         for name in names:
             path = root / "annotations" / ed.task_dirs[task] / ed.split_dirs[split] / f"{name}.txt"
             n = len(read_annotation_file(path, task)[1])
@@ -258,6 +282,7 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
             else:
                 lines = [str(int(c)) for c in full.argmax(axis=1)]
             (folder / f"{name}.txt").write_text(header + "\n" + "\n".join(lines) + "\n")
+            info["paths"].append(f"{ed.task_dirs[task]}/{name}.txt")
             info["files"] += 1
             info["lines"] += n
             info["filled"] += int((~has).sum())
@@ -281,7 +306,15 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
     ``EXPR_Set/`` for ABAW 2020). Scores (:func:`score_predictions`) come twice: ``scores`` over the labeled frames
     that have an image (as during training; ``au`` at 0.5, ``au_tuned`` with the AU thresholds used for the files),
     and ``scores_all_frames`` over every labeled frame with the filled predictions of the files, which is what the
-    challenge's scorer sees.
+    challenge's scorer sees. ``files`` lists every submission file written (``VA_Set/<name>.txt``, ...).
+
+    An output folder used before: what an earlier evaluate wrote there (the files its ``scores.json`` lists, and that
+    ``scores.json``) is removed just before the new files are written, so the submission folders hold exactly the
+    files the new ``scores.json`` lists, never an earlier split's beside them. A folder whose submission folders hold
+    any other file, or whose ``scores.json`` lists no files (not written by evaluate, or by a version before the
+    list), is refused before anything is computed, and nothing in it is deleted. Files outside the submission folders
+    (a training run's checkpoints, say) are never touched. If writing fails, the files of this call are removed:
+    the folder then holds no submission at all rather than part of one.
 
     Args:
         checkpoint: a trainer checkpoint (``best_*.pt``, ``last.pt``) or any :func:`mtanet.models.save_checkpoint`
@@ -297,6 +330,9 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
         ConfigError: no data root was given and the checkpoint names none; a head that does not fit the data's
             edition; an unknown ``au_thresholds``.
         CheckpointError: the file is not a readable checkpoint.
+        DataFormatError: ``split`` has no frame with both an image and a label of one of the checkpoint's tasks
+            (its score would be null); the message names the task's annotation folder.
+        OutputExistsError: ``output_dir`` holds submission files that no earlier evaluate's ``scores.json`` lists.
     """
     if au_thresholds not in ("saved", "0.5"):
         raise ConfigError(f"au_thresholds must be 'saved' or '0.5', got {au_thresholds!r}")
@@ -312,8 +348,9 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
 
 def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: Path, batch_size: int,
               num_workers: int, au_thresholds: str, image_size: int | None, progress: bool) -> dict[str, Any]:
-    ckpt = read_checkpoint(checkpoint)
-    model = load_model(checkpoint, map_location=dev)
+    previous = _previous_outputs(out)  # refused here, before minutes of predicting
+    ckpt = read_checkpoint(checkpoint)  # checked against its digest once, then built from the same bytes
+    model = model_from_checkpoint(ckpt, map_location=dev)
     train_cfg = ckpt.get("train_config") or {}
     root = data_root or train_cfg.get("data_root")
     if not root:
@@ -326,6 +363,14 @@ def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: P
         if n != table.edition.num_outputs[t]:
             raise ConfigError(f"the checkpoint's {t} head has {n} outputs, the data's edition "
                               f"{table.edition.name} {table.edition.num_outputs[t]}")
+    _, masks = label_arrays(frames, _au_columns(frames))
+    has_image = (frames["image"] != "").to_numpy()
+    for t in model.config["num_outputs"]:
+        if not (masks[t] & has_image).any():
+            folder = root / ANNOTATION_DIR / table.edition.task_dirs[t] / table.edition.split_dirs[split]
+            raise DataFormatError(folder, None, f"no {split} frame has both an image and a label for {t}, so the "
+                                                f"checkpoint's {t} head could not be scored; add {t} labels there "
+                                                "or evaluate another split")
     if au_thresholds == "saved" and ckpt.get("au_thresholds") is not None:
         th = np.asarray(ckpt["au_thresholds"], np.float64)
     else:
@@ -336,18 +381,76 @@ def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: P
                                      len(table.edition.expr_names))
     preds = predict_frames(model, frames, root, image_size=size, batch_size=batch_size, device=dev,
                            num_workers=num_workers, progress=progress)
-    sub = write_submission(frames, preds, out, root, split=split, edition=table.edition, au_thresholds=th,
-                           fallback=fallback)
-    filled = sub.pop("filled_preds")
-    scores = score_predictions(frames, preds, thresholds=th if "au" in preds else None)
-    if "au" in filled:
-        filled["au"] = (filled["au"] >= th).astype(np.float32)  # the files hold decisions, not probabilities
-    all_frames = score_predictions(frames, filled, thresholds=th if "au" in filled else None, require_image=False)
-    result = json_clean({
-        "checkpoint": str(checkpoint), "data_root": str(root), "split": split, "image_size": size,
-        "au_thresholds": th.tolist(), "scores": scores, "headline": headline(scores),
-        "scores_all_frames": all_frames, "headline_all_frames": headline(all_frames), "submission": sub,
-    })
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "scores.json", result)
+    planned = [out / rel for rel in submission_paths(frames, list(preds), split, table.edition)]
+    _remove_outputs(out, previous)
+    try:
+        sub = write_submission(frames, preds, out, root, split=split, edition=table.edition, au_thresholds=th,
+                               fallback=fallback)
+        filled = sub.pop("filled_preds")
+        files = sorted(rel for t in preds for rel in sub[t].pop("paths"))
+        scores = score_predictions(frames, preds, thresholds=th if "au" in preds else None)
+        if "au" in filled:
+            filled["au"] = (filled["au"] >= th).astype(np.float32)  # the files hold decisions, not probabilities
+        all_frames = score_predictions(frames, filled, thresholds=th if "au" in filled else None,
+                                       require_image=False)
+        result = json_clean({
+            "checkpoint": str(checkpoint), "data_root": str(root), "split": split, "image_size": size,
+            "au_thresholds": th.tolist(), "scores": scores, "headline": headline(scores),
+            "scores_all_frames": all_frames, "headline_all_frames": headline(all_frames), "submission": sub,
+            "files": files,
+        })
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / SCORES_FILE, result)  # last: a scores.json means a complete submission
+    except BaseException:
+        _remove_outputs(out, planned)
+        raise
     return result
+
+
+def _is_submission_path(rel: Any) -> bool:
+    """Whether ``rel`` names a file :func:`write_submission` writes: ``<a task folder of an edition>/<name>.txt``."""
+    if not isinstance(rel, str):
+        return False
+    parts = PurePosixPath(rel).parts
+    return (len(parts) == 2 and parts[0] in _SUBMISSION_FOLDERS and parts[1].endswith(".txt")
+            and not parts[1].startswith(".") and "\\" not in rel)
+
+
+def _previous_outputs(out: Path) -> list[Path]:
+    """What an earlier :func:`evaluate` wrote into ``out`` and this one replaces: the files its ``scores.json``
+    lists, then that ``scores.json``. Raises :class:`OutputExistsError` (nothing deleted) when ``scores.json`` lists
+    no files or the submission folders hold anything it does not list."""
+    scores = out / SCORES_FILE
+    listed: list[str] = []
+    if scores.exists() or scores.is_symlink():
+        try:
+            listed = json.loads(scores.read_text()).get("files")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            listed = None
+        if not isinstance(listed, list) or not all(_is_submission_path(rel) for rel in listed):
+            raise OutputExistsError(f"{scores} was not written by this version of mtanet evaluate (it lists no "
+                                    "submission files); nothing was deleted: remove it or choose another output "
+                                    "folder")
+    ours = {out / rel for rel in listed}
+    for name in _SUBMISSION_FOLDERS:
+        folder = out / name
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            raise OutputExistsError(f"{folder} is where submission files go but is not a folder of them; nothing "
+                                    "was deleted: remove it or choose another output folder")
+        foreign = sorted(entry.name for entry in folder.iterdir() if entry not in ours)
+        if foreign:
+            more = f" and {len(foreign) - 1} other entries" if len(foreign) > 1 else ""
+            raise OutputExistsError(f"{folder} holds {foreign[0]}{more} that no earlier mtanet evaluate listed in "
+                                    f"{scores}; nothing was deleted: remove them or choose another output folder")
+    return sorted(ours) + ([scores] if listed or scores.exists() else [])
+
+
+def _remove_outputs(out: Path, paths: Sequence[Path]) -> None:
+    """Remove ``paths`` (files of an evaluate) and the submission folders they leave empty."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in paths if path.parent != out}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

@@ -6,6 +6,7 @@ Nothing here knows about tasks, models or training; every module may import it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -21,13 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtanet.errors import ConfigError, DeviceUnavailableError
+from mtanet.errors import ConfigError, DeviceUnavailableError, OutputExistsError
 
 __all__ = [
     "DEVICE_NAMES",
     "usable_cores",
     "resolve_device",
     "atomic_path",
+    "prepare_output_file",
+    "check_output_folder",
     "json_clean",
     "write_json",
     "cpu_model",
@@ -90,18 +93,88 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Readers only ever see the old file or the complete new one (``os.replace`` is atomic within a folder); after a
     failure (an exception, a full disk) the temporary file is removed and ``path`` is untouched. Its name starts with
     ``.`` and ends in ``.tmp``, so a leftover of a killed process is recognisable.
+
+    A file-system error (a full disk, a folder without write permission) is raised as an :class:`OSError` of the same
+    ``errno`` naming ``path``: writers such as ``torch.save`` raise it without a file name, and the temporary name
+    means nothing to a user.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        named = _naming(err, path)
+        if named is err:
+            raise
+        raise named from err
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        named = _naming(err, path)
+        if named is err:
+            raise
+        raise named from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` when it names no file or a temporary file of :func:`atomic_path` (same errno, so
+    the same subclass); otherwise ``err`` itself."""
+    if err.errno is None:
+        return err
+    if err.filename is not None:
+        name = os.path.basename(os.fsdecode(err.filename))
+        if not (name.startswith(f".{path.name}.") and name.endswith(".tmp")):
+            return err
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+
+
+def prepare_output_file(path: str | os.PathLike[str]) -> Path:
+    """Check that a file can be written at ``path`` and create its folder; returns ``path`` as a :class:`Path`.
+
+    Called before the work starts, so that a wrong output path fails in a second, not after the work. Whether an
+    existing file may be replaced is the caller's decision.
+
+    Raises:
+        OutputExistsError: ``path`` is a folder, or a part of it that should be a folder is a file.
+        PermissionError: the folder cannot be written (named with ``path``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder; give the path of a file to write in it (nothing was changed)")
+    _writable_folder(path.parent, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` is a folder that can be written, or can be created as one; creates nothing.
+
+    Raises:
+        OutputExistsError: ``path``, or a folder above it, is a file.
+        PermissionError: the folder (or the nearest existing one above it) cannot be written (named with ``path``).
+    """
+    path = Path(path)
+    _writable_folder(path, path)
+    return path
+
+
+def _writable_folder(folder: Path, target: Path) -> None:
+    """Raise unless ``folder`` is, or can be created as, a folder this process may write ``target`` into."""
+    for above in (folder, *folder.parents):
+        if above.is_dir():
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            return
+        if above.exists():
+            where = f"{target} is a file" if above == target else f"cannot write {target}: {above} is a file"
+            raise OutputExistsError(f"{where}, not a folder; choose another path (nothing was changed)")
 
 
 def _umask() -> int:

@@ -63,3 +63,67 @@ def smoke_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "synth-smoke"
     write_synth(root, "smoke", seed=0, workers=2)
     return root
+
+
+class Damage:
+    """Damage a model file on disk the ways issue 15 met it: bytes flipped inside a weight (the container stays
+    readable, so only a digest can tell), a truncated file, an empty file."""
+
+    @staticmethod
+    def flip_checkpoint_tensor(path: Path, n: int = 4096) -> str:
+        """Invert ``n`` bytes in the middle of the largest tensor record of a ``torch.save`` zip (stored, not
+        compressed, so the bytes are the tensor's); returns the record's name. ``torch.load`` still reads the file:
+        it does not check the zip's CRCs."""
+        import struct
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:
+            info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED and info.file_size >= 2 * n
+        with open(path, "r+b") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)  # the local file header: its name and extra field precede the data
+            start = info.header_offset + 30 + sum(struct.unpack("<HH", header[26:30]))
+            f.seek(start + info.file_size // 2)
+            chunk = f.read(n)
+            f.seek(start + info.file_size // 2)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+        return info.filename
+
+    @staticmethod
+    def flip_onnx_initializer(path: Path, n: int = 4096) -> str:
+        """Invert ``n`` bytes in the middle of the largest initializer's raw data of an ONNX file (the protobuf
+        stays parseable); returns the initializer's name."""
+        import onnx
+
+        init = max(onnx.load(str(path)).graph.initializer, key=lambda t: len(t.raw_data))
+        assert len(init.raw_data) >= 2 * n
+        data = bytearray(path.read_bytes())
+        at = data.index(init.raw_data) + len(init.raw_data) // 2
+        data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+        path.write_bytes(bytes(data))
+        return init.name
+
+    @staticmethod
+    def truncate(path: Path, keep: float = 0.5) -> None:
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    @staticmethod
+    def empty(path: Path) -> None:
+        path.write_bytes(b"")
+
+
+@pytest.fixture
+def damage() -> Damage:
+    return Damage()
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file below ``folder`` with its size, mtime and bytes: equal before and after a refused command."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot():
+    return folder_state

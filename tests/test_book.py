@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import jupytext
 import nbformat
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from mtanet import book
 
@@ -82,6 +85,63 @@ def test_environment_yml_and_pyproject_name_the_same_packages() -> None:
     conda_names = _names(conda + [p for p in pip if not p.startswith("-e")]) - {"python", "pip"}
     assert conda_names == declared
     assert "python=3.11" in conda
+
+
+def test_notebooks_pair_with_ipynb_and_back_unchanged(tmp_path: Path) -> None:
+    """`make sync-notebooks` (jupytext --sync with the project's jupytext.toml) on a copy of every chapter: each
+    .ipynb it makes holds the chapter's cells and tags, and the .py made back from that .ipynb alone is the source,
+    byte for byte. (The checkout's .ipynb are git-ignored, so they are made here rather than looked for.)"""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    shutil.copy2(ROOT / "jupytext.toml", tmp_path / "jupytext.toml")
+    copies = [folder / nb.name for nb in NOTEBOOKS]
+    for nb, copy in zip(NOTEBOOKS, copies):
+        shutil.copy2(nb, copy)
+    jupytext_cli = [sys.executable, "-m", "jupytext", "--sync"]
+    made = subprocess.run([*jupytext_cli, *map(str, copies)], capture_output=True, text=True, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    for nb, copy in zip(NOTEBOOKS, copies):
+        source = jupytext.reads(nb.read_text(), fmt="py:percent")
+        paired = nbformat.read(copy.with_suffix(".ipynb"), as_version=4)
+        assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in paired.cells] == [
+            (c.cell_type, c.source, c.metadata.get("tags", [])) for c in source.cells], nb.name
+        copy.unlink()  # the .ipynb alone makes the .py again
+    back = subprocess.run([*jupytext_cli, *(str(c.with_suffix(".ipynb")) for c in copies)], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert back.returncode == 0, back.stderr[-2000:]
+    for nb, copy in zip(NOTEBOOKS, copies):
+        assert copy.read_text() == nb.read_text(), f"{nb.name} changes on the way through its .ipynb"
+
+
+def _ranges(requirements: list[str]) -> dict[str, SpecifierSet]:
+    """Package name -> version range, for pip requirements and conda specs alike (``pytorch>=2.4,<2.15``)."""
+    out = {}
+    for req in requirements:
+        parsed = Requirement(req)
+        name = parsed.name.lower().replace("_", "-")
+        out[{"pytorch": "torch"}.get(name, name)] = parsed.specifier
+    return out
+
+
+def test_environment_yml_pyproject_and_constraints_agree_on_versions() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _ranges(project["dependencies"] + project["optional-dependencies"]["test"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str) and d not in ("pip",) and not d.startswith("python=")]
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
+    in_env = _ranges(conda + [p for p in pip if not p.startswith("-e")])
+    assert in_env.keys() == declared.keys()
+    different = {name: (str(in_env[name]), str(declared[name])) for name in declared if in_env[name] != declared[name]}
+    assert not different, f"environment.yml and pyproject.toml give other ranges (env, pyproject): {different}"
+    assert all(str(spec) for spec in declared.values()), "every dependency has a range"
+    # and the versions `make` installs lie inside those ranges
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    outside = {name: (pins[name], str(spec)) for name, spec in declared.items() if pins[name] not in spec}
+    assert not outside, f"constraints.txt pins versions outside pyproject.toml's ranges: {outside}"
 
 
 def test_constraints_pin_everything_the_project_declares() -> None:
@@ -200,6 +260,26 @@ def test_the_command_line_builds_what_it_is_asked_and_reports_a_failure_in_one_l
     monkeypatch.setattr(cli, "build", failing)
     assert cli.main(["--profile", "smoke"]) == 1
     assert capsys.readouterr().err == "[book] FAILED: 04_training.py: cell 3 (train(config)) raised ValueError: bad\n"
+
+
+def test_the_build_deletes_only_folders_it_wrote(tmp_path: Path, capsys) -> None:
+    from mtanet.book import __main__ as cli
+    from mtanet.errors import OutputExistsError
+
+    build_dir = tmp_path / "build"
+    book.stage_sources(ROOT, build_dir / "src")
+    book.stage_sources(ROOT, build_dir / "src")  # the build's own staged sources are replaced
+    assert (build_dir / "src" / "_toc.yml").is_file()
+    mine = tmp_path / "mine"  # --build-dir pointed at a folder of the user's: its src/ and jb/ are not the build's
+    (mine / "src").mkdir(parents=True)
+    (mine / "src" / "thesis.tex").write_text("mine")
+    assert cli.main(["--profile", "smoke", "--build-dir", str(mine), "--only", "none", "--no-html"]) == 1
+    assert "nothing was deleted" in capsys.readouterr().err
+    (mine / "jb").mkdir()
+    (mine / "jb" / "notes.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"jb was not written by the book build"):
+        book.render_html(build_dir / "src", mine)
+    assert (mine / "src" / "thesis.tex").read_text() == "mine" and (mine / "jb" / "notes.md").read_text() == "mine"
 
 
 def test_a_chapter_finds_the_run_an_earlier_chapter_recorded(tmp_path: Path) -> None:

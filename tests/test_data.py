@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +16,7 @@ from hypothesis import strategies as st
 from conftest import RootBuilder, jpeg_bytes
 from mtanet import data, errors
 from mtanet.data import DataFormatError, load_frames, parse_annotation_text, read_split
+from mtanet.data import dataset as dataset_module
 from mtanet.data.loading import BatchedFrames, KeyedBatches, KeyedFrames, collate_batched
 from mtanet.tasks import AU_NAMES_2020, AU_NAMES_2021, EXPR_NAMES_2020, EXPR_NAMES_2022
 
@@ -110,10 +115,12 @@ def test_leak_check_pairs_left_and_right_of_one_video(builder: RootBuilder) -> N
     ("va", VA_HEADER + "0.1,abc\n", 2, "not a number"),
     ("va", VA_HEADER + "0.1,nan\n", 2, "non-finite"),
     ("au", AU_HEADER + au_line(0, 0, 0, 0, 0, 0, 0, 0) + au_line(0, 2, 0, 0, 0, 0, 0, 0), 3, "0, 1 or -1"),
-    ("au", AU_HEADER + "0,0,0,0,0,0,0,0.5\n", 2, "not a number"),
+    ("au", AU_HEADER + "0,0,0,0,0,0,0,0.5\n", 2, "AU labels are the integers 0, 1 or -1 (unlabeled); found '0.5'"),
+    ("au", AU_HEADER + "0,0,0,0,0,0,0,1.0\n", 2, "AU labels are the integers 0, 1 or -1 (unlabeled); found '1.0'"),
+    ("au", AU_HEADER + "0,0,0,0,0,0,0,yes\n", 2, "AU labels are the integers 0, 1 or -1 (unlabeled); found 'yes'"),
     ("expr", EXPR_HEADER + "0\n7\n", 3, "-1 or 0..6"),
     ("expr", EXPR_HEADER + "0\n-5\n", 3, "-1 or 0..6"),
-    ("expr", EXPR_HEADER + "1.0\n", 2, "not a number"),
+    ("expr", EXPR_HEADER + "1.0\n", 2, "expression labels are the integers 0..6 or -1 (unlabeled); found '1.0'"),
     ("expr", "", 1, "empty file"),
     ("expr", "\n\n", 1, "empty file"),
 ])
@@ -178,6 +185,73 @@ def test_folders_and_files_without_a_place_are_counted(builder: RootBuilder) -> 
     assert "image_folder_without_annotations: 1" in str(table.report)
 
 
+def test_every_unread_entry_under_annotations_is_counted_with_why(builder: RootBuilder, capsys) -> None:
+    from mtanet.cli import main
+
+    a = builder.annotation("va", "train", "a", VA_HEADER + "0.1,0.2\n")
+    builder.images("a", [1])
+    builder.annotation("va", "val", "c", VA_HEADER + "0.3,0.3\n")
+    builder.images("c", [1])
+    train_dir, val_dir, ann = a.parent, a.parent.parent / "Validation_Set", builder.root / "annotations"
+    (train_dir / "b.csv").write_text(VA_HEADER + "0.5,0.5\n")  # labels under another suffix
+    (train_dir / "B.TXT").write_text(VA_HEADER + "0.5,0.5\n")
+    (train_dir / "a.txt.bak").write_text(VA_HEADER)
+    (train_dir / ".DS_Store").write_bytes(b"\x00\x01")
+    (train_dir / "._a.txt").write_bytes(b"\x00\x05\x16\x07 mac resource fork")  # hidden: never parsed
+    (train_dir / "nested").mkdir()
+    (val_dir / "d.csv").write_text(VA_HEADER)  # the validation load's to count
+    (ann / "README.md").write_text("labels")
+    (ann / "VA_Set" / "notes.txt").write_text("labels")
+    (ann / "VA_Set" / "Test_Set").mkdir()  # both split folders are there: an extra folder, not a misspelling
+    (ann / "Old_Annotations").mkdir()
+    (ann / ".git").mkdir()
+    train, val = read_split(builder.root, "train"), read_split(builder.root, "val")
+    assert set(train.frames["name"]) == {"a"} and set(val.frames["name"]) == {"c"}
+    tree = {"annotation_stray_file": ["annotations/README.md", "annotations/VA_Set/notes.txt"],
+            "annotation_unknown_folder": ["annotations/Old_Annotations", "annotations/VA_Set/Test_Set"],
+            "annotation_hidden": ["annotations/.git"]}
+    split = "annotations/VA_Set/Training_Set/"
+    want_train = {**tree, "annotation_other_suffix": [split + "B.TXT", split + "a.txt.bak", split + "b.csv"],
+                  "annotation_hidden": ["annotations/.git", split + ".DS_Store", split + "._a.txt"],
+                  "annotation_unknown_folder": tree["annotation_unknown_folder"] + [split + "nested"]}
+    want_val = {**tree, "annotation_other_suffix": ["annotations/VA_Set/Validation_Set/d.csv"]}
+    for table, want in ((train, want_train), (val, want_val)):
+        got = {k: sorted(v) for k, v in table.report.examples.items()}
+        assert got == {k: sorted(v) for k, v in want.items()}
+        assert dict(table.report.counts) == {k: len(v) for k, v in want.items()}
+    assert main(["inspect", str(builder.root)]) == 0
+    printed = capsys.readouterr().out
+    assert "annotation_other_suffix: 3 (e.g." in printed and "b.csv" in printed and "d.csv" in printed
+    assert "nothing skipped" not in printed
+
+
+@pytest.mark.parametrize(("make", "folder", "meant"), [
+    (lambda ann: ann / "VA_Set" / "Validaton_Set", "Validaton_Set", "Validation_Set"),
+    (lambda ann: ann / "VA_Set" / "validation_set", "validation_set", "Validation_Set"),
+    (lambda ann: ann / "VA_Set" / "Train_Set", "Train_Set", "Training_Set"),  # a 2021 folder in a 2020 root
+    (lambda ann: ann / "AU_set" / "Validation_Set", "AU_set", "AU_Set"),
+], ids=["misspelt", "lower_case", "other_edition", "task_folder"])
+def test_a_misspelt_task_or_split_folder_is_an_error_not_lost_labels(builder: RootBuilder, capsys, make, folder: str,
+                                                                     meant: str) -> None:
+    from mtanet.cli import main
+
+    # c is in VA's validation split: were that folder not read, c's EXPR training labels would leak unmasked
+    builder.annotation("va", "train" if meant != "Training_Set" else "val", "a", VA_HEADER + "0.1,0.2\n")
+    builder.annotation("expr", "train", "c", EXPR_HEADER + "1\n")
+    wrong = make(builder.root / "annotations")
+    wrong.mkdir(parents=True)
+    header = AU_HEADER if folder == "AU_set" else VA_HEADER
+    (wrong / "c.txt").write_text(header + ("0,0,0,0,0,0,0,0\n" if folder == "AU_set" else "0.3,0.3\n"))
+    for split in ("train", "val"):
+        with pytest.raises(DataFormatError, match=rf"{folder}: not a (task|split) folder of the ABAW 2020 layout, "
+                                                  rf"which expects .*; \w+ has no {meant}.*rename {folder} to {meant}"):
+            read_split(builder.root, split)
+    assert main(["inspect", str(builder.root)]) == 2
+    err = capsys.readouterr().err
+    misspelt = wrong if wrong.name == folder else wrong.parent
+    assert err.startswith(f"mtanet: error: {misspelt}: not a ") and err.count("\n") == 1
+
+
 def test_unreadable_jpgs_lose_their_image_not_their_labels(builder: RootBuilder) -> None:
     builder.annotation("expr", "train", "j", EXPR_HEADER + "1\n2\n3\n4\n")
     builder.images("j", [1])
@@ -230,10 +304,29 @@ def test_unknown_layout_is_an_error(tmp_path) -> None:
 
 
 def test_inconsistent_au_headers_are_an_error(builder: RootBuilder) -> None:
-    builder.annotation("au", "train", "a", AU_HEADER + au_line(*[0] * 8))
+    first = builder.annotation("au", "train", "a", AU_HEADER + au_line(*[0] * 8))
     path = builder.annotation("au", "train", "b", ",".join(AU_NAMES_2021) + "\n" + ",".join(["0"] * 12) + "\n")
-    with pytest.raises(DataFormatError, match=f"{path}:1: AU header"):
+    with pytest.raises(DataFormatError, match=f"{path}:1: AU header .* differs from .* of {first}") as info:
         load_frames(builder.root, "train")
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("task", ["au", "expr"])
+def test_a_header_mismatch_names_the_file_whose_header_is_wrong(builder: RootBuilder, task: str) -> None:
+    """The first file read (``a``, names are read in order) has the odd header: it is the one named, not the
+    later files that agree with the edition the folders tell."""
+    if task == "au":
+        wrong = builder.annotation("au", "train", "a", "AU1,AU2,AU4\n0,1,0\n")
+        for name in ("b", "c"):
+            right = builder.annotation("au", "train", name, AU_HEADER + au_line(*[0] * 8))
+    else:
+        wrong = builder.annotation("expr", "train", "a", ",".join(EXPR_NAMES_2022) + "\n1\n")
+        for name in ("b", "c"):
+            right = builder.annotation("expr", "train", name, EXPR_HEADER + "1\n")
+    with pytest.raises(DataFormatError) as info:
+        load_frames(builder.root, "train")
+    assert info.value.path == str(wrong) and info.value.line == 1
+    assert "ABAW 2020" in str(info.value) and str(right.parent) in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ property tests
@@ -325,7 +418,7 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks() -> None:
     ranks = [list(data.TaskBalancedBatchSampler(masks, 12, seed=1, num_replicas=2, rank=r)) for r in range(2)]
     for b, batch in enumerate(full):
         assert sorted(ranks[0][b] + ranks[1][b]) == sorted(batch)
-    with pytest.raises(ValueError, match="no labeled frames"):
+    with pytest.raises(errors.ConfigError, match="no labeled frame .*for task.s. va"):
         data.TaskBalancedBatchSampler({"va": np.zeros(5, bool)}, 4)
 
 
@@ -340,6 +433,33 @@ def test_packed_cache_matches_jpeg_decoding(basic: RootBuilder, tmp_path) -> Non
     assert data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy").filename == packed.filename
     with pytest.raises(ValueError, match="rebuild"):
         data.FrameDataset(frames, basic.root, AU_NAMES_2020, packed=packed[:2])
+
+
+def test_packed_cache_key_follows_the_image_files_not_their_names(basic: RootBuilder, tmp_path) -> None:
+    import os
+    import shutil
+
+    frames = load_frames(basic.root, "train")
+    dataset = data.FrameDataset(frames, basic.root, AU_NAMES_2020)
+    key = data.packed_cache_key(dataset)
+    assert data.packed_cache_key(data.FrameDataset(frames, basic.root, AU_NAMES_2020)) == key
+    copy = tmp_path / "copy"
+    shutil.copytree(basic.root, copy)  # the same layout, sizes and modification times, at another place
+    assert data.packed_cache_key(data.FrameDataset(frames, copy, AU_NAMES_2020)) != key
+    path = basic.root / dataset.paths[0]
+    st = path.stat()
+    later = st.st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(st.st_atime_ns, later))  # rewritten in place: a new modification time
+    touched = data.packed_cache_key(dataset)
+    assert touched != key
+    other = path.with_name("swap.jpg")  # another file of the same size and time renamed onto it
+    other.write_bytes(path.read_bytes())
+    os.utime(other, ns=(st.st_atime_ns, later))
+    os.replace(other, path)
+    assert data.packed_cache_key(dataset) != touched
+    path.unlink()
+    with pytest.raises(DataFormatError, match=r"00001\.jpg: cannot read image"):
+        data.packed_cache_key(dataset)
 
 
 def test_failed_packed_cache_build_leaves_nothing(basic: RootBuilder, tmp_path) -> None:
@@ -437,3 +557,89 @@ def test_label_arrays_are_tasks_as_data(basic: RootBuilder) -> None:
     assert masks["va"].sum() == 3 and masks["expr"].sum() == 4 and masks["au"].sum() == 1
     assert not np.isnan(targets["va"]).any()
     assert isinstance(frames, pd.DataFrame)
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+def test_data_format_error_crosses_a_process_whole() -> None:
+    err = DataFormatError("a/b.jpg", None, "unreadable or truncated JPEG")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is DataFormatError and str(back) == str(err)
+    assert (back.path, back.line, back.message) == (err.path, err.line, err.message)
+
+
+@pytest.mark.parametrize("adapter", ["keyed", "batched"])
+def test_a_corrupt_jpg_in_a_loader_worker_is_raised_as_itself(basic: RootBuilder, adapter: str) -> None:
+    bad = basic.images("a", [3], data=jpeg_bytes(3)[:200]) / "00003.jpg"  # truncated
+    dataset = data.FrameDataset(load_frames(basic.root, "train"), basic.root, AU_NAMES_2020, image_size=32)
+    rows = list(range(len(dataset)))
+    if adapter == "keyed":
+        fetch, batches = KeyedFrames(dataset, None), [[(r, (0, 0, 0, j)) for j, r in enumerate(rows)]]
+    else:
+        fetch, batches = BatchedFrames(dataset), [rows]
+    loader = data.FrameLoader(fetch, batch_sampler=batches, collate_fn=collate_batched, num_workers=1)
+    with pytest.raises(DataFormatError) as info:
+        list(loader)
+    assert info.value.path == str(bad) and "truncated JPEG" in str(info.value)
+    # torch's own DataLoader over the adapters yields the error's place, which raises it when unpacked as a batch
+    plain = torch.utils.data.DataLoader(fetch, batch_sampler=batches, collate_fn=collate_batched, num_workers=1)
+    with pytest.raises(DataFormatError, match="truncated JPEG"):
+        for images, targets, masks in plain:
+            pass
+    # why: torch re-raises an error of a worker by calling its class with one string, and DataFormatError needs
+    # three arguments, so the dataset alone gives a RuntimeError holding the worker's traceback
+    raw = torch.utils.data.DataLoader(dataset, batch_size=len(rows), num_workers=1)
+    with pytest.raises(RuntimeError, match="Caught DataFormatError in DataLoader worker process 0"):
+        list(raw)
+
+
+def test_a_worker_batch_without_errors_is_unchanged(basic: RootBuilder) -> None:
+    dataset = data.FrameDataset(load_frames(basic.root, "train"), basic.root, AU_NAMES_2020, image_size=32)
+    loader = data.FrameLoader(BatchedFrames(dataset), batch_sampler=[[0, 1], [2, 3, 4]], collate_fn=collate_batched,
+                              num_workers=1)
+    for got, rows in zip(loader, [[0, 1], [2, 3, 4]]):
+        assert_same_batch(got, dataset.batch(rows))
+
+
+@pytest.mark.parametrize(("batch_size", "replicas", "match"), [
+    (2, 1, "batch_size 2 is smaller than the number of tasks 3"),
+    (7, 2, "not divisible by the 2 processes"),
+])
+def test_sampler_refuses_batches_that_cannot_hold_every_task(batch_size: int, replicas: int, match: str) -> None:
+    with pytest.raises(errors.ConfigError, match=match):
+        data.TaskBalancedBatchSampler(_masks(), batch_size, num_replicas=replicas)
+    with pytest.raises(errors.ConfigError, match="no labeled frame .*au: train without them .tasks=va,expr"):
+        data.TaskBalancedBatchSampler({**_masks(), "au": np.zeros(200, bool)}, 12)
+
+
+def test_a_full_disk_while_building_the_packed_cache_names_it_and_leaves_nothing(basic: RootBuilder, tmp_path,
+                                                                                monkeypatch) -> None:
+    dataset = data.FrameDataset(load_frames(basic.root, "train"), basic.root, AU_NAMES_2020)
+    target = tmp_path / "cache" / "train.npy"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError) as info:
+        data.build_packed_cache(dataset, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_an_interrupted_packed_cache_build_leaves_nothing(basic: RootBuilder, tmp_path, monkeypatch) -> None:
+    dataset = data.FrameDataset(load_frames(basic.root, "train"), basic.root, AU_NAMES_2020)
+    decode = dataset_module.decode_image_file
+    calls = []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return decode(path)
+
+    monkeypatch.setattr(dataset_module, "decode_image_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy")
+    assert list((tmp_path / "cache").iterdir()) == []

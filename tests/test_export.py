@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mtanet.cli import main
-from mtanet.errors import DeviceUnavailableError
+from mtanet.errors import CheckpointError, DeviceUnavailableError
 from mtanet.inference import OnnxEngine, Predictor, export_checkpoint, read_onnx_metadata
+from mtanet.inference.onnx import ONNX_DIGEST_KEY, export_onnx
 from mtanet.models import MTANet, save_checkpoint
 
 
@@ -122,3 +123,88 @@ def test_a_model_trained_at_another_size_gets_resized_crops(tmp_path):
     assert read_onnx_metadata(onnx_path)["image_size"] == 64
     by_onnx = Predictor(engine="onnx", onnx=onnx_path, aligned=True).infer(crops)
     np.testing.assert_allclose(by_onnx["va"], expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------- integrity
+
+
+def _edit_metadata(path, key, value) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    next(e for e in proto.metadata_props if e.key == key).value = value
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize("kind", ["flipped weights", "edited thresholds", "truncated", "empty", "text"])
+def test_a_damaged_onnx_model_is_refused_never_run(onnx_file, tmp_path, damage, kind):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(onnx_file.read_bytes())
+    assert read_onnx_metadata(path)[ONNX_DIGEST_KEY].startswith("sha256:")
+    if kind == "flipped weights":
+        damage.flip_onnx_initializer(path)  # 4 KB inside the largest weight; the protobuf still parses
+    elif kind == "edited thresholds":
+        _edit_metadata(path, "au_thresholds", "[0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]")
+    elif kind == "truncated":
+        damage.truncate(path)
+    elif kind == "empty":
+        damage.empty(path)
+    else:
+        path.write_text("not a model\n")
+    expected = "digest mismatch" if kind in ("flipped weights", "edited thresholds") else "ONNX model"
+    for load in (OnnxEngine, read_onnx_metadata, lambda p: Predictor(engine="onnx", onnx=p, aligned=True)):
+        with pytest.raises(CheckpointError, match=expected) as err:
+            load(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_onnx_model_without_a_digest_runs_with_a_warning(onnx_file, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(onnx_file))
+    kept = [e for e in proto.metadata_props if e.key != ONNX_DIGEST_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))  # as exported before digests
+    x = np.random.default_rng(0).random((2, 3, 112, 112), dtype=np.float32)
+    with pytest.warns(UserWarning, match=r"old\.onnx carries no mtanet_sha256 digest"):
+        engine = OnnxEngine(old)
+    np.testing.assert_array_equal(engine(x)["au"], OnnxEngine(onnx_file)(x)["au"])
+    with pytest.raises(ValueError, match=ONNX_DIGEST_KEY):
+        export_onnx(MTANet("seresnet18", feature_dim=32), tmp_path / "x.onnx", metadata={ONNX_DIGEST_KEY: "x"})
+
+
+def test_export_refuses_a_damaged_checkpoint_and_writes_nothing(checkpoint, tmp_path, damage, capsys):
+    _, good = checkpoint
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(good.read_bytes())
+    damage.flip_checkpoint_tensor(bad)
+    with pytest.raises(CheckpointError, match="digest mismatch"):
+        export_checkpoint(bad, tmp_path / "api.onnx")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(bad), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtanet: error:") and str(bad) in lines[0], captured.err
+    assert "digest mismatch" in lines[0] and captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no model, no temporary file
+
+
+def test_cli_predict_refuses_a_damaged_onnx_model(onnx_file, tmp_path, damage, capsys):
+    from PIL import Image
+
+    from mtanet.synth.render import Identity, render_face
+
+    Image.fromarray(render_face(Identity(), {})).save(tmp_path / "crop.png")
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(onnx_file.read_bytes())
+    damage.flip_onnx_initializer(bad)
+    out = tmp_path / "out.csv"
+    code = main(["predict", str(tmp_path / "crop.png"), "-o", str(out), "--engine", "onnx", "--onnx", str(bad),
+                 "--aligned", "--threads", "1"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith("mtanet: error:") and str(bad) in lines[0] and "digest mismatch" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.png", "model.onnx"]  # no CSV, no meta.json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -24,8 +25,10 @@ from mtanet.models import (
     load_vggface2_senet50,
     macs,
     probabilities,
+    read_checkpoint,
     save_checkpoint,
 )
+from mtanet.errors import CheckpointError
 from mtanet.tasks import EDITIONS
 
 BIG = ("senet50", "seresnet50", "resnext50", "resnext50_cbam")
@@ -198,6 +201,123 @@ def test_checkpoint_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "plain.pt"]  # no temporary file left
     with pytest.raises(ValueError):
         save_checkpoint(model, tmp_path / "bad.pt", extra={"state_dict": {}})
+
+
+def _small_checkpoint(path, **extra):
+    torch.manual_seed(0)
+    model = MTANet("senet18", feature_dim=64).eval()
+    return model, save_checkpoint(model, path, extra=extra or None)
+
+
+def test_every_reader_refuses_a_checkpoint_with_flipped_weight_bytes(tmp_path, damage):
+    model, path = _small_checkpoint(tmp_path / "ckpt.pt", epoch=3)
+    assert torch.load(path, weights_only=True)["digest"].startswith("sha256:")
+    record = damage.flip_checkpoint_tensor(path)  # 4 KB inside the largest weight
+    raw = torch.load(path, weights_only=True)  # what issue 15 met: torch reads it without a word
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(raw["state_dict"][k], v)]
+    assert len(changed) == 1, record
+    for read in (read_checkpoint, load_model, lambda p: MTANet("senet18", feature_dim=64, weights_path=p),
+                 models.read_state_dict):
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        message = str(err.value)
+        assert str(path) in message and "digest mismatch" in message and "Restore it" in message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("what", ["one bit of a buffer", "an extra value", "the config"])
+def test_the_digest_covers_every_tensor_and_the_rest_of_the_payload(tmp_path, what):
+    _, path = _small_checkpoint(tmp_path / "ckpt.pt", epoch=3, metrics={"va": 0.25})
+    raw = torch.load(path, weights_only=True)
+    if what == "one bit of a buffer":  # a small tensor: the digest is not only over the large ones
+        var = [v for k, v in raw["state_dict"].items() if k.endswith("running_var")][-1]
+        var.view(torch.int32)[0] ^= 1
+    elif what == "an extra value":
+        raw["metrics"]["va"] = 0.5
+    else:
+        raw["config"]["feature_dim"] = 32
+    torch.save(raw, path)  # the old digest travels with the changed content
+    with pytest.raises(CheckpointError, match="digest mismatch"):
+        read_checkpoint(path)
+
+
+def test_the_digest_tells_apart_what_serialises_alike():
+    from mtanet.models.integrity import payload_digest
+
+    same_bytes = [torch.zeros(2, 3), torch.zeros(3, 2), torch.zeros(6, dtype=torch.int32), torch.zeros(6)]
+    values = [[1], (1,), [1.0], [True], ["1"], [None], {"a": 1}, {"a": [1]}, [[1], []], [[], [1]], *same_bytes]
+    digests = [payload_digest({"x": v}) for v in values]
+    assert len(set(digests)) == len(values)
+    assert payload_digest({"x": torch.arange(4.0)}) == payload_digest({"x": torch.arange(4.0)[None][0]})
+    assert payload_digest({"x": 1, "digest": "sha256:old"}) == payload_digest({"x": 1})  # never covers itself
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "a plain tensor"])
+def test_unreadable_or_foreign_files_are_a_checkpoint_error_naming_the_file(tmp_path, damage, kind):
+    _, path = _small_checkpoint(tmp_path / "ckpt.pt")
+    if kind == "truncated":
+        damage.truncate(path)
+    elif kind == "empty":
+        damage.empty(path)
+    elif kind == "text":
+        path.write_text("epoch: 3\n")
+    else:
+        torch.save(torch.zeros(3), path)
+    for read in (read_checkpoint, load_model):
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        assert ("not an MTANet checkpoint" if kind == "a plain tensor" else "cannot be read") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_model(tmp_path / "nope.pt")
+
+
+def _without_dac_capabilities() -> None:
+    """Runs in the child before exec: root reads any file; dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from
+    the bounding set makes it obey file modes like a plain user (the project's Python lives below /root, so the
+    child cannot become ``nobody``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def test_an_unreadable_checkpoint_is_one_line_about_reading_not_about_its_content(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, path = _small_checkpoint(tmp_path / "ckpt.pt")
+    path.chmod(0)
+    script = ("import sys\nfrom mtanet.errors import CheckpointError\nfrom mtanet.models import load_model\n"
+              "try:\n    open(sys.argv[1], 'rb').close()\nexcept PermissionError:\n    pass\nelse:\n"
+              "    sys.exit(3)\ntry:\n    load_model(sys.argv[1])\nexcept CheckpointError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_without_dac_capabilities if os.geteuid() == 0 else None)
+    if done.returncode == 3:
+        pytest.skip("this process reads a mode-000 file even without the DAC capabilities")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{path} cannot be read (Permission denied); check that it is readable"
+
+
+def test_a_checkpoint_without_a_digest_loads_with_a_warning_until_saved_again(tmp_path):
+    model, _ = _small_checkpoint(tmp_path / "new.pt")
+    old = tmp_path / "old.pt"
+    torch.save({"config": model.config, "state_dict": model.state_dict(), "epoch": 1}, old)  # before digests
+    with pytest.warns(UserWarning, match=r"old\.pt carries no digest"):
+        loaded = load_model(old)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    save_checkpoint(loaded, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(old)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # a plain state dict is no checkpoint: read as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MTANet("senet18", feature_dim=64, weights_path=tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="digest"):
+        save_checkpoint(model, tmp_path / "x.pt", extra={"digest": "mine"})
 
 
 # ----------------------------------------------------------------------------------------------- VGGFace2 weights

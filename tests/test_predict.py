@@ -6,8 +6,12 @@ as images or as videos with PyAV.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
 import math
+import os
+import threading
 
 import numpy as np
 import pandas as pd
@@ -16,8 +20,18 @@ import torch
 from PIL import Image
 
 from mtanet.cli import main
-from mtanet.errors import ConfigError, DataFormatError, DeviceUnavailableError
-from mtanet.inference import MovingAverage, Predictor, metadata_path, predict, predict_to_csv
+from mtanet.errors import CheckpointError, ConfigError, DataFormatError, DeviceUnavailableError, OutputExistsError
+from mtanet.inference import (
+    MovingAverage,
+    Predictor,
+    checkpoint_extras,
+    load_checkpoint,
+    metadata_path,
+    predict,
+    predict_to_csv,
+)
+from mtanet.inference import stream
+from mtanet.inference.sources import FrameSource
 from mtanet.models import MTANet, save_checkpoint
 from mtanet.synth.render import random_identity, render_face
 
@@ -363,3 +377,237 @@ def test_cli_predict_on_a_video(video, ckpt, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["predict", str(video), "-o", str(tmp_path / "y.csv")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["flipped weights", "truncated", "empty"])
+def test_a_damaged_checkpoint_is_never_used_for_prediction(ckpt, video, tmp_path, damage, capsys, kind):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(ckpt.read_bytes())
+    if kind == "flipped weights":
+        damage.flip_checkpoint_tensor(bad)  # 4 KB inside a weight: torch.load alone reads it without a word
+    elif kind == "truncated":
+        damage.truncate(bad)
+    else:
+        damage.empty(bad)
+    expected = "digest mismatch" if kind == "flipped weights" else "cannot be read as a checkpoint"
+    # the extras are read memory-mapped (the onnx engine with --checkpoint): checked all the same
+    for load in (checkpoint_extras, load_checkpoint, lambda p: Predictor(p, aligned=True, threads=1)):
+        with pytest.raises(CheckpointError, match=expected):
+            load(bad)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(video), "-o", str(out), "--checkpoint", str(bad), "--threads", "1"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtanet: error:"), captured.err
+    assert str(bad) in lines[0] and expected in lines[0] and captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no CSV, no meta.json
+
+
+# ------------------------------------------------------------------------------------- failures and bad options
+
+
+def error_line(capsys, *needles: str) -> str:
+    """The one stderr line of a refused command: ``mtanet: error: ...`` holding ``needles``."""
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtanet: error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """Ten aligned face crops, predicted with aligned=True (no detector: fast)."""
+    folder = tmp_path_factory.mktemp("crops")
+    for i in range(10):
+        face = render_face(random_identity(np.random.default_rng(10 + i)), {"AU12": i / 10})
+        Image.fromarray(face).save(folder / f"{i + 1:05d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def aligned(ckpt) -> Predictor:
+    return Predictor(ckpt, aligned=True, threads=1)
+
+
+@pytest.fixture(scope="module")
+def complete_csv(crops, aligned, tmp_path_factory):
+    """The CSV of an undisturbed run over ``crops``, batch 2: what every partial run must be a prefix of."""
+    out = tmp_path_factory.mktemp("complete") / "pred.csv"
+    predict_to_csv(crops, out, aligned, batch_size=2)
+    return out.read_text()
+
+
+class FullDisk:
+    """A text file that accepts ``budget`` characters, then writes what still fits of the next chunk and raises
+    ``OSError(ENOSPC)`` without a file name, as a write to a full disk does."""
+
+    def __init__(self, f, budget: int):
+        self.f, self.budget = f, budget
+
+    def write(self, text: str) -> int:
+        if len(text) > self.budget:
+            self.f.write(text[: self.budget])
+            self.f.flush()
+            self.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(text)
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def fill_disk_after(monkeypatch, target, budget: int) -> None:
+    """The CSV ``target`` that predict_to_csv opens takes ``budget`` characters before the disk is full."""
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(f, budget) if os.fspath(path) == os.fspath(target) and "w" in mode else f
+
+    monkeypatch.setattr(stream, "open", fake_open, raising=False)
+
+
+def test_a_full_disk_mid_run_leaves_complete_rows_and_a_failed_metadata(crops, aligned, complete_csv, tmp_path,
+                                                                        monkeypatch):
+    lines = complete_csv.splitlines(keepends=True)
+    out = tmp_path / "pred.csv"
+    fill_disk_after(monkeypatch, out, len("".join(lines[:6])) + 10)  # header, 5 rows and part of the 6th
+    with pytest.raises(OSError) as info:
+        predict_to_csv(crops, out, aligned, batch_size=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)  # names the file
+    kept = out.read_text()
+    assert kept == "".join(lines[:5])  # the header and the 2 whole batches: no half row, no half batch
+    meta = json.loads(metadata_path(out).read_text())
+    assert meta["status"] == "failed" and "No space left" in meta["error"] and meta["rows_written"] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files
+    monkeypatch.undo()
+    with pytest.raises(OutputExistsError, match="the 4 rows of a failed run"):  # never replaced silently
+        predict_to_csv(crops, out, aligned, batch_size=2)
+    assert predict_to_csv(crops, out, aligned, batch_size=2, overwrite=True)["status"] == "complete"
+    assert out.read_text() == complete_csv
+
+
+@pytest.mark.parametrize("where", ["in the header", "in the first batch"])
+def test_a_run_that_fails_before_its_first_row_leaves_nothing_and_the_retry_runs(crops, aligned, complete_csv,
+                                                                                   tmp_path, monkeypatch, where):
+    out = tmp_path / "pred.csv"
+    header, first = complete_csv.splitlines(keepends=True)[:2]
+    fill_disk_after(monkeypatch, out, len(header) // 2 if where == "in the header" else len(header + first) + 5)
+    with pytest.raises(OSError, match="No space left"):
+        predict_to_csv(crops, out, aligned, batch_size=2)
+    assert list(tmp_path.iterdir()) == []  # no header-only CSV, no meta.json saying "running" or "failed"
+    monkeypatch.undo()
+    assert predict_to_csv(crops, out, aligned, batch_size=2)["status"] == "complete"  # no --overwrite needed
+    assert out.read_text() == complete_csv
+
+
+def test_a_crash_before_the_first_row_leaves_nothing(crops, ckpt, aligned, complete_csv, tmp_path):
+    crashing = Predictor(ckpt, aligned=True, threads=1)
+
+    def fail(crops):
+        raise RuntimeError("simulated crash")
+
+    crashing.infer = fail
+    out = tmp_path / "pred.csv"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_to_csv(crops, out, crashing, batch_size=2)
+    assert list(tmp_path.iterdir()) == []  # before: a header-only CSV that refused the retry without --overwrite
+    predict_to_csv(crops, out, aligned, batch_size=2)
+    assert out.read_text() == complete_csv
+
+
+def test_when_even_the_failure_cannot_be_recorded_nothing_is_left(crops, aligned, complete_csv, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "pred.csv"
+    fill_disk_after(monkeypatch, out, len("".join(complete_csv.splitlines(keepends=True)[:4])) + 10)
+    write_json = stream.write_json
+
+    def full(path, data, **kwargs):
+        if data.get("status") == "failed":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_json(path, data, **kwargs)
+
+    monkeypatch.setattr(stream, "write_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        predict_to_csv(crops, out, aligned, batch_size=2)
+    assert list(tmp_path.iterdir()) == []  # rather nothing than rows under a meta.json that says "running"
+
+
+def test_cli_a_full_disk_is_one_line_naming_the_csv(crops, ckpt, complete_csv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pred.csv"
+    fill_disk_after(monkeypatch, out, len("".join(complete_csv.splitlines(keepends=True)[:3])) + 10)
+    args = ["predict", str(crops), "-o", str(out), "--checkpoint", str(ckpt), "--aligned", "--batch-size", "2",
+            "--threads", "1"]
+    assert main(args) == 2
+    error_line(capsys, str(out), "No space left on device", "the disk is full")
+    assert len(pd.read_csv(out)) == json.loads(metadata_path(out).read_text())["rows_written"] == 2
+
+
+def test_an_image_pil_refuses_as_a_decompression_bomb_is_one_unreadable_row(crops, ckpt, tmp_path, monkeypatch,
+                                                                            capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("00001.png", "00002.png"):
+        (folder / name).write_bytes((crops / name).read_bytes())
+    Image.new("RGB", (400, 400), (90, 100, 110)).save(folder / "00003_big.png")  # 160000 pixels
+    (folder / "00004.png").write_bytes((crops / "00004.png").read_bytes())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # PIL refuses more than twice this: 112^2 passes
+    out = tmp_path / "pred.csv"
+    args = ["predict", str(folder), "-o", str(out), "--checkpoint", str(ckpt), "--aligned", "--batch-size", "1",
+            "--threads", "1"]
+    with pytest.warns(UserWarning, match="too large"):
+        assert main(args) == 0, capsys.readouterr().err
+    df = pd.read_csv(out)
+    assert list(df["file"]) == ["00001.png", "00002.png", "00003_big.png", "00004.png"]  # the folder went on
+    assert list(df["status"]) == ["ok", "ok", "unreadable", "ok"] and math.isnan(df.loc[2, "valence"])
+    meta = json.loads(metadata_path(out).read_text())
+    assert meta["status"] == "complete" and meta["frames_unreadable"] == 1
+    assert "00003_big.png" in meta["errors"][0] and "too large" in meta["errors"][0]
+    capsys.readouterr()
+    assert main(["predict", str(folder / "00003_big.png"), "-o", str(tmp_path / "one.csv"), "--checkpoint",
+                 str(ckpt), "--aligned"]) == 2
+    error_line(capsys, "00003_big.png", "too large")
+    assert not (tmp_path / "one.csv").exists() and not metadata_path(tmp_path / "one.csv").exists()
+
+
+def test_a_named_pipe_is_refused_at_once(ckpt, tmp_path, capsys):
+    fifo = tmp_path / "frames.mp4"
+    os.mkfifo(fifo)
+    # should a regression open the pipe for reading, a writer arriving after 30 s ends the wait with an EOF
+    unblock = threading.Timer(30, lambda: os.close(os.open(fifo, os.O_RDWR)))
+    unblock.start()
+    try:
+        with pytest.raises(DataFormatError, match="not a regular file or a folder"):
+            FrameSource(fifo)
+        out = tmp_path / "out.csv"
+        assert main(["predict", str(fifo), "-o", str(out), "--checkpoint", str(ckpt)]) == 2
+        error_line(capsys, str(fifo), "named pipe")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.mp4"]
+    finally:
+        unblock.cancel()
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--score-threshold", "2", "--score-threshold"),
+    ("--score-threshold", "-0.1", "--score-threshold"),
+    ("--score-threshold", "nan", "--score-threshold"),
+    ("--max-side", "-5", "--max-side"),
+    ("--threads", "0", "--threads"),
+    ("--batch-size", "0", "--batch-size"),
+    ("--every", "0", "every"),
+    ("--smooth", "4", "odd"),
+])
+def test_predict_options_out_of_range_are_one_line_and_write_nothing(flag, value, needle, ckpt, image_folder,
+                                                                     tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(image_folder), "-o", str(out), "--checkpoint", str(ckpt), flag, value]) == 2
+    error_line(capsys, needle)
+    assert list(tmp_path.iterdir()) == []

@@ -54,13 +54,16 @@ with open(calls, "a") as log:
 marker = Path(calls).with_suffix(".failed")
 if fail_once == f"{out.parent.name}/{out.name}" and not marker.exists():
     marker.write_text("x")
-    (out / "last.pt").write_text("partial")
+    (out / "last.pt").write_text(json.dumps({"step": 2}))  # its partial state
     raise RuntimeError("killed half way")
 held = Path(calls).with_suffix(".held")
 if hold_once == f"{out.parent.name}/{out.name}" and not held.exists():
     held.write_text("x")
     import time
     time.sleep(120)  # the test kills the whole sweep here
+# like the training chapter (resume=True): a run cut off before continues from its partial state, not from scratch
+partial = out / "last.pt"
+resumed_from = json.loads(partial.read_text())["step"] if partial.exists() else 0
 bonus = {"seresnet26_half": 0.10, "resnext26_half": 0.0, "resnext26_half_cbam": 0.02}[backbone]
 final = {}
 if "va" in tasks:
@@ -73,9 +76,10 @@ config = {"backbone": backbone, "image_size": 40}
 if train_options:  # only then: importing the trainer takes seconds, and most runs here have none
     from mtanet.train import TrainConfig
     config = TrainConfig.from_dict({"data_root": str(out), **config, "seed": seed, **train_options}).to_dict()
-(out / "best.pt").write_text("weights")
+(out / "best_mean.pt").write_text("weights")
+(out / "mine.pt").write_text("the user's")
 (out / "metrics.json").write_text(json.dumps({"final": final, "config": config,
-                                              "steps": 3, "wall_time_s": {"total": 1.0},
+                                              "steps": 3, "resumed_from": resumed_from, "wall_time_s": {"total": 1.0},
                                               "hardware": {"device_name": "test cpu"}}))
 '''
 
@@ -205,6 +209,50 @@ def test_a_row_option_reaches_the_config_the_training_chapter_trains(smoke_root:
     assert sweep.collect(out)["row"].tolist() == ["warm"]
 
 
+@pytest.mark.slow
+def test_the_training_chapter_resumes_a_run_that_failed_half_way(smoke_root: Path, tmp_path: Path) -> None:
+    """The real chapter, failing once right after its first checkpoint: the sweep's second pass continues that run
+    (the chapter trains with resume=True) and ends with the numbers of an uninterrupted run."""
+    import jupytext
+    import nbformat
+
+    from mtanet.train import train
+
+    marker = tmp_path / "failed-once"
+    fail_once = (
+        "import pathlib\n"
+        "from mtanet.train import Trainer\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if not marker.exists():  # the first execution dies right after the checkpoint of step 2\n"
+        "    real_save = Trainer._save_checkpoint\n\n"
+        "    def save_then_fail(self):\n"
+        "        real_save(self)\n"
+        "        if self.step == 2:\n"
+        "            marker.write_text('x')\n"
+        "            raise RuntimeError('killed half way')\n\n"
+        "    Trainer._save_checkpoint = save_then_fail\n")
+    chapter = jupytext.read(ROOT / "notebooks" / "04_training.py")
+    at = 1 + next(i for i, c in enumerate(chapter.cells) if "parameters" in c.metadata.get("tags", []))
+    chapter.cells.insert(at, nbformat.v4.new_code_cell(fail_once))
+    notebook = tmp_path / "04_training.py"
+    jupytext.write(chapter, notebook, fmt="py:percent")
+
+    base = {"data_root": str(smoke_root), "synth_size": "smoke", "device": "cpu", "image_size": 32, "batch_size": 8,
+            "steps_per_epoch": 2, "stage1_epochs": 1, "stage2_epochs": 1, "train_options": {"feature_dim": 32}}
+    runs = sweep.plan(["senet"], [0], base, family="small")
+    out = tmp_path / "results"
+    with pytest.raises(NotebookFailed, match="killed half way"):
+        sweep.run_sweep(runs, out, notebook=notebook, drop_tags=("report",), log=None)
+    run = out / "senet" / "seed0"
+    assert marker.exists() and (run / "last.pt").exists() and not (run / "metrics.json").exists()
+    status = sweep.run_sweep(runs, out, notebook=notebook, drop_tags=("report",), log=None)
+    assert status["status"].tolist() == ["ran"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["wall_time_s"]["sessions"] == 2 and metrics["steps"] == 4  # continued, not started over
+    straight = train({**metrics["config"], "output_dir": str(tmp_path / "straight"), "resume": False})
+    assert metrics["final"] == straight["final"] and metrics["history"] == straight["history"]
+
+
 def test_mtanet_sweep_re_exports_the_book_kits_sweep() -> None:
     assert set(mtanet.sweep.__all__) == set(sweep.__all__)
     assert all(getattr(mtanet.sweep, name) is getattr(sweep, name) for name in sweep.__all__)
@@ -225,7 +273,8 @@ def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, t
     assert not (out / "resnext" / "seed1" / "metrics.json").exists()
     assert sorted(p.parent.parent.name + "/" + p.parent.name for p in out.glob("*/*/metrics.json")) == [
         "resnext/seed0", "senet/seed0", "senet/seed1"]
-    assert not list(out.glob("*/*/best.pt"))
+    assert not list(out.glob("*/*/best_mean.pt"))
+    assert len(list(out.glob("*/*/mine.pt"))) == 3  # only the trainer's checkpoints are removed
     assert len(sweep.collect(out)) == 3
 
     status = sweep.run_sweep(runs, out, notebook=notebook, jobs=2, log=None)
@@ -234,6 +283,10 @@ def test_the_sweep_resumes_after_a_failure_without_redoing_finished_runs(fake, t
         "senet/seed0": "reused", "senet/seed1": "reused", "resnext/seed0": "reused", "resnext/seed1": "ran"}
     assert (out / "resnext" / "seed1" / sweep.NOTEBOOK_FILE).exists()
     assert (out / "resnext" / "seed1" / sweep.KERNEL_LOG_FILE).exists()  # the kernel's own stderr, not ours
+    resumed = {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())["resumed_from"]
+               for p in out.glob("*/*/metrics.json")}
+    # the run that failed continued from the partial state it left; the others had none
+    assert resumed == {"senet/seed0": 0, "senet/seed1": 0, "resnext/seed0": 0, "resnext/seed1": 2}
     record = json.loads((out / "resnext" / "seed1" / sweep.RUN_FILE).read_text())
     assert record == {"row": "resnext", "seed": 1, "parameters": dict(runs[3].parameters)}
 

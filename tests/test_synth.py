@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from mtanet import synth
 from mtanet.synth import render
 from mtanet.synth.generate import _smooth_noise
 from mtanet.data import load_frames, read_split
+from mtanet.errors import OutputExistsError
 from mtanet.tasks import AU_NAMES_2020, EXPR_NAMES_2020, TASKS
 
 
@@ -48,6 +50,7 @@ def test_round_trip_gives_exactly_the_generated_labels(smoke_root: Path) -> None
 
 def test_same_seed_same_bytes_whatever_the_worker_count(smoke_root: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
+    again.mkdir()  # an empty folder is fine to write into
     synth.write_synth(again, "smoke", seed=0, workers=1)
     assert _tree_digest(again) == _tree_digest(smoke_root)
     other = tmp_path / "other"
@@ -60,15 +63,106 @@ def test_write_is_idempotent_and_refuses_to_clobber(smoke_root: Path, tmp_path: 
     before = (smoke_root / synth.MANIFEST_FILE).stat().st_mtime_ns
     assert synth.write_synth(smoke_root, "smoke", seed=0) == manifest
     assert (smoke_root / synth.MANIFEST_FILE).stat().st_mtime_ns == before
-    with pytest.raises(FileExistsError, match="different synthetic dataset"):
+    with pytest.raises(OutputExistsError, match="different synthetic dataset.*--overwrite"):
         synth.write_synth(smoke_root, "smoke", seed=5)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+    with pytest.raises(FileExistsError, match="not a synthetic dataset"):  # OutputExistsError is a FileExistsError
         synth.write_synth(tmp_path / "busy", "smoke")
     with pytest.raises(ValueError, match="size must be one of"):
         synth.write_synth(tmp_path / "x", "huge")
     assert manifest["images"] < manifest["frames"]  # some frames have no face
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fake_synth(smoke_root: Path, where: Path, **manifest_changes) -> Path:
+    """A copy of the smoke set whose manifest says it was written with other settings (no generation needed)."""
+    shutil.copytree(smoke_root, where)
+    manifest = json.loads((where / synth.MANIFEST_FILE).read_text())
+    (where / synth.MANIFEST_FILE).write_text(json.dumps({**manifest, **manifest_changes}))
+    return where
+
+
+@pytest.mark.parametrize("case", ["user_files", "manifest_beside_user_file", "file_inside_synth_folder",
+                                  "real_affwild2_with_a_manifest", "symlink_inside", "unreadable_manifest",
+                                  "a_file"])
+def test_overwrite_refuses_what_synth_did_not_write_and_deletes_nothing(smoke_root: Path, tmp_path: Path,
+                                                                        case: str) -> None:
+    from conftest import RootBuilder
+
+    root = tmp_path / "target"
+    if case == "user_files":
+        (root / "photos").mkdir(parents=True)
+        (root / "photos" / "me.jpg").write_bytes(b"mine")
+        (root / "notes.txt").write_text("mine")
+    elif case == "manifest_beside_user_file":
+        _fake_synth(smoke_root, root, seed=7)
+        (root / "my_results.csv").write_text("mine")
+    elif case == "file_inside_synth_folder":  # the user's own annotation of a real video among the generated ones
+        _fake_synth(smoke_root, root, seed=7)
+        (root / "annotations" / "VA_Set" / "Training_Set" / "video10.txt").write_text("valence,arousal\n0,0\n")
+    elif case == "real_affwild2_with_a_manifest":
+        b = RootBuilder(root)
+        b.annotation("va", "train", "1-30-1280x720", "valence,arousal\n0.1,0.2\n")
+        b.images("1-30-1280x720", [1])
+        shutil.copy(smoke_root / synth.MANIFEST_FILE, root / synth.MANIFEST_FILE)
+        manifest = json.loads((root / synth.MANIFEST_FILE).read_text())
+        (root / synth.MANIFEST_FILE).write_text(json.dumps({**manifest, "seed": 7}))
+    elif case == "symlink_inside":
+        _fake_synth(smoke_root, root, seed=7)
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+        (root / "synth_latent" / "99-30-640x480.npz").symlink_to(tmp_path / "elsewhere" / "keep.txt")
+    elif case == "unreadable_manifest":
+        _fake_synth(smoke_root, root)
+        (root / synth.MANIFEST_FILE).write_text("{not json")
+    else:
+        root.write_text("mine")
+    before = _files(root) if root.is_dir() else root.read_bytes()
+    with pytest.raises(OutputExistsError, match="nothing was deleted|is a file, not a folder") as err:
+        synth.write_synth(root, "smoke", seed=0, overwrite=True)
+    assert str(root) in str(err.value) and "\n" not in str(err.value)
+    assert (_files(root) if root.is_dir() else root.read_bytes()) == before
+    assert not root.with_name("target.partial").exists()
+    if case == "symlink_inside":
+        assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_synthetic_dataset_and_its_own_leftovers_only(smoke_root: Path, tmp_path: Path) -> None:
+    root = _fake_synth(smoke_root, tmp_path / "synth", seed=3)
+    # an interrupted earlier build: ours (marker first), with a temp file of a killed atomic write
+    partial = tmp_path / "synth.partial"
+    (partial / synth.LATENT_DIR).mkdir(parents=True)
+    (partial / synth.PARTIAL_MARKER).write_text("{}")
+    (partial / f".{synth.MANIFEST_FILE}.abc123.tmp").write_text("")
+    manifest = synth.write_synth(root, "smoke", seed=0, overwrite=True, workers=1)
+    assert manifest["seed"] == 0 and not partial.exists()
+    assert _tree_digest(root) == _tree_digest(smoke_root)
+    assert not (root / synth.PARTIAL_MARKER).exists()
+
+    # a folder named like the build folder that is not a leftover of ours is refused, untouched
+    other = _fake_synth(smoke_root, tmp_path / "other", seed=3)
+    stranger = tmp_path / "other.partial"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"other\.partial exists and was not written by mtanet synth"):
+        synth.write_synth(other, "smoke", seed=0, overwrite=True)
+    assert (stranger / "thesis.tex").read_text() == "mine"
+    assert json.loads((other / synth.MANIFEST_FILE).read_text())["seed"] == 3
+
+
+def test_cli_synth_overwrite_of_a_user_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mtanet.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["synth", str(tmp_path / "mine"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtanet: error: ") and err.count("\n") == 1 and "notes.txt" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_layout_has_the_real_datasets_irregularities(smoke_root: Path) -> None:

@@ -6,9 +6,11 @@ two-stage run (24 steps, 4 validations) takes seconds. One reference run is shar
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import torch
 from mtanet import train as T
 from mtanet.data import FaceAugment
 from mtanet.data.loading import KeyedFrames
-from mtanet.errors import CheckpointError, ConfigError, DeviceUnavailableError, NonFiniteLossError
+from mtanet.errors import CheckpointError, ConfigError, DataFormatError, DeviceUnavailableError, NonFiniteLossError
 from mtanet.evaluate import headline, predict_frames, write_submission
 from mtanet.losses import au_positive_weights, expression_class_weights
 from mtanet.runtime import resolve_device
@@ -251,6 +253,29 @@ def test_refuses_to_overwrite_and_never_loads_a_corrupt_checkpoint(reference, sm
         T.train({**cfg, "resume": True, "stage1_lr": 0.5})
 
 
+def test_resume_refuses_a_checkpoint_changed_after_it_was_written(reference, tmp_path: Path, damage,
+                                                                    snapshot, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from mtanet.cli import main
+
+    out, _, cfg = reference
+    for name in ("last.pt", *(f"best_{k}.pt" for k in T.BEST_KEYS)):  # every checkpoint the trainer writes
+        assert torch.load(out / name, map_location="cpu", weights_only=True)["digest"].startswith("sha256:"), name
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    damage.flip_checkpoint_tensor(run / "last.pt")  # 4 KB inside a weight: torch.load alone reads it
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match="digest mismatch"):
+        T.train({**cfg, "output_dir": str(run), "resume": True})
+    assert main(["train", *as_cli({**cfg, "output_dir": str(run)}), "--resume"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtanet: error:"), captured.err
+    assert str(run / "last.pt") in lines[0] and "digest mismatch" in lines[0]
+    assert snapshot(run) == before  # nothing written, truncated or removed
+
+
 # --------------------------------------------------------------------------------------------------- runs compared
 
 
@@ -262,6 +287,68 @@ def test_same_seed_same_numbers_even_with_a_loader_worker(reference, tmp_path: P
     assert again["final"] == metrics["final"] and again["history"] == metrics["history"]
     assert without_timing(read_log(tmp_path / "again")) == without_timing(read_log(out))
     assert_same_weights(tmp_path / "again" / "last.pt", out / "last.pt")
+
+
+@pytest.mark.slow
+def test_two_loader_workers_give_the_same_run(reference, tmp_path: Path) -> None:
+    # several loader processes (the GPU default) must not change a number either: each batch is keyed by position
+    out, metrics, cfg = reference
+    again = T.train({**cfg, "output_dir": str(tmp_path / "workers"), "num_workers": 2})
+    assert again["hardware"]["num_workers"] == 2
+    assert again["final"] == metrics["final"] and again["history"] == metrics["history"]
+    assert without_timing(read_log(tmp_path / "workers")) == without_timing(read_log(out))
+    assert_same_weights(tmp_path / "workers" / "last.pt", out / "last.pt")
+
+
+class _Stopped(Exception):
+    """Raised by a test right after a checkpoint: a run stopped there, to be resumed."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["amp", "channels_last"])
+def test_gpu_options_train_and_resume_on_cpu(option: str, reference, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # bf16 autocast and the channels-last layout are the GPU defaults; both run on CPU too, so they are trained here
+    ref_out, ref_metrics, ref_cfg = reference
+    cfg = {**ref_cfg, option: True, "output_dir": str(tmp_path / "whole")}
+    trainer = T.Trainer(cfg)
+    try:
+        conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        if option == "channels_last":  # the model really is in that layout
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+            assert not conv.weight.is_contiguous()
+        whole = trainer.run()
+    finally:
+        trainer.close()
+    assert whole["hardware"]["amp_bf16" if option == "amp" else "channels_last"] is True
+    epochs = [r for r in read_log(tmp_path / "whole") if r["kind"] == "epoch"]
+    assert epochs[1]["loss_total"] < 0.9 * epochs[0]["loss_total"]  # stage 1 learns
+    assert all(math.isfinite(h["mean"]) for h in whole["history"])
+    if option == "amp":  # bfloat16 arithmetic really ran, in training and in validation: the numbers are not fp32's
+        first_step = [r for r in read_log(tmp_path / "whole") if r["kind"] == "step"][0]
+        ref_first_step = [r for r in read_log(ref_out) if r["kind"] == "step"][0]
+        assert first_step["step"] == ref_first_step["step"] == 2
+        assert first_step["loss_total"] != ref_first_step["loss_total"]
+        assert whole["history"] != ref_metrics["history"]
+
+    # stopped right after the mid-epoch checkpoint of step 4, then resumed: the same run as the uninterrupted one
+    real_save = T.Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        real_save(self)
+        if self.step == 4:
+            raise _Stopped
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(T.Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stopped):
+        T.train({**cfg, "output_dir": str(out)})
+    monkeypatch.undo()
+    resumed = T.train({**cfg, "output_dir": str(out), "resume": True})
+    assert resumed["final"] == whole["final"] and resumed["history"] == whole["history"]
+    assert resumed["wall_time_s"]["sessions"] == 2
+    assert without_timing(read_log(out)) == without_timing(read_log(tmp_path / "whole"))
+    assert_same_weights(out / "last.pt", tmp_path / "whole" / "last.pt")
 
 
 def _wait_for_step(proc: subprocess.Popen, log: Path, step: int, timeout: float = 120.0) -> None:
@@ -364,7 +451,8 @@ def test_evaluate_scores_and_submission_files(reference, smoke_root: Path, tmp_p
     assert set(result["headline_all_frames"]) == set(result["headline"])
 
     frames = load_frames(smoke_root, "val")
-    headers = {"VA_Set": "valence,arousal", "AU_Set": ",".join(AU_NAMES_2020), "EXPR_Set": ",".join(EXPR_NAMES_2020)}
+    headers = {"VA_Set": "valence,arousal", "AU_Set": "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25",
+               "EXPR_Set": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise"}  # the challenge's, not ours
     filled_somewhere = 0
     for folder, task in (("VA_Set", "va"), ("AU_Set", "au"), ("EXPR_Set", "expr")):
         names = sorted(frames.loc[frames[f"split_{task}"] == "val", "name"].unique())
@@ -392,6 +480,74 @@ def test_evaluate_scores_and_submission_files(reference, smoke_root: Path, tmp_p
                 assert body[k - 1] == body[source - 1], (folder, name, k)
                 filled_somewhere += 1
     assert filled_somewhere > 0  # the smoke set has frames without a face, so the rule was exercised
+
+
+@pytest.mark.parametrize("kind", ["flipped weights", "truncated", "empty"])
+def test_evaluate_refuses_a_damaged_checkpoint(reference, smoke_root: Path, tmp_path: Path, damage,
+                                               capsys: pytest.CaptureFixture, kind: str) -> None:
+    from mtanet.cli import main
+    from mtanet.evaluate import evaluate
+
+    ref_out, _, _ = reference
+    bad = tmp_path / "best_mean.pt"
+    bad.write_bytes((ref_out / "best_mean.pt").read_bytes())
+    if kind == "flipped weights":
+        damage.flip_checkpoint_tensor(bad)
+    elif kind == "truncated":
+        damage.truncate(bad)
+    else:
+        damage.empty(bad)
+    expected = "digest mismatch" if kind == "flipped weights" else "cannot be read as a checkpoint"
+    with pytest.raises(CheckpointError, match=expected):
+        evaluate(bad, data_root=smoke_root, output_dir=tmp_path / "api", device="cpu", progress=False)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(bad), "--data-root", str(smoke_root), "-o", str(out), "--device", "cpu",
+                 "--threads", "1", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtanet: error:"), captured.err
+    assert str(bad) in lines[0] and expected in lines[0] and captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_mean.pt"]  # no scores, no submission files
+
+
+def test_submission_files_hold_the_models_predictions(reference, smoke_root: Path, tmp_path: Path) -> None:
+    # The files read back, line by line, against the checkpoint's own predictions made here: valence then arousal,
+    # an AU is 1 where its probability reaches the checkpoint's tuned threshold, the expression is the most probable.
+    from mtanet.data import load_frames
+    from mtanet.evaluate import evaluate
+    from mtanet.models import load_model
+
+    checkpoint = reference[0] / "best_mean.pt"
+    out = tmp_path / "eval"
+    result = evaluate(checkpoint, data_root=smoke_root, split="val", output_dir=out, batch_size=64, device="cpu",
+                      threads=1, progress=False)
+    thresholds = np.asarray(torch.load(checkpoint, map_location="cpu", weights_only=True)["au_thresholds"])
+    assert result["au_thresholds"] == thresholds.tolist() and len(set(thresholds.tolist())) > 1
+    frames = load_frames(smoke_root, "val")
+    preds = predict_frames(load_model(checkpoint), frames, smoke_root, image_size=32, batch_size=64)
+    checked = {"va": 0, "au": 0, "expr": 0}
+    for folder, task, header in (("VA_Set", "va", "valence,arousal"),
+                                 ("AU_Set", "au", "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25"),
+                                 ("EXPR_Set", "expr", "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise")):
+        files = sorted((out / folder).glob("*.txt"))
+        assert files, folder
+        for path in files:
+            lines = path.read_text().splitlines()
+            assert lines[0] == header
+            rows = np.flatnonzero(((frames["name"] == path.stem) & (frames["image"] != "")).to_numpy())
+            for row in rows:
+                k = int(frames["frame"].iloc[row])
+                if k >= len(lines):
+                    continue  # a frame past the annotation file's end has no line
+                line, pred = lines[k], preds[task][row]
+                if task == "va":
+                    np.testing.assert_allclose([float(x) for x in line.split(",")], np.clip(pred, -1, 1), atol=1e-6)
+                elif task == "au":
+                    assert line == ",".join(str(int(p >= t)) for p, t in zip(pred, thresholds)), (path.name, k)
+                else:
+                    assert line == str(int(np.argmax(pred))), (path.name, k)
+                checked[task] += 1
+    assert all(n > 50 for n in checked.values()), checked
 
 
 def test_predict_frames_alignment_and_no_face_fallback(reference, smoke_root: Path, tmp_path: Path) -> None:
@@ -445,6 +601,203 @@ def test_ddp_two_processes_on_cpu(reference, tmp_path: Path) -> None:
     ref_rows = {r["step"]: r for r in read_log(reference[0]) if r["kind"] == "step"}
     for r in rows[:3]:
         assert r["loss_total"] == pytest.approx(ref_rows[r["step"]]["loss_total"], rel=0.15)
+
+
+# A test-only driver that torchrun starts once per rank: it trains with mtanet.train.Trainer, as `mtanet train` does,
+# and saves what that rank itself holds, so the test compares the ranks instead of trusting the trainer's report.
+DDP_DRIVER = '''
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtanet.data.loading import KeyedFrames
+from mtanet.errors import NonFiniteLossError
+from mtanet.train import Trainer
+from mtanet.train import trainer as trainer_module
+
+args = json.loads(Path(sys.argv[1]).read_text())
+record = {"batches": [], "stepped": [], "calls": 0, "error": None}
+
+real_getitems = KeyedFrames.__getitems__
+
+
+def recorded_getitems(self, items):  # the rows (and augmentation keys) this rank really trained on
+    record["batches"].append([(int(row), [int(k) for k in key]) for row, key in items])
+    return real_getitems(self, items)
+
+
+real_losses = trainer_module.task_losses
+
+
+def counted_losses(*a, **kw):
+    record["calls"] += 1
+    losses = real_losses(*a, **kw)
+    if args["nan_at"] == [trainer.dist.rank, record["calls"]]:  # a NaN on this rank only
+        losses = {t: v * float("nan") for t, v in losses.items()}
+    return losses
+
+
+real_save = Trainer._save_checkpoint
+
+
+def save_then_maybe_die(self):
+    real_save(self)
+    if self.step == args["kill_after_checkpoint"]:
+        dist.barrier()  # every rank is past the checkpoint; then each is killed, as by kill -9
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+KeyedFrames.__getitems__ = recorded_getitems
+trainer_module.task_losses = counted_losses
+Trainer._save_checkpoint = save_then_maybe_die
+for optimizer in (torch.optim.Adam, torch.optim.SGD):
+    def stepped(self, *a, _real=optimizer.step, **kw):
+        record["stepped"].append(record["calls"])  # the optimiser stepped after this many loss evaluations
+        return _real(self, *a, **kw)
+    optimizer.step = stepped
+
+trainer = Trainer(args["config"])
+rank = trainer.dist.rank
+try:
+    trainer.run()
+except NonFiniteLossError as err:
+    record["error"] = str(err)
+finally:
+    trainer.close()
+torch.save({"state_dict": trainer.model.state_dict(),
+            "weightings": {k: w.state_dict() for k, w in trainer.weightings.items()}, **record},
+           Path(args["dump"]) / f"rank{rank}.pt")
+sys.exit(3 if record["error"] else 0)
+'''
+
+
+def run_ddp_driver(tmp_path: Path, name: str, cfg: dict, *, nan_at: list[int] | None = None,
+                   kill_after_checkpoint: int | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``cfg`` trained by two gloo ranks under torchrun; returns the process and what each rank saved."""
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(DDP_DRIVER)
+    dump = tmp_path / f"{name}-ranks"
+    dump.mkdir()
+    args = tmp_path / f"{name}.json"
+    args.write_text(json.dumps({"config": cfg, "dump": str(dump), "nan_at": nan_at,
+                                "kill_after_checkpoint": kill_after_checkpoint}))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2", str(driver), str(args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a rank waits for the others forever: torchrun stops its workers on SIGTERM
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise AssertionError(f"{name}: the ranks did not finish within 300 s (one waits for another?)") from None
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    ranks = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(dump.glob("rank*.pt"))]
+    return done, ranks
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: {different[:5]} differ"
+
+
+def parameters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without BatchNorm's running statistics (per rank within an epoch under DDP)."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(smoke_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
+    """One uninterrupted two-rank run of a stage-1 and a stage-2 epoch, with what each rank holds at the end."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = tiny(smoke_root, tmp / "run", stage1_epochs=1, stage2_epochs=1)
+    done, ranks = run_ddp_driver(tmp, "uninterrupted", cfg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(ranks) == 2
+    return tmp / "run", cfg, ranks
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_their_own_slices_and_end_with_the_same_weights(ddp_run, smoke_root: Path) -> None:
+    from mtanet.data import FrameDataset, TaskBalancedBatchSampler, read_split
+
+    out, cfg, (rank0, rank1) = ddp_run
+    # every rank holds the same model and the same eq. 5 log-variances, which stage 2 moved off their start
+    assert_same_tensors(rank0["state_dict"], rank1["state_dict"], "model weights of rank 0 and rank 1")
+    for kind in rank0["weightings"]:
+        assert_same_tensors(rank0["weightings"][kind], rank1["weightings"][kind], f"{kind} weighting of the ranks")
+    log_vars = rank0["weightings"]["uncertainty"]["log_vars"]
+    assert (log_vars != 0).all(), log_vars
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert_same_tensors(rank0["state_dict"], last["state_dict"], "rank 0 and last.pt")
+    assert_same_tensors(rank0["weightings"]["uncertainty"], last["weightings"]["uncertainty"], "eq. 5 in last.pt")
+
+    # each rank fetched its own slots of the global batch, and together exactly the one-process run's batch
+    frames = read_split(smoke_root, "train").frames
+    masks = FrameDataset(frames, smoke_root, AU_NAMES_2020).masks
+    sampler = TaskBalancedBatchSampler({t: masks[t] for t in ("va", "au", "expr")}, 8, num_batches=6, seed=0)
+    expected = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected += [(epoch, b, batch.tolist()) for b, batch in enumerate(sampler.global_batches())]
+    assert len(rank0["batches"]) == len(rank1["batches"]) == len(expected) == 12
+    for (epoch, b, global_rows), mine, theirs in zip(expected, rank0["batches"], rank1["batches"]):
+        assert [key for _, key in mine] == [[0, epoch, b, slot] for slot in (0, 2, 4, 6)]
+        assert [key for _, key in theirs] == [[0, epoch, b, slot] for slot in (1, 3, 5, 7)]
+        by_slot = {key[3]: row for row, key in mine + theirs}
+        assert [by_slot[slot] for slot in range(8)] == global_rows, (epoch, b)
+
+
+@pytest.mark.slow
+def test_ddp_resume_after_sigkill_equals_uninterrupted(ddp_run, tmp_path: Path) -> None:
+    ref_out, ref_cfg, ref_ranks = ddp_run
+    out = tmp_path / "run"
+    cfg = {**ref_cfg, "output_dir": str(out)}
+    # both ranks killed (SIGKILL) right after the mid-epoch checkpoint of step 4
+    done, ranks = run_ddp_driver(tmp_path, "killed", cfg, kill_after_checkpoint=4)
+    assert done.returncode != 0 and ranks == []
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["position"]["step"] == 4
+    done, ranks = run_ddp_driver(tmp_path, "resumed", {**cfg, "resume": True})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank, (resumed, reference) in enumerate(zip(ranks, ref_ranks)):
+        assert_same_tensors(resumed["state_dict"], reference["state_dict"], f"rank {rank}'s weights")
+        for kind in reference["weightings"]:
+            assert_same_tensors(resumed["weightings"][kind], reference["weightings"][kind], f"rank {rank} {kind}")
+        assert resumed["batches"] == reference["batches"][4:]  # the resumed run starts at step 5
+    metrics, ref_metrics = (json.loads((d / "metrics.json").read_text()) for d in (out, ref_out))
+    assert metrics["final"] == ref_metrics["final"]
+    assert metrics["history"] == ref_metrics["history"] and metrics["best"] == ref_metrics["best"]
+    assert metrics["wall_time_s"]["sessions"] == 2
+    assert without_timing(read_log(out)) == without_timing(read_log(ref_out))
+    assert_same_weights(out / "last.pt", ref_out / "last.pt")
+
+
+@pytest.mark.slow
+def test_ddp_nan_on_one_rank_stops_every_rank_before_the_step(smoke_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=1)
+    done, ranks = run_ddp_driver(tmp_path, "nan", cfg, nan_at=[1, 5])  # rank 1's 5th loss is NaN, rank 0's is not
+    assert done.returncode != 0 and len(ranks) == 2, done.stderr[-3000:]
+    for rank in ranks:
+        # rank 0's own loss was finite: it says where the NaN was, not a number of its own
+        assert rank["error"].startswith("non-finite loss on rank 1 of 2 at stage 1, epoch 1, step 5 "), rank["error"]
+        assert rank["stepped"] == [1, 2, 3, 4]  # no rank took step 5
+    # so the weights are still those of step 4's checkpoint on every rank (BatchNorm statistics are per rank)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["position"]["step"] == 4
+    for rank in ranks:
+        assert_same_tensors(parameters(rank["state_dict"]), parameters(ckpt["state_dict"]), "a rank and last.pt")
+    assert not list(out.glob("best_*.pt")) and not (out / "metrics.json").exists()
 
 
 def test_expression_class_weights_follow_the_training_labels() -> None:
@@ -540,3 +893,137 @@ def test_validation_only_where_asked(smoke_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "every2"
     metrics = T.train(tiny(smoke_root, out, val_every=2, stage1_epochs=2, stage2_epochs=1))
     assert [h["epoch"] for h in metrics["history"]] == [2, 3]
+
+
+# --------------------------------------------------------------------------------------------------- data faults
+
+
+def test_cache_dir_never_serves_old_pixels(smoke_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mtanet.data import decode_image_file
+
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    cache = tmp_path / "cache"
+
+    def first_image(out: str) -> tuple[Path, np.ndarray]:
+        trainer = T.Trainer(tiny(root, tmp_path / out, cache_dir=str(cache)))
+        try:
+            path = root / trainer.train_set.paths[0]
+            return path, np.array(trainer.train_set.packed[0])
+        finally:
+            trainer.close()
+
+    path, cached = first_image("one")
+    assert np.array_equal(cached, decode_image_file(path).permute(1, 2, 0).numpy())
+    pixels = np.random.default_rng(1).integers(0, 256, cached.shape, dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=95)  # replaced in place: same name, other pixels
+    _, again = first_image("two")
+    new = decode_image_file(path).permute(1, 2, 0).numpy()
+    assert not np.array_equal(new, cached) and np.array_equal(again, new)
+    assert len(list(cache.glob("train-*.npy"))) == 2  # the old cache is left, never reused
+
+
+def test_resume_refuses_other_data_and_follows_a_moved_copy(reference, smoke_root: Path, tmp_path: Path) -> None:
+    ref_out, _, cfg = reference
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "config.json", "log.jsonl"):  # the finished run, without its metrics
+        shutil.copy2(ref_out / name, out / name)
+    edited = tmp_path / "edited"
+    shutil.copytree(smoke_root, edited)
+    label = next((edited / "annotations" / "EXPR_Set" / "Validation_Set").glob("*.txt"))
+    lines = label.read_text().splitlines()
+    label.write_text("\n".join(lines[:1] + ["6" if lines[1] != "6" else "5"] + lines[2:]) + "\n")  # one label
+    with pytest.raises(ConfigError, match=r"cannot resume .*last\.pt on data_root .*edited: its annotation files "
+                                          r"differ from those the run was trained on"):
+        T.train({**cfg, "output_dir": str(out), "resume": True, "data_root": str(edited)})
+    assert json.loads((out / "config.json").read_text())["data_root"] == str(smoke_root)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(smoke_root, moved)
+    metrics = T.train({**cfg, "output_dir": str(out), "resume": True, "data_root": str(moved)})
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_root"] == metrics["config"]["data_root"] == metrics["data"]["root"] == str(moved)
+    assert metrics["data"]["annotations_sha256"] == torch.load(ref_out / "last.pt", weights_only=True)["data"][
+        "annotations_sha256"]
+
+
+def test_a_task_without_labels_in_a_split_is_an_error_before_training(smoke_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from mtanet.cli import main
+
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    shutil.rmtree(root / "annotations" / "EXPR_Set" / "Validation_Set")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".notes.tmp").write_text("mine")  # the trainer removes its own leftovers only
+    (out / ".last.pt.k1ll3d.tmp").write_text("")
+    with pytest.raises(DataFormatError, match=r"EXPR_Set/Validation_Set: no val frame has both an image and a "
+                                              r"label for expr, so expr could not be scored .*tasks=va,au"):
+        T.train(tiny(root, out))
+    assert not (out / "last.pt").exists() and not (out / "log.jsonl").exists()
+    assert (out / ".notes.tmp").read_text() == "mine" and not (out / ".last.pt.k1ll3d.tmp").exists()
+    assert main(["train", *as_cli(tiny(root, out))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtanet: error: ") and "EXPR_Set/Validation_Set" in err and err.count("\n") == 1
+    shutil.rmtree(root / "annotations" / "AU_Set" / "Training_Set")
+    with pytest.raises(DataFormatError, match=r"AU_Set/Training_Set: no train frame .* label for au, so au could "
+                                              r"not be learnt"):
+        T.train(tiny(root, out, tasks=["va", "au"]))
+    # leaving the tasks out is the explicit way to train on what there is
+    trainer = T.Trainer(tiny(root, out, tasks=["va"]))
+    trainer.close()
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_file(smoke_root: Path, tmp_path: Path,
+                                                                             monkeypatch, capsys) -> None:
+    from mtanet.cli import main
+
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):  # a checkpoint written to a file: part of it, then the disk is full
+        if not hasattr(f, "write"):
+            return save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 the first bytes of a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert main(["train", *as_cli(tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=0, steps_per_epoch=2))]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mtanet: error: {out}/"), lines
+    assert ".pt: No space left on device (the disk is full" in lines[0]
+    assert not list(out.glob("*.pt")) and not list(out.glob(".*"))  # no checkpoint, whole or partial; no temp file
+    assert all(json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())  # whole rows only
+
+
+def test_the_log_keeps_whole_rows_when_the_disk_fills(tmp_path: Path) -> None:
+    from mtanet.train.state import JsonlLog
+
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(path, None, True)
+    log.write({"step": 1})
+    real = log.file
+
+    class Full:  # takes the first bytes of the row, then the disk is full
+        def write(self, data):
+            real.write(bytes(data[:5]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    log.file = Full()
+    with pytest.raises(OSError) as info:
+        log.write({"step": 2, "loss": 0.5})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)  # names the log
+    log.file = real
+    log.write({"step": 3})  # the next row starts where the last whole one ended
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 3}]

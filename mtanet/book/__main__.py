@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mtanet.book.build import PROFILES, build
-from mtanet.errors import NotebookFailed
+from mtanet.errors import MtanetError, NotebookFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         build(args.profile, build_dir=args.build_dir, only=args.only, html=not args.no_html)
-    except (NotebookFailed, RuntimeError, FileNotFoundError) as err:
+    except (NotebookFailed, MtanetError, RuntimeError, FileNotFoundError) as err:
         print(f"[book] FAILED: {err}", file=sys.stderr)
         return 1
     return 0

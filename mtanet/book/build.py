@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mtanet.errors import NotebookFailed
+from mtanet.errors import NotebookFailed, OutputExistsError
 from mtanet.runtime import project_root, write_json
 
 __all__ = [
@@ -140,10 +140,24 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, kernel:
     return time.perf_counter() - started
 
 
+def _remove_own(folder: Path, *, holds_only: set[str] | None = None, marker: str | None = None) -> None:
+    """Delete ``folder``, a folder the build wrote, after checking it is one: all its entries are among
+    ``holds_only``, or it holds Sphinx's ``marker`` file. Anything else (a ``--build-dir`` pointing at a folder of
+    the user's) raises :class:`OutputExistsError` and nothing is deleted."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() and not folder.is_symlink() else None
+    ours = names is not None and ((holds_only is not None and names <= holds_only)
+                                  or (marker is not None and marker in names))
+    if not ours:
+        raise OutputExistsError(f"{folder} was not written by the book build (it is where the build writes); "
+                                "nothing was deleted: move it away or choose another build folder")
+    shutil.rmtree(folder)
+
+
 def stage_sources(root: Path, src: Path) -> None:
     """Copy the book's own pages and configuration next to where the executed chapters go."""
-    if src.exists():
-        shutil.rmtree(src)
+    _remove_own(src, holds_only={"_config.yml", "_toc.yml", "book"})
     (src / "book").mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, src / name)
@@ -213,14 +227,14 @@ def build(profile: str = "cpu", *, root: Path | None = None, build_dir: Path | N
 def render_html(src: Path, build_dir: Path) -> None:
     """Run Jupyter Book (Sphinx) on the staged sources: warnings are errors, the HTML lands in ``build_dir/html``."""
     out = build_dir / "jb"
+    _remove_own(out, holds_only={"_build"})  # Jupyter Book's output of an earlier build
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src), "--path-output", str(out), "--all",
            "-W", "-n", "--keep-going", "--builder", "html"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"Jupyter Book build failed ({' '.join(cmd)}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     html = build_dir / "html"
-    if html.exists():
-        shutil.rmtree(html)
+    _remove_own(html, marker=".buildinfo")  # Sphinx writes .buildinfo into every HTML build
     shutil.move(str(out / "_build" / "html"), str(html))
     shutil.rmtree(out, ignore_errors=True)
 

@@ -47,7 +47,7 @@ from scipy import stats
 from mtanet.book.build import execute
 from mtanet.errors import ConfigError, SweepConflict
 from mtanet.runtime import atomic_path, json_clean, project_root, usable_cores, write_json
-from mtanet.train import TrainConfig
+from mtanet.train import BEST_KEYS, CHECKPOINT, TrainConfig
 
 __all__ = [
     "FAMILIES",
@@ -311,9 +311,9 @@ def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
         if not (folder / METRICS_FILE).is_file():
             raise RuntimeError(f"{folder / NOTEBOOK_FILE}: the notebook ran but wrote no {METRICS_FILE} in "
                                f"{folder}; it must train into its output_dir parameter")
-        if not keep_checkpoints:
-            for path in folder.glob("*.pt"):
-                path.unlink()
+        if not keep_checkpoints:  # the trainer's checkpoints only, never another .pt of the folder
+            for name in (CHECKPOINT, *(f"best_{key}.pt" for key in BEST_KEYS)):
+                (folder / name).unlink(missing_ok=True)
         say(f"  done  {run.key} in {wall[run.key]:.0f} s")
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -2,16 +2,21 @@
 evaluate) and :mod:`mtanet.cli.predict` (predict, export).
 
 The only modules of the package that import :mod:`argparse`. Every error a user can fix (:class:`mtanet.errors.
-MtanetError` and the file errors of the standard library) is printed as one line, ``mtanet: error: ...``, with exit
-code 2.
+MtanetError`, the file-system errors of the standard library such as a full disk or a missing permission, and a
+mistyped option) is printed as one line, ``mtanet: error: ...``, with exit code 2; ``mtanet --debug ...`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mtanet.cli import predict as cli_predict
 from mtanet.cli import train as cli_train
@@ -40,8 +45,45 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What to do about a file-system error, by its errno.
+_OS_ADVICE = {
+    errno.EACCES: "check the permissions of the file and of its folders, or choose another path",
+    errno.EPERM: "check the permissions of the file and of its folders, or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "the disk is full; free space or choose another output folder",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another output folder",
+    errno.EISDIR: "this is a folder where a file is needed; give a file path",
+    errno.ENOTDIR: "a part of this path is a file where a folder is needed",
+    errno.EEXIST: "a file is where a folder is needed; choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the disk or the file system failed; check the device",
+}
+
+
+def error_line(err: MtanetError | OSError) -> str:
+    """The one line ``mtanet: error: ...`` of an error a user can fix: an :class:`~mtanet.errors.MtanetError` (its
+    message names the file or option and what to do) or an :class:`OSError` (a file-system error, named with its
+    file and followed by what to do)."""
+    text = str(err)
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:  # raised by the OS, not a message of ours
+        where = f"{os.fsdecode(err.filename)}: " if err.filename is not None else ""
+        advice = _OS_ADVICE.get(err.errno)
+        text = f"{where}{err.strerror}" + (f" ({advice})" if advice else "")
+    return "mtanet: error: " + re.sub(r"\s*\n\s*", " ", text.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (an unknown option, a value of the wrong type) are one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mtanet: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtanet", description="MTANet: multi-task facial affect recognition")
+    parser = _Parser(prog="mtanet", description="MTANet: multi-task facial affect recognition")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic Aff-Wild2 twin (ABAW 2020 layout)")
@@ -50,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="; ".join(f"{name}: {size.purpose}" for name, size in SIZES.items()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset at ROOT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic dataset of other settings at ROOT (only a folder mtanet synth wrote; "
+                        "any other folder is refused and nothing deleted)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("inspect", help="read an Aff-Wild2 root and print what was read and skipped")
@@ -65,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (MtanetError, FileExistsError, FileNotFoundError) as err:
-        print(f"mtanet: error: {err}", file=sys.stderr)
+    except (MtanetError, OSError) as err:
+        if args.debug:
+            raise
+        print(error_line(err), file=sys.stderr)
         return 2
 
 

@@ -13,13 +13,18 @@ from pathlib import Path
 
 import torch
 
-from mtanet.errors import ConfigError
+from mtanet.errors import ConfigError, OutputExistsError
 from mtanet.inference import TEMPLATES, export_checkpoint, metadata_path, predict_to_csv
+from mtanet.runtime import prepare_output_file
 
 __all__ = ["add_parsers"]
 
 #: Packages imported only when a video is opened or an ONNX session is built: a missing one is reported as an error.
 _RUNTIME_PACKAGES = ("av", "onnxruntime")
+
+#: ONNX opsets `mtanet export` writes: torch's TorchScript exporter writes 7 to 23, and onnxruntime has no kernels
+#: for this model's operators below 7 (measured with torch 2.14, onnxruntime 1.32).
+OPSETS = range(7, 24)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -27,6 +32,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--checkpoint is required with --engine torch")
     if args.engine == "onnx" and args.onnx is None:
         raise ConfigError("--onnx model.onnx is required with --engine onnx")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if args.threads and args.engine == "torch":
         torch.set_num_threads(args.threads)
     try:
@@ -42,7 +49,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"mtanet: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mtanet predict: interrupted; the rows written so far are in {args.output}", file=sys.stderr)
+        kept = f"the rows written so far are in {args.output}" if args.output.exists() else "nothing was written"
+        print(f"mtanet predict: interrupted; {kept}", file=sys.stderr)
         return 130
     if meta["au_threshold_source"] != "checkpoint" and "au" in meta["tasks"]:
         print(f"note: AU decisions use threshold {meta['au_threshold_source']}", file=sys.stderr)
@@ -53,8 +61,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.opset not in OPSETS:
+        raise ConfigError(f"--opset {args.opset} cannot be exported; use an ONNX opset from {OPSETS[0]} to "
+                          f"{OPSETS[-1]} (default 17)")
+    prepare_output_file(args.output)
     if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{args.output} exists; pass --overwrite to replace it")
     try:
         path = export_checkpoint(args.checkpoint, args.output, opset=args.opset, check=not args.no_check)
     except AssertionError as err:  # the onnxruntime-vs-PyTorch comparison failed
@@ -98,7 +110,7 @@ def add_parsers(subparsers) -> None:
                                           "thresholds in the metadata; checks onnxruntime against PyTorch.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {OPSETS[0]} to {OPSETS[-1]} (default 17)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export)

@@ -21,6 +21,7 @@ from typing import Any
 
 from mtanet.errors import ConfigError
 from mtanet.evaluate import evaluate
+from mtanet.runtime import check_output_folder
 from mtanet.train import CONFIG_FILE, StageConfig, TrainConfig, train, trainer
 from mtanet.train.config import read_yaml_mapping
 
@@ -105,6 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    check_output_folder(cfg.output_dir)  # a file in the way fails now, not after the data are read
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final": metrics["final_headline"], "best": metrics["best"],
@@ -113,6 +115,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    check_output_folder(args.output_dir)  # a file in the way fails now, not after the predictions
     result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, output_dir=args.output_dir,
                       batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                       threads=args.threads, au_thresholds=args.au_thresholds, image_size=args.image_size,

@@ -7,6 +7,7 @@ and a batch equals its collated items bit for bit (tested).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from mtanet.errors import DataFormatError
 from mtanet.runtime import atomic_path
 from mtanet.tasks import TASKS
 
-__all__ = ["FrameDataset", "build_packed_cache"]
+__all__ = ["FrameDataset", "build_packed_cache", "packed_cache_key"]
 
 
 class FrameDataset:
@@ -150,10 +151,32 @@ class FrameDataset:
         return (self._resized(images).contiguous(), *self.labels(rows))
 
 
+def packed_cache_key(dataset: FrameDataset) -> str:
+    """A name for the packed cache of ``dataset`` that changes whenever its images may have: a digest of the root's
+    resolved path and, image by image in row order, the relative path, size, modification time (ns) and inode.
+
+    So a cache is reused only for the very same files: an image rewritten in place (new mtime), replaced by another
+    file (new inode), or another root with the same layout (another path) gets a new cache, never old pixels. Reading
+    the pixels themselves would cost most of what the cache saves; file metadata is read in seconds.
+
+    Raises:
+        DataFormatError: an image of the table is missing or cannot be read.
+    """
+    digest = hashlib.sha256(str(dataset.root.resolve()).encode() + b"\0")
+    for rel in dataset.paths:
+        try:
+            st = os.stat(dataset.root / rel)
+        except OSError as err:
+            raise DataFormatError(dataset.root / rel, None, f"cannot read image: {err.strerror}") from None
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+    return digest.hexdigest()[:20]
+
+
 def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> np.ndarray:
     """Decode every image of ``dataset`` once into a uint8 memory-mapped ``.npy`` (N, H, W, 3) at ``path``.
 
-    A later call with the same path and row count opens the existing file. The file is written to a temporary name
+    A later call with the same path and row count opens the existing file: name the file after
+    :func:`packed_cache_key`, so that a cache of other images is never reused. The file is written to a temporary name
     of this call and renamed (:func:`mtanet.runtime.atomic_path`), so an interrupted build never leaves a half-filled
     cache that looks complete, and two processes building the same cache at once (sweep runs side by side) each write
     a whole file, of which the rename keeps one of the identical results.
@@ -168,6 +191,9 @@ def build_packed_cache(dataset: FrameDataset, path: str | os.PathLike[str]) -> n
     h, w = (first.shape[1], first.shape[2]) if first is not None else (112, 112)
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), h, w, 3))
+        if hasattr(os, "posix_fallocate"):  # reserve the disk now: a full disk is an OSError here, not a SIGBUS later
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         for i, rel in enumerate(dataset.paths):
             img = decode_image_file(dataset.root / rel)
             if img.shape[1:] != (h, w):

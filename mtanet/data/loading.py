@@ -5,25 +5,69 @@ the finished batch (:meth:`mtanet.data.FrameDataset.batch`, one cache read and b
 :func:`collate_batched` passes it through. Training addresses rows with their augmentation keys
 (:class:`KeyedBatches` + :class:`KeyedFrames`); evaluation with plain rows (:class:`BatchedFrames`)::
 
-    DataLoader(KeyedFrames(dataset, augment), batch_sampler=KeyedBatches(sampler, seed), collate_fn=collate_batched)
-    DataLoader(BatchedFrames(dataset), batch_sampler=row_batches, collate_fn=collate_batched)
+    FrameLoader(KeyedFrames(dataset, augment), batch_sampler=KeyedBatches(sampler, seed), collate_fn=collate_batched)
+    FrameLoader(BatchedFrames(dataset), batch_sampler=row_batches, collate_fn=collate_batched)
+
+:class:`FrameLoader` is torch's ``DataLoader`` that raises an error a worker process met (a corrupt jpg) as itself,
+the :class:`mtanet.errors.DataFormatError` naming the file, where torch's own would raise a ``RuntimeError`` holding
+the worker's traceback (see :class:`WorkerFailure`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from mtanet.data.augment import FaceAugment
 from mtanet.data.dataset import FrameDataset
 from mtanet.data.sampler import TaskBalancedBatchSampler
+from mtanet.errors import MtanetError
 
-__all__ = ["KeyedFrames", "BatchedFrames", "KeyedBatches", "collate_batched"]
+__all__ = ["KeyedFrames", "BatchedFrames", "KeyedBatches", "collate_batched", "FrameLoader", "WorkerFailure"]
 
 #: A row of a FrameDataset with the key its augmentation is seeded from: ``(row, (seed, epoch, batch, slot))``.
 KeyedRow = tuple[int, Sequence[int]]
+
+
+class WorkerFailure:
+    """The place of a batch whose fetch in a DataLoader worker process met an error a user can fix (an
+    :class:`~mtanet.errors.MtanetError` such as a corrupt jpg, or an :class:`OSError` such as an unreadable file).
+
+    torch carries a worker's exception to the main process as its class and formatted traceback, and rebuilds it by
+    calling the class with that one string; a class that needs other arguments (``DataFormatError(path, line,
+    message)``) becomes a ``RuntimeError`` whose message is the worker's traceback. The adapters below return the
+    error itself instead (pickled whole, :class:`~mtanet.errors.DataFormatError` by its ``__reduce__``), and
+    :class:`FrameLoader` raises it in the main process, so the user sees the error's own one line.
+    """
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __iter__(self):
+        """Unpacking it as a batch raises the error: a plain ``DataLoader`` over these adapters fails as loudly."""
+        raise self.error
+
+
+def _fetch(fetch: Callable[[], Any]) -> Any:
+    """``fetch()``; in a worker process, a user error is returned as a :class:`WorkerFailure` rather than raised."""
+    if get_worker_info() is None:  # the main process: errors propagate as they are
+        return fetch()
+    try:
+        return fetch()
+    except (MtanetError, OSError) as err:
+        return WorkerFailure(err)
+
+
+class FrameLoader(DataLoader):
+    """torch's ``DataLoader`` that raises the error of a :class:`WorkerFailure` batch as itself (see there)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
 
 
 class KeyedFrames:
@@ -45,8 +89,12 @@ class KeyedFrames:
     def __getitems__(self, items: Sequence[KeyedRow]):
         """A whole batch at once (the DataLoader's batched fetch): one cache read, batched float arithmetic.
 
-        Returns the collated ``(images, targets, masks)``, equal to collating ``self[item]`` for each item.
+        Returns the collated ``(images, targets, masks)``, equal to collating ``self[item]`` for each item (in a
+        worker process, a :class:`WorkerFailure` for an error a user can fix).
         """
+        return _fetch(lambda: self._batch(items))
+
+    def _batch(self, items: Sequence[KeyedRow]):
         rows = [row for row, _ in items]
         if self.augment is None:  # nothing to reseed: the dataset's own batched fetch
             return self.dataset.batch(rows)
@@ -69,7 +117,8 @@ class BatchedFrames:
         return self.dataset[row]
 
     def __getitems__(self, rows: Sequence[int]):
-        return self.dataset.batch(rows)
+        """The collated batch of ``rows`` (in a worker process, a :class:`WorkerFailure` for a user's error)."""
+        return _fetch(lambda: self.dataset.batch(rows))
 
 
 def collate_batched(batch: Any) -> Any:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from mtanet.errors import ConfigError
 from mtanet.tasks import TASKS
 
 __all__ = ["TaskBalancedBatchSampler"]
@@ -25,6 +26,10 @@ class TaskBalancedBatchSampler:
     ``seed`` and the epoch; ``state_dict`` records the position so a resumed run draws the same batches. Under
     DistributedDataParallel give ``num_replicas``/``rank``: every rank draws the same global batch and keeps its own
     slice of it, so ranks never see the same frame in one step.
+
+    Raises:
+        ConfigError: a task has no labeled frame, ``batch_size`` is smaller than the number of tasks (a batch could
+            not hold every task), or it does not split evenly across ``num_replicas``.
     """
 
     def __init__(self, masks: dict[str, np.ndarray], batch_size: int, *, tasks: Sequence[str] = TASKS,
@@ -33,9 +38,15 @@ class TaskBalancedBatchSampler:
         self.pools = {t: np.flatnonzero(masks[t]) for t in self.tasks}
         empty = [t for t, p in self.pools.items() if p.size == 0]
         if empty:
-            raise ValueError(f"no labeled frames for task(s) {empty}; drop them from tasks=")
+            kept = [t for t in self.tasks if t not in empty]
+            raise ConfigError(f"no labeled frame (with an image) for task(s) {', '.join(empty)}: train without them "
+                              f"(tasks={','.join(kept) or '...'}, CLI --tasks) or check the annotations")
+        if batch_size < len(self.tasks):
+            raise ConfigError(f"batch_size {batch_size} is smaller than the number of tasks {len(self.tasks)}: every "
+                              f"batch holds a share of each task; use batch_size >= {len(self.tasks)}")
         if batch_size % num_replicas:
-            raise ValueError(f"batch_size {batch_size} is not divisible by num_replicas {num_replicas}")
+            raise ConfigError(f"batch_size {batch_size} is not divisible by the {num_replicas} processes (DDP "
+                              "ranks); use a multiple of it")
         self.batch_size = batch_size
         self.num_replicas = num_replicas
         self.rank = rank

@@ -14,6 +14,8 @@ in the input either raise :class:`DataFormatError` naming the file and line, or 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hashlib
 import os
 import re
 import warnings
@@ -53,6 +55,7 @@ __all__ = [
     "FrameTable",
     "read_split",
     "load_frames",
+    "annotation_fingerprint",
     "label_arrays",
     "decode_image_file",
 ]
@@ -75,6 +78,15 @@ SKIP_KINDS: dict[str, str] = {
     "keeps its labels for scoring but loses its image",
     "labels_masked_cross_task_leak": "a training label of a video that is in another task's validation split; masked "
     "unless allow_cross_task_leak=True",
+    "annotation_other_suffix": "a file in a split folder whose name does not end in .txt (.csv, .TXT, .txt.bak ...); "
+    "not read: rename it to <name>.txt if it holds labels",
+    "annotation_hidden": "a hidden file or folder under annotations/ (a name starting with '.': .DS_Store, a macOS "
+    "'._' copy, an editor's backup); never read",
+    "annotation_unknown_folder": "a folder under annotations/ that is not a task or split folder of the edition (an "
+    "other edition's folder, Test_Set, a folder inside a split folder); not read. One named like a missing task or "
+    "split folder (Validaton_Set, AU_set) is an error instead",
+    "annotation_stray_file": "a file directly in annotations/ or in a task folder, outside the split folders (a "
+    "README); not read",
 }
 
 
@@ -207,7 +219,9 @@ def parse_annotation_text(text: str, task: str, path: str | os.PathLike[str] = "
         out = np.full((n, 2), np.nan, dtype=np.float32)
         out[labeled] = values[labeled]
         return header_t, out
-    values = _to_array(rows, np.int64, path, _strict_int)
+    rule = ("AU labels are the integers 0, 1 or -1 (unlabeled)" if task == "au" else
+            f"expression labels are the integers 0..{len(header_t) - 1} or -1 (unlabeled)")
+    values = _to_array(rows, np.int64, path, _strict_int, rule)
     if task == "au":
         ok = np.isin(values, (0, 1, LABEL_SENTINEL))
         if not ok.all():
@@ -239,18 +253,23 @@ def _strict_int(token: str) -> int:
     return int(token)
 
 
-def _to_array(rows: list[list[str]], dtype: type, path: Path, convert: Any) -> np.ndarray:
+def _to_array(rows: list[list[str]], dtype: type, path: Path, convert: Any, rule: str | None = None) -> np.ndarray:
+    """``rows`` as an array; a value ``convert`` refuses is a :class:`DataFormatError` naming the line and stating
+    ``rule`` (what the values must be), or saying "not a number" without one."""
     width = len(rows[0]) if rows else 1
     try:
         if convert is float:
             return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
         return np.asarray([[convert(t) for t in r] for r in rows], dtype=dtype).reshape(len(rows), width)
     except ValueError:
-        for i, r in enumerate(rows):  # slow path, only to name the line
-            try:
-                [convert(t) for t in r]
-            except ValueError:
-                raise DataFormatError(path, i + 2, f"not a number in {','.join(r)!r}") from None
+        for i, r in enumerate(rows):  # slow path, only to name the line and the value
+            for token in r:
+                try:
+                    convert(token)
+                except ValueError:
+                    line = ",".join(r)
+                    message = f"{rule}; found {token.strip()!r} in {line!r}" if rule else f"not a number in {line!r}"
+                    raise DataFormatError(path, i + 2, message) from None
         raise
 
 
@@ -307,10 +326,78 @@ def _scan_images(root: Path, report: LoadReport) -> dict[str, np.ndarray]:
     return images
 
 
-def _list_names(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix == ".txt"}
+def _scan_annotations(root: Path, ed: Edition, split: str, report: LoadReport) -> dict[str, dict[str, dict[str, Path]]]:
+    """The annotation files of both splits, ``{split: {task: {name: path}}}``; everything else under annotations/
+    is counted in ``report`` (see :data:`SKIP_KINDS`): the entries outside the split folders, and those inside the
+    folders of ``split`` (the other split's are its own load's to count).
+
+    Raises:
+        DataFormatError: a folder named like a missing task or split folder of the edition (``Validaton_Set``,
+            ``validation_set``, ``Train_Set`` in a 2020 root, ``AU_set``): read as it is, it would drop that task's
+            labels of a split without a word (and, for validation, turn the cross-task leak masking off for it).
+    """
+    ann = root / ANNOTATION_DIR
+    if not ann.is_dir():
+        raise DataFormatError(ann, None, "no annotations folder: is data_root an Aff-Wild2 root?")
+    files: dict[str, dict[str, dict[str, Path]]] = {s: {t: {} for t in TASKS} for s in SPLITS}
+    task_of = {folder: t for t, folder in ed.task_dirs.items()}
+    split_of = {folder: s for s, folder in ed.split_dirs.items()}
+
+    def skip(kind: str, path: Path) -> None:
+        report.add(kind, path.relative_to(root).as_posix())
+
+    def outside_splits(entry: Path, known: dict[str, str]) -> bool:
+        """Count ``entry`` when it is not a folder of ``known``; True when counted."""
+        if entry.name.startswith("."):
+            skip("annotation_hidden", entry)
+        elif not entry.is_dir():
+            skip("annotation_stray_file", entry)
+        elif entry.name not in known:
+            skip("annotation_unknown_folder", entry)
+        else:
+            return False
+        return True
+
+    entries = sorted(ann.iterdir())
+    _refuse_misspelt(ann, entries, list(ed.task_dirs.values()), "task", ed)
+    for task_dir in entries:
+        if outside_splits(task_dir, task_of):
+            continue
+        task = task_of[task_dir.name]
+        split_dirs = sorted(task_dir.iterdir())
+        _refuse_misspelt(task_dir, split_dirs, list(ed.split_dirs.values()), "split", ed)
+        for split_dir in split_dirs:
+            if outside_splits(split_dir, split_of):
+                continue
+            s = split_of[split_dir.name]
+            for path in sorted(split_dir.iterdir()):
+                if path.name.startswith(".") or path.is_dir() or path.suffix != ".txt":
+                    if s == split:
+                        skip("annotation_hidden" if path.name.startswith(".") else
+                             "annotation_unknown_folder" if path.is_dir() else "annotation_other_suffix", path)
+                    continue
+                files[s][task][path.stem] = path
+    return files
+
+
+def _refuse_misspelt(folder: Path, entries: list[Path], expected: list[str], kind: str, ed: Edition) -> None:
+    """Raise when a sub-folder of ``folder`` is named like one of ``expected`` that is missing (case and a few
+    letters aside: its closest expected name, at a :mod:`difflib` ratio of 0.6 or more)."""
+    present = {e.name for e in entries}
+    missing = [name for name in expected if name not in present]
+    if not missing:
+        return
+    lowered = {name.lower(): name for name in expected}
+    for entry in entries:
+        if entry.name in expected or entry.name.startswith(".") or not entry.is_dir():
+            continue
+        close = difflib.get_close_matches(entry.name.lower(), list(lowered), n=1, cutoff=0.6)
+        if close and lowered[close[0]] in missing:
+            meant = lowered[close[0]]
+            raise DataFormatError(entry, None, f"not a {kind} folder of the ABAW {ed.name} layout, which expects "
+                                               f"{', '.join(expected)}; {folder.name} has no {meant}, whose labels "
+                                               f"would be lost: rename {entry.name} to {meant} (or move it out of "
+                                               f"{ANNOTATION_DIR}/)")
 
 
 @dataclasses.dataclass
@@ -336,11 +423,9 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
     else:
         ed = EDITIONS[str(edition)]
     report = LoadReport()
-    ann = root / ANNOTATION_DIR
 
     # Which names each task has in each split: task membership is per file, not per video.
-    files: dict[str, dict[str, dict[str, Path]]] = {
-        s: {t: _list_names(ann / ed.task_dirs[t] / ed.split_dirs[s]) for t in TASKS} for s in SPLITS}
+    files = _scan_annotations(root, ed, split, report)
     names = sorted(set().union(*(files[split][t].keys() for t in TASKS)))
 
     # Cross-task overlap: a video in one task's validation split and another task's training split.
@@ -375,14 +460,14 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
             header, values = read_annotation_file(path, t, report)
             if t == "au":
                 if au_names is None:
-                    au_names = header
+                    au_names, au_first = header, path
                 elif header != au_names:
-                    raise DataFormatError(path, 1, f"AU header {header} differs from {au_names} in other files")
+                    _header_mismatch("AU", header, path, au_names, au_first, ed.au_names, ed.name)
             if t == "expr":
                 if expr_names is None:
-                    expr_names = header
+                    expr_names, expr_first = header, path
                 elif header != expr_names:
-                    raise DataFormatError(path, 1, f"expression header {header} differs from {expr_names}")
+                    _header_mismatch("expression", header, path, expr_names, expr_first, ed.expr_names, ed.name)
             lengths.append(len(values))  # masked files still say how long the video is
             if (name, t) in masked:
                 report.add("labels_masked_cross_task_leak", f"{name} ({t})", count=int(_count_labeled(t, values)))
@@ -418,6 +503,39 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
     frames.attrs["split"] = split
     frames.attrs["load_report"] = report.to_dict()
     return FrameTable(frames=frames, edition=ed, report=report, root=root)
+
+
+def annotation_fingerprint(root: str | os.PathLike[str], *, edition: str | Edition | None = None) -> str:
+    """SHA-256 of the annotation files the reader reads under ``root`` (both splits): each file's path relative to
+    ``root``, size and content digest, in path order.
+
+    Two roots have the same fingerprint exactly when they hold the same labels in the same files, wherever they lie:
+    a moved or copied root keeps it, an edited, added or removed annotation file changes it. The images are not part
+    of it (see :func:`mtanet.data.packed_cache_key` for those).
+    """
+    root = Path(root)
+    if edition is None:
+        ed = detect_edition(root)
+    else:
+        ed = edition if isinstance(edition, Edition) else EDITIONS[str(edition)]
+    files = _scan_annotations(root, ed, SPLITS[0], LoadReport())
+    digest = hashlib.sha256()
+    for path in sorted(p for s in SPLITS for t in TASKS for p in files[s][t].values()):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode() + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _header_mismatch(kind: str, header: tuple[str, ...], path: Path, first: tuple[str, ...], first_path: Path,
+                     expected: tuple[str, ...], edition: str) -> None:
+    """Raise the :class:`DataFormatError` of two files of one task with different headers, naming the file that is
+    wrong: the one whose header is not the edition's (the folders tell the edition), else the later one."""
+    if header == expected:  # the first file read is the odd one
+        raise DataFormatError(first_path, 1, f"{kind} header {','.join(first)!r} is not the ABAW {edition} header "
+                                             f"{','.join(expected)!r} that {path} has; every {kind} file of a root "
+                                             "needs the same header")
+    raise DataFormatError(path, 1, f"{kind} header {','.join(header)!r} differs from {','.join(first)!r} of "
+                                   f"{first_path}; every {kind} file of a root needs the same header")
 
 
 def _count_labeled(task: str, values: np.ndarray) -> int:

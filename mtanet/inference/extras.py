@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mtanet.errors import CheckpointError, ConfigError
-from mtanet.models import MTANet, load_model
+from mtanet.errors import ConfigError
+from mtanet.models import MTANet, model_from_checkpoint, read_checkpoint
 from mtanet.tasks import AU_NAMES_2020, AU_NAMES_2021, EDITIONS, EXPR_NAMES_2020, EXPR_NAMES_2022
 
 __all__ = [
@@ -47,21 +45,17 @@ CROP_SIZE = 112
 
 def checkpoint_extras(path: str | os.PathLike) -> dict[str, Any]:
     """The prediction-related extras of a :func:`~mtanet.models.save_checkpoint` file (the keys of
-    :data:`CHECKPOINT_EXTRAS` that are present), read without building the model.
+    :data:`CHECKPOINT_EXTRAS` that are present), read without building the model (tensors memory-mapped), once the
+    file's digest matches (:func:`mtanet.models.read_checkpoint`).
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is not an MTANet checkpoint.
+        CheckpointError: the file cannot be read, was changed after it was written, or is not an MTANet checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not an MTANet checkpoint (needs 'config' and 'state_dict')")
+    return _extras(read_checkpoint(path, mmap=True))
+
+
+def _extras(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     extras = {k: ckpt[k] for k in CHECKPOINT_EXTRAS if k in ckpt}
     train_config = ckpt.get("train_config")
     if "image_size" not in extras and isinstance(train_config, Mapping) and train_config.get("image_size"):
@@ -70,9 +64,10 @@ def checkpoint_extras(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[MTANet, dict[str, Any]]:
-    """An :func:`~mtanet.models.load_model` model (eval mode) and :func:`checkpoint_extras` of its file."""
-    extras = checkpoint_extras(path)
-    return load_model(path, map_location=map_location), extras
+    """An :func:`~mtanet.models.load_model` model (eval mode) and :func:`checkpoint_extras` of its file, read once
+    (its digest checked once)."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, map_location), _extras(ckpt)
 
 
 def label_names(num_outputs: Mapping[str, int], extras: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -103,7 +103,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to ``uint8`` RGB, applying its EXIF orientation (phone photos).
 
     Raises :class:`FileNotFoundError` for a missing file and :class:`mtanet.errors.DataFormatError` (naming the
-    file) for one that is not a readable image.
+    file) for one that is not a readable image, or one larger than PIL's guard against decompression bombs
+    (``PIL.Image.MAX_IMAGE_PIXELS``, twice that is refused).
     """
     path = Path(path)
     if not path.is_file():
@@ -118,6 +119,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 shift = 0 if top < 256 else 8 if top < 65536 else 24
                 return as_rgb((arr >> shift).clip(0, 255).astype(np.uint8))
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise DataFormatError(path, None, f"image too large to decode safely ({err}); downscale it") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
         raise DataFormatError(path, None, f"unreadable image ({err})") from None
 
@@ -283,6 +286,15 @@ class RetinaFaceDetector:
                  max_side: int | None = 640):
         import onnxruntime as ort  # loads the onnxruntime library: only when a detector is built, not at import
 
+        for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold)):
+            if not 0.0 <= float(value) <= 1.0:
+                cli = " (CLI --score-threshold)" if name == "score_threshold" else ""
+                raise ConfigError(f"{name} must lie in [0, 1], got {value}{cli}")
+        if max_side is not None and int(max_side) < 1:
+            raise ConfigError(f"max_side must be >= 1 or None (no downscaling), got {max_side} (CLI --max-side, "
+                              "0 for none)")
+        if int(threads) < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads} (CLI --threads)")
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.max_side = max_side

@@ -7,6 +7,13 @@ besides the weights travels in the model's ``metadata_props`` (JSON strings): ``
 ``expr_names``, ``au_thresholds``, ``au_threshold_source``, ``image_size`` and ``align_template``, so
 ``mtanet predict --engine onnx --onnx model.onnx`` needs no checkpoint.
 
+Integrity: :func:`export_onnx` also writes ``mtanet_sha256`` (:data:`ONNX_DIGEST_KEY`), the SHA-256 of the weights
+(every initializer, in name order), the graph's nodes, inputs, outputs and opsets, and the other metadata entries.
+:class:`OnnxEngine` and :func:`read_onnx_metadata` check it before anything is used and hand onnxruntime the very bytes
+they checked; a file changed after export (bytes flipped inside a weight), truncated, empty or not ONNX is a
+:class:`~mtanet.errors.CheckpointError` naming the file. A model without the entry (exported before digests existed,
+or by another tool) is used with a ``UserWarning`` naming the file.
+
 Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It handles this plain CNN exactly
 (max difference ~1e-7), exports in under a second and needs no extra package; the ``torch.export``-based exporter
 (torch's default since 2.9) needs ``onnxscript``, which is not a dependency. TorchScript files are not offered:
@@ -15,8 +22,10 @@ Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,8 +34,9 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 
-from mtanet.errors import DeviceUnavailableError
+from mtanet.errors import CheckpointError, DeviceUnavailableError
 from mtanet.inference.extras import (
     CHECKPOINT_EXTRAS,
     CROP_SIZE,
@@ -40,16 +50,22 @@ from mtanet.runtime import atomic_path, json_clean
 from mtanet.tasks import TASKS
 
 __all__ = [
+    "ONNX_DIGEST_KEY",
     "ONNX_INPUT",
     "OnnxEngine",
     "export_checkpoint",
     "export_onnx",
     "onnx_device_providers",
     "read_onnx_metadata",
+    "read_onnx_model",
 ]
 
 #: Name of the ONNX model's input.
 ONNX_INPUT = "images"
+
+#: ``metadata_props`` key of the model's SHA-256 digest (a JSON string ``"sha256:<hex>"``), written by
+#: :func:`export_onnx` and checked by :class:`OnnxEngine` and :func:`read_onnx_metadata`.
+ONNX_DIGEST_KEY = "mtanet_sha256"
 
 
 def export_onnx(
@@ -68,8 +84,11 @@ def export_onnx(
         check: run ``onnx.checker`` and compare onnxruntime with PyTorch on batches of 1 and 3 (raises
             ``AssertionError`` past ``atol`` on the probabilities and VA).
 
-    The file is written atomically (a temporary file in the same folder, then ``os.replace``).
+    The file is written atomically (a temporary file in the same folder, then ``os.replace``), with the digest
+    :data:`ONNX_DIGEST_KEY` in its metadata.
     """
+    if metadata and ONNX_DIGEST_KEY in metadata:
+        raise ValueError(f"metadata must not set {ONNX_DIGEST_KEY!r}: export_onnx writes it")
     path = Path(path)
     model = model.eval()
     was_device = next(model.parameters()).device
@@ -92,6 +111,9 @@ def export_onnx(
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, json.dumps(json_clean(value), allow_nan=False)
             proto.producer_name = "mtanet"
+            digest = json.dumps(_onnx_digest(proto))  # before its entry exists: the digest never covers itself
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = ONNX_DIGEST_KEY, digest
             onnx.save(proto, str(tmp))
             if check:
                 onnx.checker.check_model(str(tmp))
@@ -137,19 +159,80 @@ def _check_parity(model: MTANet, onnx_path: str | os.PathLike, tasks: list[str],
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metadata_props`` written by :func:`export_onnx`, JSON-decoded (without loading the weights)."""
-    import onnxruntime as ort  # loads the onnxruntime library: only when a model is read, not at import
+    """The ``metadata_props`` written by :func:`export_onnx`, JSON-decoded, once the model's digest matches (no
+    onnxruntime session is built).
 
-    return _decode_metadata(ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]))
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is not an ONNX model or was changed after it was exported.
+    """
+    return _decode_metadata(read_onnx_model(path)[1])
 
 
-def _decode_metadata(session) -> dict[str, Any]:
+def _onnx_digest(proto: onnx.ModelProto) -> str:
+    """``"sha256:<hex>"`` of what the model computes and says: every initializer (name, type, shape, bytes) in name
+    order, the nodes, inputs, outputs and opsets, and the metadata entries other than the digest, sorted by key."""
+    h = hashlib.sha256()
+
+    def feed(data: bytes) -> None:
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+
+    graph = proto.graph
+    for part in (*sorted(graph.initializer, key=lambda t: t.name), *graph.node, *graph.input, *graph.output,
+                 *proto.opset_import):
+        feed(part.SerializeToString(deterministic=True))
+    for key, value in sorted((e.key, e.value) for e in proto.metadata_props if e.key != ONNX_DIGEST_KEY):
+        feed(key.encode())
+        feed(value.encode())
+    return "sha256:" + h.hexdigest()
+
+
+def read_onnx_model(path: str | os.PathLike) -> tuple[bytes, onnx.ModelProto]:
+    """The bytes of an exported model and their parsed proto, once its digest (:data:`ONNX_DIGEST_KEY`) matches.
+
+    A model without the digest (exported before digests existed, or by another tool) is returned with a
+    ``UserWarning`` naming the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file cannot be parsed as ONNX (truncated, empty, another kind of file), or its content
+            is not what was exported (digest mismatch).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not an ONNX model; give the .onnx file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX model")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}); check that it is readable") from err
+    advice = "it was not used. Restore it from a backup or export it again (mtanet export)"
+    try:
+        proto = onnx.load_model_from_string(data)
+    except DecodeError as err:
+        raise CheckpointError(f"{path} cannot be read as an ONNX model (truncated or not ONNX: {err}); "
+                              f"{advice}") from err
+    if not proto.graph.node or not proto.opset_import:
+        raise CheckpointError(f"{path} is not an ONNX model (no graph; empty or another kind of file); {advice}")
+    stored = {e.key: e.value for e in proto.metadata_props}.get(ONNX_DIGEST_KEY)
+    if stored is None:
+        warnings.warn(f"{path} carries no {ONNX_DIGEST_KEY} digest (exported before mtanet checked its models, or "
+                      "by another tool), so damage to it cannot be detected; export it again to add one",
+                      UserWarning, stacklevel=3)
+    elif stored != json.dumps(_onnx_digest(proto)):
+        raise CheckpointError(f"{path} was changed after it was exported (digest mismatch); {advice}")
+    return data, proto
+
+
+def _decode_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
     out = {}
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
+    for entry in proto.metadata_props:
         try:
-            out[key] = json.loads(value)
+            out[entry.key] = json.loads(entry.value)
         except json.JSONDecodeError:
-            out[key] = value
+            out[entry.key] = entry.value
     return out
 
 
@@ -188,12 +271,11 @@ class OnnxEngine:
         import onnxruntime as ort  # loads the onnxruntime library: only when a session is built, not at import
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX model")
+        data, proto = read_onnx_model(self.path)  # checked against its digest; the session runs these very bytes
         providers: list[Any] = onnx_device_providers(device)
         if providers[0] == "CUDAExecutionProvider" and ":" in device:
             providers = [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])})]
-        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
+        self.session = ort.InferenceSession(data, session_options(threads), providers=providers)
         if device != "cpu" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceUnavailableError(f"onnxruntime could not start CUDA for {device!r} "
                                          f"(session providers: {self.session.get_providers()})")
@@ -203,7 +285,7 @@ class OnnxEngine:
         self.num_outputs = {t: int(widths[t]) for t in TASKS if t in widths}
         side = self.session.get_inputs()[0].shape[-1]
         self.image_size: int | None = int(side) if isinstance(side, int) else None
-        self.metadata = _decode_metadata(self.session)
+        self.metadata = _decode_metadata(proto)
 
     def extras(self) -> dict[str, Any]:
         """The metadata a checkpoint would carry as extras (the keys of

@@ -46,8 +46,10 @@ class FrameSource:
         every: keep frames whose index is a multiple of ``every`` (the others are decoded, for inter-frame codecs,
             but not converted).
 
-    Opening checks what can be checked up front: a missing path raises :class:`FileNotFoundError`, a folder
-    without images and a file FFmpeg cannot open raise :class:`~mtanet.errors.DataFormatError`. While iterating, a
+    Opening checks what can be checked up front: a missing path raises :class:`FileNotFoundError`; a folder
+    without images, a file FFmpeg cannot open and anything that is neither a regular file nor a folder (a named pipe,
+    a device or a socket, which would block or never end) raise :class:`~mtanet.errors.DataFormatError`. In a
+    folder, an image that cannot be decoded keeps its place like a bad video frame. While iterating, a
     frame that fails to decode is yielded with ``image=None`` and the reason (a video packet that fails to decode
     counts as one frame), and ``errors`` collects the messages; a container that breaks off ends the iteration
     with ``truncated = True``.
@@ -64,6 +66,10 @@ class FrameSource:
         self._container = None
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such file or folder")
+        if not (self.path.is_dir() or self.path.is_file()):
+            raise DataFormatError(self.path, None, "not a regular file or a folder (a named pipe, device or socket "
+                                                   "cannot be read as frames); give an image, a folder of images or "
+                                                   "a video file")
         if self.path.is_dir():
             self.kind = "folder"
             self.files = sorted((p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")

@@ -4,12 +4,13 @@
 - :mod:`mtanet.models.weights`: timm pretrained weights from the local cache (nothing is downloaded) and the VGGFace2
   SENet-50 of the paper.
 - :mod:`mtanet.models.checkpoint`: :func:`save_checkpoint` and :func:`load_model`.
+- :mod:`mtanet.models.integrity`: the SHA-256 digest every checkpoint carries, checked at every read.
 - :mod:`mtanet.models.inspect`: what the architecture chapter shows (stage shapes, size tables, attention gates);
   import it by name, it is not loaded here.
 """
 
 from mtanet.errors import PretrainedWeightsNotFound
-from mtanet.models.checkpoint import load_model, read_checkpoint, save_checkpoint
+from mtanet.models.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
 from mtanet.models.mtanet import (
     BACKBONES,
     NORMALIZATIONS,
@@ -37,6 +38,7 @@ __all__ = [
     "save_checkpoint",
     "load_model",
     "read_checkpoint",
+    "model_from_checkpoint",
     "read_state_dict",
     "convert_senet50_ft",
     "load_vggface2_senet50",

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtanet.errors import ConfigError
 from mtanet.models.weights import load_timm_pretrained, read_state_dict
 from mtanet.tasks import TASKS
 
@@ -87,7 +88,7 @@ NORMALIZATIONS: dict[str, dict[str, Any]] = {
 def build_backbone(name: str) -> nn.Module:
     """The timm model registered as ``name``, without pooling and classifier, randomly initialised."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
     kwargs = copy.deepcopy(BACKBONES[name])  # timm must not share the registry's nested dicts
     return timm.create_model(pretrained=False, num_classes=0, global_pool="", **kwargs)
 
@@ -113,9 +114,9 @@ class PoolingNeck(nn.Module):
     def __init__(self, in_channels: int, feature_dim: int = 1024, pooling: str = "avgmax_concat", dropout: float = 0.5):
         super().__init__()
         if pooling not in POOLING_MODES:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+            raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_MODES)}")
         if pooling == "avgmax_concat" and feature_dim % 2:
-            raise ValueError(f"pooling 'avgmax_concat' needs an even feature_dim, got {feature_dim}")
+            raise ConfigError(f"pooling 'avgmax_concat' needs an even feature_dim, got {feature_dim}")
         self.pooling = pooling
         self.out_features = feature_dim
         self.dropout = nn.Dropout(dropout)

@@ -22,6 +22,7 @@ from timm.models import load_state_dict
 from torch import nn
 
 from mtanet.errors import PretrainedWeightsNotFound
+from mtanet.models.integrity import load_checked
 
 __all__ = [
     "PretrainedWeightsNotFound",
@@ -97,9 +98,13 @@ def load_timm_pretrained(backbone: nn.Module, model_name: str) -> None:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a :func:`~mtanet.models.save_checkpoint` file, or the file itself when it is a plain
-    state dict. Read on the CPU with ``torch.load(weights_only=True)``, so a file cannot run code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The ``state_dict`` of a :func:`~mtanet.models.save_checkpoint` file (its digest checked), or the file itself
+    when it is a plain state dict. Read on the CPU with ``torch.load(weights_only=True)``, so a file cannot run code.
+
+    Raises:
+        CheckpointError: the file cannot be read or was changed after it was written (digest mismatch).
+    """
+    ckpt = load_checked(path, "cpu")
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "config" in ckpt:
         return ckpt["state_dict"]
     return ckpt

@@ -33,6 +33,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,8 +45,8 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from mtanet.data import label_arrays, load_frames
-from mtanet.errors import ConfigError
+from mtanet.data import ANNOTATION_DIR, IMAGE_DIR, label_arrays, load_frames
+from mtanet.errors import ConfigError, OutputExistsError
 from mtanet.metrics import au_score, expr_score, va_score
 from mtanet.runtime import json_clean, project_root, usable_cores, write_json
 from mtanet.synth.render import ACTIONS, random_identity, random_nuisance, render_face
@@ -55,6 +56,7 @@ __all__ = [
     "EDITION",
     "CEILING_FILE",
     "MANIFEST_FILE",
+    "PARTIAL_MARKER",
     "LATENT_DIR",
     "GENERATOR_VERSION",
     "SynthSize",
@@ -348,29 +350,43 @@ def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed:
     """Write SynthAffWild of a named size at ``root`` in the ABAW 2020 layout and return its manifest.
 
     If ``root`` already holds a complete dataset written with the same size, seed and generator version, nothing is
-    rewritten (so ``make book`` can call this every time). A partial or different dataset is an error unless
-    ``overwrite=True``. The dataset is built in ``<root>.partial`` and renamed at the end, so an interrupted run never
-    leaves something that looks complete.
+    rewritten (so ``make book`` can call this every time). The dataset is built in ``<root>.partial`` and renamed at
+    the end, so an interrupted run never leaves something that looks complete.
+
+    What may be replaced or deleted, and nothing else (checked again just before anything is deleted):
+
+    - ``root`` missing or an empty folder: used.
+    - ``root`` holding a synthetic dataset of other settings: replaced only with ``overwrite=True``. A folder counts
+      as one when it has a readable :data:`MANIFEST_FILE` and every entry under it is one that this function writes
+      (the annotation, crop and latent folders with their generated names, the manifest and ceiling files). A
+      manifest beside anything else (a user's file, a real Aff-Wild2 name, a symbolic link) is not enough: such a
+      folder is refused even with ``overwrite=True``, and nothing in it is deleted.
+    - ``<root>.partial``: the leftover of an interrupted run is removed only when it is recognisably one (it holds
+      the :data:`PARTIAL_MARKER` or manifest and only generated entries); another folder of that name is refused.
 
     Raises:
         ConfigError: ``size`` is not a name of :data:`SIZES`.
-        FileExistsError: ``root`` holds something else and ``overwrite`` is false.
+        OutputExistsError: ``root`` (or ``<root>.partial``) holds something this function did not write, or holds a
+            different synthetic dataset and ``overwrite`` is false. Nothing was deleted.
     """
     spec = _check_size(size)
-    root = Path(root)
+    root = Path(root).expanduser()
+    if root.is_symlink():  # build beside the folder the link points to, and keep the link
+        root = root.resolve()
     wanted = {"generator_version": GENERATOR_VERSION, "size": size, "seed": seed}
-    manifest_path = root / MANIFEST_FILE
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if all(manifest.get(k) == v for k, v in wanted.items()):
-            return manifest
-        if not overwrite:
-            raise FileExistsError(f"{root} holds a different synthetic dataset ({manifest_path}); pass overwrite=True")
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"{root} exists and is not a synthetic dataset; choose another folder")
+    manifest = _read_manifest(root)
+    if manifest is not None and all(manifest.get(k) == v for k, v in wanted.items()):
+        return manifest
+    _check_replaceable(root, manifest, wanted, overwrite)
     partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / LATENT_DIR).mkdir(parents=True)
+    if partial.exists() or partial.is_symlink():
+        if not _is_synth_folder(partial):
+            raise OutputExistsError(f"{partial} exists and was not written by mtanet synth (the dataset is built "
+                                    "there); move it away or choose another folder; nothing was deleted")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    write_json(partial / PARTIAL_MARKER, wanted)  # first: marks the folder as ours until the rename
+    (partial / LATENT_DIR).mkdir()
     started = time.perf_counter()
     jobs = [(str(partial), seed, i, size) for i in range(spec.videos)]
     workers = workers or min(usable_cores(), 8)
@@ -388,10 +404,99 @@ def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed:
                 "images_per_second": round(sum(n["images"] for n in names) / seconds, 1)}
     write_json(partial / CEILING_FILE, ceiling(partial))
     write_json(partial / MANIFEST_FILE, manifest)
+    (partial / PARTIAL_MARKER).unlink()
     if root.exists():
-        shutil.rmtree(root)
+        # checked again: the folder may have changed during the minutes the dataset took to write
+        _check_replaceable(root, _read_manifest(root), wanted, overwrite)
+        if any(root.iterdir()):
+            shutil.rmtree(root)
+        else:
+            root.rmdir()
     os.replace(partial, root)
     return manifest
+
+
+#: Written first into ``<root>.partial`` and removed just before the rename: marks an unfinished build as ours.
+PARTIAL_MARKER = "synth_partial.json"
+_NAME = r"\d+-30-640x480(?:_left|_right)?"  # the names _people_of_video gives
+_TOP = "|".join(re.escape(n) for n in (MANIFEST_FILE, CEILING_FILE, PARTIAL_MARKER))
+#: Everything write_synth writes, folder by folder: "dirs" maps a sub-folder's name (or a pattern of names) to what
+#: it holds, "files" is the pattern of its file names (a ``.<name>.*.tmp`` is a write killed half-way, see
+#: mtanet.runtime.atomic_path).
+_LAYOUT: dict[str, Any] = {
+    "files": re.compile(rf"(?:{_TOP})|\.(?:{_TOP})\.[^/]+\.tmp"),
+    "dirs": {
+        ANNOTATION_DIR: {"dirs": {task: {"dirs": {split: {"files": re.compile(_NAME + r"\.txt")}
+                                                  for split in EDITION.split_dirs.values()}}
+                                  for task in EDITION.task_dirs.values()}},
+        IMAGE_DIR: {"dirs": {re.compile(_NAME): {"files": re.compile(r"\d{5}\.jpg")}}},
+        LATENT_DIR: {"files": re.compile(_NAME + r"\.npz")},
+    },
+}
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of ``root`` as a dict, or ``None`` when there is none or it is not a readable JSON object."""
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _foreign_entry(folder: Path, layout: dict[str, Any] = _LAYOUT, rel: str = "") -> str | None:
+    """The first entry under ``folder`` (as a path relative to it) that :func:`write_synth` does not write, or
+    ``None`` when there is none. Symbolic links are never ours."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:  # a folder this process cannot list is not known to be ours
+        return rel or "."
+    for entry in entries:
+        where = rel + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            inner = next((v for k, v in layout.get("dirs", {}).items()
+                          if (k == entry.name if isinstance(k, str) else k.fullmatch(entry.name))), None)
+            found = where if inner is None else _foreign_entry(Path(entry.path), inner, where + "/")
+            if found is not None:
+                return found
+        elif not (entry.is_file(follow_symlinks=False) and "files" in layout
+                  and layout["files"].fullmatch(entry.name)):
+            return where
+    return None
+
+
+def _is_synth_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder that :func:`write_synth` wrote (finished or not) and nothing else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    marked = (folder / MANIFEST_FILE).is_file() or (folder / PARTIAL_MARKER).is_file()
+    return marked and _foreign_entry(folder) is None
+
+
+def _check_replaceable(root: Path, manifest: dict[str, Any] | None, wanted: dict[str, Any], overwrite: bool) -> None:
+    """Raise :class:`OutputExistsError` unless ``root`` is missing, an empty folder, or (with ``overwrite``) a
+    synthetic dataset and nothing else."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise OutputExistsError(f"{root} is a file, not a folder; give a new or empty folder for the dataset")
+    try:
+        if not any(root.iterdir()):
+            return
+    except OSError as err:
+        raise OutputExistsError(f"{root} cannot be listed ({err.strerror}); nothing was deleted: choose a new or "
+                                "empty folder") from None
+    foreign = _foreign_entry(root)
+    if manifest is None or foreign is not None:
+        what = ", ".join(([f"it holds {foreign}"] if foreign is not None else [])
+                         + ([f"it has no readable {MANIFEST_FILE}"] if manifest is None else []))
+        raise OutputExistsError(f"{root} is not a synthetic dataset written by mtanet synth ({what}); nothing was "
+                                "deleted: choose a new or empty folder")
+    if not overwrite:
+        settings = ", ".join(f"{k} {manifest.get(k)!r}" for k in wanted)
+        raise OutputExistsError(f"{root} holds a different synthetic dataset ({settings}); pass overwrite=True "
+                                "(--overwrite) to replace it, or choose another folder")
 
 
 # --------------------------------------------------------------------------------------------------- the ceiling

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtanet.errors import ConfigError
+from mtanet.models import BACKBONES, POOLING_MODES
 from mtanet.tasks import TASKS
 
 __all__ = ["StageConfig", "TrainConfig", "STAGE1", "STAGE2", "flatten", "read_yaml_mapping"]
@@ -164,7 +165,9 @@ class TrainConfig(BaseModel):
     resume: bool = Field(False, description="continue the run in output_dir from last.pt (start it if there is none)")
 
     #: Fields that may differ when a run is resumed: they change how it runs, not what it computes (device and
-    #: threads can change the last bits of CPU/GPU arithmetic, which is the user's call).
+    #: threads can change the last bits of CPU/GPU arithmetic, which is the user's call). ``data_root`` may name
+    #: another path only for the same data: the trainer compares the annotations' fingerprint stored in the
+    #: checkpoint (a moved or copied root resumes; other annotations are refused).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
         "data_root", "cache_dir", "device", "threads", "num_workers", "amp", "channels_last", "compile",
         "deterministic", "eval_batch_size", "log_every", "checkpoint_every", "progress", "output_dir", "resume"})
@@ -214,6 +217,20 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be distinct names among {list(TASKS)}")
         return [t for t in TASKS if t in tasks]  # canonical order: heads and logs never depend on it
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone; choose one of {', '.join(sorted(BACKBONES))}")
+        return backbone
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, pooling: str) -> str:
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling; choose one of {', '.join(POOLING_MODES)}")
+        return pooling
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, device: str) -> str:
@@ -227,6 +244,12 @@ class TrainConfig(BaseModel):
             raise ValueError("stage1.epochs and stage2.epochs are both 0: nothing to train")
         if self.vggface2_weights and self.backbone != "senet50":
             raise ValueError("vggface2_weights: the VGGFace2 SENet-50 weights need backbone senet50")
+        if self.batch_size < len(self.tasks):
+            raise ValueError(f"batch_size {self.batch_size} is smaller than the number of tasks {len(self.tasks)} "
+                             f"({', '.join(self.tasks)}): every batch holds a share of each task; use batch_size >= "
+                             f"{len(self.tasks)}")
+        if self.pooling == "avgmax_concat" and self.feature_dim % 2:
+            raise ValueError(f"pooling avgmax_concat needs an even feature_dim, got {self.feature_dim}")
         return self
 
     # ------------------------------------------------------------------------------------------------ I/O

@@ -90,12 +90,15 @@ class Distributed:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
 
-    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
-        """The largest ``flag`` over the ranks, so that every rank stops together."""
-        if self.active:
-            flag = flag.clone()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag
+    def ranks_where(self, flag: torch.Tensor) -> list[int]:
+        """The ranks whose ``flag`` (a boolean scalar tensor) is true, known on every rank: so that every rank stops
+        together, and each can say which rank stopped them."""
+        if not self.active:
+            return [0] if bool(flag) else []
+        flags = torch.zeros(self.world, device=flag.device)
+        flags[self.rank] = flag.float()
+        dist.all_reduce(flags)
+        return [rank for rank, value in enumerate(flags.tolist()) if value]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()

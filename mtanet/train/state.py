@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from mtanet.errors import CheckpointError, ConfigError
+from mtanet.models import read_checkpoint
 from mtanet.runtime import json_clean
 from mtanet.train.config import TrainConfig, flatten
 
@@ -29,14 +31,17 @@ BEST_KEYS: tuple[str, ...] = ("va", "au", "expr", "mean")
 
 class JsonlLog:
     """Append-only ``log.jsonl`` whose byte offset is stored in checkpoints; a resume cuts it back to that offset,
-    so rows written after the checkpoint (and re-computed by the resumed run) never appear twice."""
+    so rows written after the checkpoint (and re-computed by the resumed run) never appear twice. A row that cannot
+    be written whole (a full disk) is cut off again: the file only ever holds whole rows."""
 
     def __init__(self, path: Path, offset: int | None, enabled: bool):
         self.file = None
+        self.path = path
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 - closed in close()
+        # unbuffered: each row goes to the file in write(), and a failed one leaves no bytes behind in a buffer
+        self.file = open(path, "r+b" if path.exists() else "w+b", buffering=0)  # noqa: SIM115 - closed in close()
         self.file.truncate(offset or 0)
         self.file.seek(0, os.SEEK_END)
 
@@ -45,9 +50,20 @@ class JsonlLog:
         return self.file.tell() if self.file is not None else 0
 
     def write(self, row: Mapping[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write((json.dumps(json_clean(row), allow_nan=False) + "\n").encode())
-            self.file.flush()  # rows are few (every log_every steps); flushing lets a watcher see them at once
+        if self.file is None:
+            return
+        data = memoryview((json.dumps(json_clean(row), allow_nan=False) + "\n").encode())
+        start = self.file.tell()
+        try:
+            while data:  # rows are few (every log_every steps); each is in the file when write() returns
+                data = data[self.file.write(data):]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.file.truncate(start)
+                self.file.seek(start)
+            if err.errno is None or err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(self.path)) from err
 
     def close(self) -> None:
         if self.file is not None:
@@ -75,20 +91,21 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
-    """``last.pt`` of the run in ``path.parent``, checked to belong to ``config``.
+    """``last.pt`` of the run in ``path.parent``, checked to be what was written (its digest, see
+    :func:`mtanet.models.read_checkpoint`) and to belong to ``config``.
 
     Raises:
-        CheckpointError: the file cannot be read or is not a resume checkpoint.
+        CheckpointError: the file cannot be read, was changed after it was written, or is not a resume checkpoint.
         ConfigError: the checkpoint's run computes something else (a field outside
             :attr:`TrainConfig.RESUMABLE_CHANGES` differs).
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read means "do not use it"
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it was not loaded. Move it "
-                              "away to start the run over") from err
+        ckpt = read_checkpoint(path)  # its digest checked: a file changed since it was written is never resumed
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (or move it away to start the run over)") from err
     if not isinstance(ckpt, dict) or "position" not in ckpt or "train_config" not in ckpt:
-        raise CheckpointError(f"{path} is not a resume checkpoint of mtanet.train")
+        raise CheckpointError(f"{path} is not a resume checkpoint of mtanet.train (no 'position' or "
+                              "'train_config'); move it away to start the run over")
     old, new = flatten(ckpt["train_config"]), config.to_flat_dict()
     changed = sorted(k for k, v in new.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v)
     if changed:

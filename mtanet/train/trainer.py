@@ -36,7 +36,7 @@ that makes is in :class:`mtanet.train.distributed.Distributed`.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import random
 import time
 from collections.abc import Mapping
@@ -47,14 +47,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mtanet.data import FaceAugment, FrameDataset, TaskBalancedBatchSampler, build_packed_cache, read_split
-from mtanet.data.loading import KeyedBatches, KeyedFrames, collate_batched
-from mtanet.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mtanet.data import (
+    ANNOTATION_DIR,
+    FaceAugment,
+    FrameDataset,
+    TaskBalancedBatchSampler,
+    annotation_fingerprint,
+    build_packed_cache,
+    packed_cache_key,
+    read_split,
+)
+from mtanet.data.loading import FrameLoader, KeyedBatches, KeyedFrames, collate_batched
+from mtanet.errors import CheckpointError, ConfigError, DataFormatError, NonFiniteLossError
 from mtanet.evaluate import headline, predict_dataset, score_predictions, train_label_stats
 from mtanet.losses import au_positive_weights, expression_class_weights, make_weighting, task_losses
 from mtanet.models import MTANet, load_vggface2_senet50, save_checkpoint
 from mtanet.runtime import cpu_model, git_info, json_clean, resolve_device, usable_cores, versions, write_json
-from mtanet.train.config import TrainConfig
+from mtanet.train.config import TrainConfig, flatten
 from mtanet.train.distributed import Distributed
 from mtanet.train.optim import lr_factor, make_optimizer
 from mtanet.train.state import (
@@ -144,6 +153,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         ckpt = self._prepare_output()
         self._setup_data()
+        if ckpt is not None:
+            self._check_same_data(ckpt)
         self._setup_model()
 
         # position in the run and what it has measured so far; a checkpoint overrides all of it
@@ -169,7 +180,7 @@ class Trainer:
         self.log = JsonlLog(self.out / LOG_FILE, log_offset, self.dist.main)
         # An explicit generator: otherwise each new loader iterator draws its worker seed from the global torch RNG,
         # which would shift the dropout stream whenever a resumed run starts mid-epoch.
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = FrameLoader(  # a worker's error (a corrupt jpg) is raised as itself
             KeyedFrames(self.train_set, self.augment), batch_sampler=KeyedBatches(self.sampler, cfg.seed),
             collate_fn=collate_batched, num_workers=self.num_workers, pin_memory=self.cuda,
             persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
@@ -186,10 +197,12 @@ class Trainer:
         self.dist.barrier()  # every rank has looked before rank 0 writes anything
         if self.dist.main:
             out.mkdir(parents=True, exist_ok=True)
-            # Leftovers of writes killed half-way. They are never read: checkpoints are only ever read under their
-            # final name, which os.replace gives a file only once it is complete.
-            for tmp in list(out.glob(".*.tmp")):
-                tmp.unlink(missing_ok=True)
+            # Leftovers of this run's writes killed half-way (mtanet.runtime.atomic_path names them .<file>.*.tmp),
+            # and no other file. They are never read: checkpoints are only ever read under their final name, which
+            # os.replace gives a file only once it is complete.
+            for name in (CHECKPOINT, CONFIG_FILE, METRICS_FILE, *(f"best_{key}.pt" for key in BEST_KEYS)):
+                for tmp in list(out.glob(f".{name}.*.tmp")):
+                    tmp.unlink(missing_ok=True)
         self.dist.barrier()
         if cfg.resume and (out / CHECKPOINT).exists():
             return read_resume_checkpoint(out / CHECKPOINT, cfg)
@@ -212,6 +225,9 @@ class Trainer:
         self.train_set = FrameDataset(self.train_frames, self.root, self.au_names, image_size=cfg.image_size,
                                       transform=self.augment)
         self.val_set = FrameDataset(self.val_frames, self.root, self.au_names, image_size=cfg.image_size)
+        for split, ds in (("train", self.train_set), ("val", self.val_set)):
+            self._require_labels(split, ds)
+        self.data_fingerprint = annotation_fingerprint(self.root, edition=self.edition)
         targets, masks = self.train_set.targets, self.train_set.masks
         # label weights live on the device once, not copied there every step
         self.expr_weight = _to(expression_class_weights(targets["expr"][masks["expr"]], len(self.expr_names),
@@ -219,14 +235,48 @@ class Trainer:
         self.au_pos_weight = _to(au_positive_weights(targets["au"][masks["au"]], cfg.au_pos_weight), self.device)
         if cfg.cache_dir:
             for name, ds in (("train", self.train_set), ("val", self.val_set)):
-                # the name pins the exact list of images, so a cache of another table is never reused
-                digest = hashlib.sha1("\n".join(ds.paths).encode()).hexdigest()[:16]
-                path = Path(cfg.cache_dir) / f"{name}-{digest}.npy"
+                # the name pins the root and each image file (path, size, mtime, inode): never another's pixels
+                path = Path(cfg.cache_dir).expanduser() / f"{name}-{packed_cache_key(ds)}.npy"
                 ds.packed = self.dist.main_first(lambda ds=ds, path=path: build_packed_cache(ds, path))
         self.sampler = TaskBalancedBatchSampler(
             {t: masks[t] for t in cfg.tasks}, cfg.batch_size, tasks=cfg.tasks, num_batches=cfg.steps_per_epoch,
             seed=cfg.seed, num_replicas=self.dist.world, rank=self.dist.rank)
         self.steps_per_epoch = self.sampler.num_batches
+
+    def _require_labels(self, split: str, ds: FrameDataset) -> None:
+        """Refuse, before any training, a trained task without a labeled frame with an image in ``split``: it could
+        not be learnt (train) or scored (val: null scores and no ``best_<task>.pt``). Leaving it out of ``tasks`` is
+        the user's explicit choice."""
+        for task in self.config.tasks:
+            if ds.masks[task].any():
+                continue
+            folder = self.root / ANNOTATION_DIR / self.edition.task_dirs[task] / self.edition.split_dirs[split]
+            others = [t for t in self.config.tasks if t != task]
+            fix = f"add {task} labels there" + (f", or leave {task} out: tasks={','.join(others)} "
+                                                f"(--tasks {','.join(others)})" if others else "")
+            effect = "learnt" if split == "train" else "scored (null scores, no best checkpoint)"
+            raise DataFormatError(folder, None, f"no {split} frame has both an image and a label for {task}, so {task} "
+                                                f"could not be {effect}; {fix}")
+
+    def _check_same_data(self, ckpt: Mapping[str, Any]) -> None:
+        """Refuse to resume on other data than the run's; a moved or copied root (the same annotation fingerprint)
+        is accepted, and ``config.json`` then names the new root, as ``metrics.json`` will."""
+        path = self.out / CHECKPOINT
+        saved = ckpt.get("data") or {}
+        old_root = saved.get("root") or str(Path(flatten(ckpt["train_config"]).get("data_root", "")).expanduser())
+        if "annotations_sha256" not in saved:  # a checkpoint written before fingerprints: the path must match
+            if Path(old_root).resolve() != self.root.resolve():
+                raise ConfigError(f"cannot resume {path} on data_root {self.root}: the run was trained on {old_root}; "
+                                  "resume with that data_root or start a new output folder")
+            return
+        if saved["annotations_sha256"] != self.data_fingerprint:
+            raise ConfigError(f"cannot resume {path} on data_root {self.root}: its annotation files differ from those "
+                              f"the run was trained on ({old_root}); resume with that data, or start a new output "
+                              "folder")
+        if self.dist.main and Path(old_root).resolve() != self.root.resolve():
+            config = self.out / CONFIG_FILE
+            recorded = json.loads(config.read_text()) if config.is_file() else self.config.to_dict()
+            write_json(config, {**recorded, "data_root": self.config.data_root})
 
     def _setup_model(self) -> None:
         cfg = self.config
@@ -340,11 +390,16 @@ class Trainer:
 
     def _check_finite(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], stage: int, epoch: int,
                       step: int) -> None:
-        if self.dist.any_rank((~torch.isfinite(total.detach())).float()).item():
+        bad = self.dist.ranks_where(~torch.isfinite(total.detach()))
+        if bad:
             parts = ", ".join(f"{t}={float(v.detach()):.4g}" for t, v in losses.items())
+            if self.dist.active:  # every rank stops; each names the rank(s) whose loss was not finite
+                what, mine = f"on rank {', '.join(map(str, bad))} of {self.dist.world}", f"rank {self.dist.rank}'s"
+            else:
+                what, mine = str(float(total.detach())), "task"
             raise NonFiniteLossError(
-                f"non-finite loss {float(total.detach())} at stage {stage}, epoch {epoch + 1}, step {step} (task "
-                f"losses: {parts}); stopped before this step's update. The last checkpoint "
+                f"non-finite loss {what} at stage {stage}, epoch {epoch + 1}, step {step} ({mine} losses: {parts}); "
+                f"stopped before this step's update. The last checkpoint "
                 f"({self.out / CHECKPOINT}) holds an earlier step; lower the learning rate or check the data")
 
     def _mean_losses(self, acc: torch.Tensor) -> dict[str, float | None]:
@@ -424,11 +479,13 @@ class Trainer:
         save_checkpoint(self.model, path, {
             "train_config": self.config.to_dict(), "au_thresholds": self.au_thresholds,
             "au_names": list(self.au_names), "expr_names": list(self.expr_names), "edition": self.edition.name,
-            "train_label_stats": self.train_stats, **extra})
+            "train_label_stats": self.train_stats,
+            "data": {"root": str(self.root.resolve()), "annotations_sha256": self.data_fingerprint}, **extra})
 
     def _save_checkpoint(self) -> None:
-        """Everything a resumed run needs, written atomically by rank 0 (every rank contributes its RNG state)."""
-        rng = self.dist.gather(rng_state(self.cuda))
+        """Everything a resumed run needs, written atomically by rank 0 (every rank contributes its RNG state and its
+        loss accumulators: each rank sums the losses of its own slice)."""
+        per_rank = self.dist.gather((rng_state(self.cuda), self.acc_window.cpu(), self.acc_epoch.cpu()))
         if not self.dist.main:
             return
         timing = {**self.timing, "total": self.timing["total"] + time.perf_counter() - self._session_started}
@@ -439,9 +496,9 @@ class Trainer:
             "scheduler": {"name": self.config.lr_schedule, "step": self.step},
             "weightings": {k: w.state_dict() for k, w in self.weightings.items()},
             "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done},
-            "rng": rng,
-            "accumulators": {"window": self.acc_window.cpu(), "epoch": self.acc_epoch.cpu(),
-                             "window_steps": self.window_steps},
+            "rng": [rng for rng, _, _ in per_rank],
+            "accumulators": {"window": [window for _, window, _ in per_rank],
+                             "epoch": [epoch for _, _, epoch in per_rank], "window_steps": self.window_steps},
             "log_offset": self.log.offset,
             "history": self.history, "best": self.best, "last_val": self.last_val,
             "timing": timing, "images_trained": self.images_trained,
@@ -461,8 +518,11 @@ class Trainer:
         if pos["optimizer_stage"] is not None and self.epoch < self.config.total_epochs \
                 and pos["optimizer_stage"] == self.stage_of(self.epoch):
             self._start_stage(pos["optimizer_stage"], ckpt["optimizer"])
-        self.acc_window.copy_(ckpt["accumulators"]["window"])
-        self.acc_epoch.copy_(ckpt["accumulators"]["epoch"])
+        window, epoch = ckpt["accumulators"]["window"], ckpt["accumulators"]["epoch"]
+        if isinstance(window, list):  # one per rank (older checkpoints hold rank 0's only)
+            window, epoch = window[self.dist.rank], epoch[self.dist.rank]
+        self.acc_window.copy_(window)
+        self.acc_epoch.copy_(epoch)
         self.window_steps = ckpt["accumulators"]["window_steps"]
         self.history, self.best, self.last_val = list(ckpt["history"]), dict(ckpt["best"]), ckpt["last_val"]
         self.au_thresholds = ckpt["au_thresholds"]
@@ -501,7 +561,7 @@ class Trainer:
             "data_wait_share": timing["data_wait"] / timing["train"] if timing["train"] else None,
             "config": cfg.to_dict(),
             "data": {
-                "root": str(self.root), "edition": self.edition.name,
+                "root": str(self.root), "edition": self.edition.name, "annotations_sha256": self.data_fingerprint,
                 "train_images": len(self.train_set), "val_images": len(self.val_set),
                 "train_labeled": {t: int(self.train_set.masks[t].sum()) for t in cfg.tasks},
                 "val_labeled": {t: int(self.val_set.masks[t].sum()) for t in cfg.tasks},
