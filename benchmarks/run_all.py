@@ -84,6 +84,13 @@ def figures(train: dict, data: dict, predict: dict, memory: dict) -> list[dict]:
     return rows
 
 
+def render_figure(render: dict) -> dict:
+    """The synthetic set's face renderer against its goal (``synth_render.py``)."""
+    rate, goal = render["faces_per_second"], render["goal_faces_per_second"]
+    return {"figure": "synthetic data: faces rendered per second, one process", "value": rate, "goal": goal,
+            "ratio": rate / goal, "detail": f"median of {render['repeats']} timings of {render['faces']} faces"}
+
+
 def recorded_times() -> list[dict]:
     """The latest book and test wall times recorded in ``book/_build`` (what ``make book`` / ``make test`` wrote)."""
     rows = []
@@ -147,6 +154,8 @@ def main() -> None:
         train["results"] += json.loads((RESULTS / "train_step_paper.json").read_text())["results"]
         rows = figures(train, *(json.loads((RESULTS / f"{name}.json").read_text())
                                 for name in ("data_loading", "predict_speed", "predict_memory")))
+        if (RESULTS / "synth_render.json").exists():
+            rows.append(render_figure(json.loads((RESULTS / "synth_render.json").read_text())))
         times = recorded_times()
         (RESULTS / "summary.json").write_text(json.dumps({**summary, "figures": rows, "recorded_times": times},
                                                          indent=2) + "\n")
@@ -166,8 +175,9 @@ def main() -> None:
     data = run("data_loading.py", "--n", "500" if args.quick else "2000")
     predict = run("predict_speed.py", "--frames", frames, "--onnx")
     memory = run("predict_memory.py", "--frames", "20" if args.quick else "60")
+    render = run("synth_render.py", "--faces", "30" if args.quick else "60")
     speed = run("machine_speed.py", "--steps", "3" if args.quick else "8")
-    rows = figures(train, data, predict, memory)
+    rows = figures(train, data, predict, memory) + [render_figure(render)]
     times = recorded_times()
     seconds = time.perf_counter() - started
     hw, date = {**hardware(), "speed_vs_reference": speed["speed_vs_reference"]}, time.strftime("%Y-%m-%d")

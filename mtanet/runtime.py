@@ -37,6 +37,8 @@ __all__ = [
     "git_info",
     "versions",
     "project_root",
+    "WORK_ENV",
+    "work_root",
 ]
 
 #: How a device is named everywhere (training, evaluation, prediction, export, the notebooks' parameters).
@@ -258,3 +260,15 @@ def project_root(start: str | os.PathLike[str] | None = None) -> Path:
     if (package_parent / "_toc.yml").is_file():
         return package_parent
     return here
+
+
+#: The environment variable that moves what the project generates (``data/``, ``runs/``) out of the checkout.
+WORK_ENV = "MTANET_WORK"
+
+
+def work_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """Where generated data (``data/synth-<size>``) and results (``runs/``) go: the folder named by ``$MTANET_WORK``
+    when it is set (a test, or a checkout on a read-only or small disk), else the checkout (:func:`project_root`).
+    Sources (notebooks, ``_toc.yml``, committed results) always come from the checkout."""
+    work = os.environ.get(WORK_ENV, "").strip()
+    return Path(work).expanduser().resolve() if work else project_root(start)

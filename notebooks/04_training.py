@@ -30,10 +30,10 @@ stage2_weighting: str = "uncertainty"  # uncertainty (eq. 5) or sum (no re-weigh
 expr_class_weight: str = "none"  # none (eq. 1 as printed), balanced or sqrt: counters the rare expressions
 au_pos_weight: str = "none"  # none (eq. 2 as printed), balanced or sqrt: counters the rare AUs
 lr_log_vars: float = 0.0  # learning rate of the log-variances in stage 2; 0 means the stage learning rate
-cache_dir: str = ""  # folder of uint8 image caches, relative to the project (faster epochs); empty means decode jpgs
+cache_dir: str = ""  # folder of uint8 image caches, relative to the checkout or $MTANET_WORK; empty: decode jpgs
 threads: int = 0  # torch CPU threads; 0 means all cores
 num_workers: int = -1  # loader processes; -1 means the trainer default for the device
-output_dir: str = ""  # run folder; empty means runs/book/04_training-PROFILE-HASH under the project
+output_dir: str = ""  # run folder; empty means runs/book/04_training-PROFILE-HASH under the checkout or $MTANET_WORK
 seed: int = 0  # initialisation, batches, augmentation
 train_options: dict = {}  # any other TrainConfig fields, e.g. {"stage2_lr": 3e-4}; applied last, so they win
 videos_to_plot: int = 3  # validation videos shown over time
@@ -53,7 +53,7 @@ from IPython.display import Markdown, display
 from sklearn.metrics import confusion_matrix
 
 from mtanet import synth
-from mtanet.book import paper, project_root, record_run
+from mtanet.book import paper, record_run, work_root
 from mtanet.data import label_arrays, read_split
 from mtanet.evaluate import headline, predict_frames, score_predictions
 from mtanet.models import load_model
@@ -67,13 +67,13 @@ config = TrainConfig.from_dict({
     "steps_per_epoch": steps_per_epoch or None, "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs,
     "lr_schedule": lr_schedule, "tasks": list(tasks), "pooling": pooling, "dropout": dropout,
     "stage2_weighting": stage2_weighting, "lr_log_vars": lr_log_vars or None, "expr_class_weight": expr_class_weight,
-    "au_pos_weight": au_pos_weight, "cache_dir": str(project_root() / cache_dir) if cache_dir else "",
+    "au_pos_weight": au_pos_weight, "cache_dir": str(work_root() / cache_dir) if cache_dir else "",
     "threads": threads or None, "num_workers": None if num_workers < 0 else num_workers, "device": device,
     "seed": seed, "progress": False, **train_options})
 # The run folder is named by the configuration, so re-running the book resumes (or reuses) the same run.
 digest = hashlib.sha1(json.dumps({k: v for k, v in config.to_dict().items() if k not in TrainConfig.RESUMABLE_CHANGES},
                                  sort_keys=True).encode()).hexdigest()[:10]
-run_dir = Path(output_dir) if output_dir else project_root() / "runs" / "book" / f"04_training-{synth_size}-{digest}"
+run_dir = Path(output_dir) if output_dir else work_root() / "runs" / "book" / f"04_training-{synth_size}-{digest}"
 config = config.replace(output_dir=str(run_dir), resume=True)
 shown = ["tasks", "backbone", "pooling", "dropout", "image_size", "batch_size", "steps_per_epoch", "stage1_epochs",
          "stage1_optimizer", "stage1_lr", "stage1_weight_decay", "stage2_epochs", "stage2_weighting",

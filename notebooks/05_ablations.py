@@ -30,7 +30,7 @@ stage2_epochs: int = 1  # uncertainty weighting (sum in the sum_only row), SGD
 lr_schedule: str = "cosine"  # constant or cosine, per stage
 cache_dir: str = ""  # uint8 image caches shared by the runs, relative to the project; empty means decode jpgs
 jobs: int = 2  # runs executed at the same time, each kernel with cores / jobs threads
-results_dir: str = ""  # empty means runs/sweep/SIZE-FAMILY-HASH under the project
+results_dir: str = ""  # empty means runs/sweep/SIZE-FAMILY-HASH under the checkout (or $MTANET_WORK)
 reference: str = "book/results/ablations-gpu.json"  # committed sweep shown beside this one, relative to the project
 train_options: dict = {}  # TrainConfig fields set in every run, e.g. {"warmup_steps": 20}
 extra_rows: dict = {}  # more rows: name -> TrainConfig fields changed against senet, e.g. {"lr": {"stage2_lr": 3e-4}}
@@ -44,7 +44,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from mtanet import synth
-from mtanet.book import paper, project_root, sweep
+from mtanet.book import paper, project_root, sweep, work_root
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -58,7 +58,7 @@ designs = {**sweep.ROWS, **{name: sweep.Row(name, ", ".join(f"{k} = {v}" for k, 
                             for name, options in extra_rows.items()}}
 names = [*rows, *extra_rows]
 runs = sweep.plan([designs[name] for name in names], seeds, shared, family=family)
-out = sweep.results_folder(shared, family) if not results_dir else project_root() / results_dir
+out = sweep.results_folder(shared, family) if not results_dir else work_root() / results_dir
 display(pd.DataFrame([{"row": name, "what it changes": designs[name].label, "group": designs[name].group,
                        "backbone": sweep.FAMILIES[family][designs[name].changes["backbone"]]}
                       for name in names]).set_index("row"))

@@ -40,7 +40,7 @@ from matplotlib import cbook
 from PIL import Image, ImageDraw
 
 from mtanet import synth
-from mtanet.book import project_root, recorded_run
+from mtanet.book import recorded_run, work_root
 from mtanet.book.media import render_frame, write_camera_video
 from mtanet.inference import Predictor, checkpoint_extras, predict, predict_to_csv
 from mtanet.inference.faces import TEMPLATES, FaceAligner, load_image
@@ -50,7 +50,7 @@ from mtanet.train import TrainConfig, train
 sns.set_theme(context="notebook", style="whitegrid")
 torch.set_num_threads(threads)
 chapter_started = time.perf_counter()
-work = project_root() / "runs" / "book" / f"06_real_faces-{synth_size}"  # media and CSVs: runs/ is never committed
+work = work_root() / "runs" / "book" / f"06_real_faces-{synth_size}"  # media and CSVs: runs/ is never committed
 work.mkdir(parents=True, exist_ok=True)
 
 # The model: a checkpoint given as a parameter, else the training chapter's, else a tiny one trained here.
@@ -65,7 +65,7 @@ else:
                          threads=threads, seed=seed, progress=False)
     digest = hashlib.sha1(json.dumps({k: v for k, v in config.to_dict().items()
                                       if k not in TrainConfig.RESUMABLE_CHANGES}, sort_keys=True).encode()).hexdigest()
-    run = project_root() / "runs" / "book" / f"06_fallback-{synth_size}-{digest[:10]}"
+    run = work_root() / "runs" / "book" / f"06_fallback-{synth_size}-{digest[:10]}"
     started = time.perf_counter()
     train(config.replace(output_dir=str(run), resume=True))  # a finished run is reused, not retrained
     fallback_s = time.perf_counter() - started

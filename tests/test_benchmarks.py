@@ -63,3 +63,9 @@ def test_the_page_names_the_hardware_and_every_figure() -> None:
     assert "times the speed of the reference machine" not in text  # not measured: not claimed
     slower = run_all.page(rows, times, {**hw, "speed_vs_reference": 0.32}, "2026-11-27", 123.0)
     assert "trains a bare timm step at 0.32 times the speed of the reference machine" in slower
+
+
+def test_the_renderer_figure_is_its_rate_over_the_goal() -> None:
+    row = run_all.render_figure({"faces_per_second": 125.0, "goal_faces_per_second": 50.0, "faces": 60, "repeats": 3})
+    assert (row["value"], row["goal"], row["ratio"]) == (125.0, 50.0, 2.5)
+    assert row["detail"] == "median of 3 timings of 60 faces"

@@ -220,10 +220,59 @@ def _rendered_dom(html: Path) -> str:
     return proc.stdout
 
 
+def test_a_chapters_kernel_writes_where_mtanet_work_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the smoke-book test relies on: a kernel started by the build inherits $MTANET_WORK, and the generated
+    # data and runs follow it while the sources stay in the checkout
+    from mtanet.runtime import WORK_ENV
+
+    nb = tmp_path / "96_work.py"
+    nb.write_text('# %% tags=["parameters"]\nout: str = ""  # where to write\n\n'
+                  '# %%\nimport json, pathlib\nfrom mtanet.book import project_root, sweep, work_root\n'
+                  'from mtanet.synth import default_data_root\n'
+                  'pathlib.Path(out).write_text(json.dumps([str(work_root()), str(project_root()), '
+                  'str(default_data_root("smoke", create=False)), str(sweep.results_folder({}, "small"))]))\n')
+    monkeypatch.setenv(WORK_ENV, str(tmp_path / "work"))
+    book.execute(nb, tmp_path / "out" / "96_work.ipynb", {"out": str(tmp_path / "seen.json")})
+    work, project, data, sweep_folder = map(Path, json.loads((tmp_path / "seen.json").read_text()))
+    assert work == (tmp_path / "work").resolve()
+    assert data == work / "data" / "synth-smoke" and sweep_folder.parent == work / "runs" / "sweep"
+    assert project == ROOT.resolve()  # sources still come from the checkout
+    monkeypatch.delenv(WORK_ENV)
+    assert book.work_root(ROOT) == book.project_root(ROOT)  # unset: the checkout, as before
+
+
+def _generated(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the checkout's data/ and runs/, with its size and modification time."""
+    out = {}
+    for top in ("data", "runs"):
+        for folder, _, files in os.walk(root / top):
+            for name in files:
+                path = Path(folder) / name
+                stat = path.lstat()
+                out[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
 @pytest.mark.book
-def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path) -> None:
-    """The whole pipeline on the smoke profile, then each chapter page as Chromium renders it."""
+def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole pipeline on the smoke profile from nothing, then each chapter page as Chromium renders it.
+
+    The chapters write their data, training runs and sweep into an empty folder of their own ($MTANET_WORK, which
+    their kernels inherit): nothing is reused from an earlier build in the checkout's data/ and runs/, and nothing
+    there is touched."""
+    from mtanet.runtime import WORK_ENV
+    from mtanet.synth import MANIFEST_FILE
+
+    work = tmp_path / "work"
+    monkeypatch.setenv(WORK_ENV, str(work))
+    checkout = _generated(ROOT)
     timings = book.build("smoke", root=ROOT, build_dir=tmp_path / "build")
+    # made here, by this build: the synthetic set, the training chapter's run (the one chapter 06 uses) and the sweep
+    assert (work / "data" / "synth-smoke" / MANIFEST_FILE).is_file()
+    trained = book.recorded_run("04_training", "smoke")
+    assert trained is not None and trained.is_relative_to(work.resolve()) and (trained / "metrics.json").is_file()
+    assert list((work / "runs" / "sweep").glob("smoke-*/*/seed*/metrics.json"))
+    assert _generated(ROOT) == checkout, "the book build wrote into the checkout's data/ or runs/"
     print("smoke book timings:", timings)  # the budget itself is measured by benchmarks, not asserted here
     html = tmp_path / "build" / "html"
     assert (html / "index.html").exists()

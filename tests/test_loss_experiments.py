@@ -75,8 +75,14 @@ def test_ccc_gradient_matches_autograd(rng):
     rho = L.ccc_per_dim(x[:, None], torch.tensor(y)[:, None])[0]
     (grad,) = torch.autograd.grad(rho, x)
     np.testing.assert_allclose(X.ccc_gradient(x.detach().numpy(), y), grad.numpy(), atol=1e-12)
-    # the gradient's sum is -rho * n * (mean x - mean y) * 2/(nD): it pulls the mean of x towards the mean of y
-    assert X.ccc_gradient(x.detach().numpy(), y).sum() > 0 if x.mean() < y.mean() else True
+    # the gradient's sum is -rho * n * (mean x - mean y) * 2/(nD): it pulls the mean of x towards the mean of y,
+    # up when x lies below y (as drawn here) and down once x is shifted above it
+    for xs, direction in ((x.detach().numpy(), 1.0), (x.detach().numpy() + 1.0, -1.0)):
+        gap, rho = xs.mean() - y.mean(), X.eq3_ccc(xs, y)
+        assert np.sign(gap) == -direction and rho > 0
+        total = X.ccc_gradient(xs, y).sum()
+        assert total == pytest.approx(-rho * 2 * gap / (xs.var() + y.var() + gap ** 2), rel=1e-9)
+        assert np.sign(total) == direction
 
 
 def test_eq5_sigma_form_matches_uncertainty_weighting():
@@ -105,7 +111,7 @@ def test_optimal_log_var_is_where_the_gradient_vanishes(kind):
         assert w.weights()[task] == pytest.approx(0.5 / loss)
     np.testing.assert_allclose(X.optimal_log_var(np.array([0.5, 2.0]), kind),
                                np.log((1 if kind == "regression" else 2) * np.array([0.5, 2.0])))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind must be 'regression' or 'classification', got 'ordinal'"):
         X.optimal_log_var(1.0, "ordinal")
 
 
@@ -149,7 +155,7 @@ def test_example_predictors_rank_differently_under_mse_and_ccc(rng):
     varying = table.drop(index="constant mean")
     np.testing.assert_allclose(varying["CCC"], varying["Pearson r"] * varying["C_b"], atol=1e-12)
     assert np.isnan(const["C_b"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"r must lie in \(0, 1\), got 1.0"):
         X.example_predictors(y, r=1.0)
 
 

@@ -116,7 +116,7 @@ def test_ccc_loss_gradcheck(gen):
 
 
 def test_ccc_loss_shape_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pred \(4, 2\) and target \(4, 3\) differ"):
         L.ccc_loss(torch.zeros(4, 2), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="mask"):
         L.ccc_loss(torch.zeros(4, 2), torch.zeros(4, 2), torch.ones(5, dtype=torch.bool))
@@ -347,7 +347,7 @@ def test_uncertainty_kinds_argument():
     w = L.UncertaintyWeighting(kinds={"va": "classification", "au": "regression"})
     ls = _losses()
     assert w(ls).item() == pytest.approx(0.7 + 0.5 * 0.4 + 1.3, abs=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind of task 'va' must be 'regression' or 'classification', got 'ordinal'"):
         L.UncertaintyWeighting(kinds={"va": "ordinal"})
     with pytest.raises(KeyError):
         L.UncertaintyWeighting(kinds={"pose": "regression"})

@@ -81,11 +81,13 @@ def test_ccc_constant_cases():
 
 
 @pytest.mark.parametrize(
-    "a, b",
-    [([1.0, 2.0], [1.0]), ([], []), ([[1.0, 2.0]], [[1.0, 2.0]]), ([1.0, np.nan], [1.0, 2.0])],
+    "a, b, match",
+    [([1.0, 2.0], [1.0], "y_true has 2 rows but y_pred has 1"), ([], [], "no labeled rows left"),
+     ([[1.0, 2.0]], [[1.0, 2.0]], r"must be 1-D, got shape \(1, 2\)"),
+     ([1.0, np.nan], [1.0, 2.0], "y_true contains NaN or infinite values")],
 )
-def test_ccc_rejects_bad_input(a, b):
-    with pytest.raises(ValueError):
+def test_ccc_rejects_bad_input(a, b, match):
+    with pytest.raises(ValueError, match=match):
         M.ccc(a, b)
 
 
@@ -144,7 +146,7 @@ def test_va_score_errors():
         M.va_score(np.full((4, 2), -5.0), np.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         M.va_score(np.zeros((4, 3)), np.zeros((4, 3)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"got \(4, 2\) and \(5, 2\)"):
         M.va_score(np.zeros((4, 2)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="NaN"):
         M.va_score(np.zeros((2, 2)), np.array([[0.0, np.nan], [0.0, 0.0]]))
@@ -213,7 +215,7 @@ def test_au_score_errors():
         M.au_score(np.zeros((3, 8)), np.zeros((3, 8)), thresholds=[0.5, 0.5])
     with pytest.raises(ValueError, match="0, 1"):
         M.au_score(np.full((3, 2), 2), np.zeros((3, 2)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"y_true must be 2-D, got shape \(8,\)"):
         M.au_score(np.zeros(8), np.zeros(8))
 
 
@@ -295,22 +297,22 @@ def test_expr_score_2022_is_plain_macro_f1(rng):
     p = np.where(rng.random(200) < 0.6, t, rng.integers(0, 8, size=200))
     r = M.expr_score_2022(t, p)
     assert r["score"] == pytest.approx(f1_score(t, p, average="macro", labels=list(range(8)), zero_division=0))
-    with pytest.raises(ValueError):  # label 7 ("Other") is out of range for the 2020 scorer
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\]"):  # 7 ("Other") is not a 2020 class
         M.expr_score(t, p)
 
 
 def test_expr_score_errors():
     with pytest.raises(ValueError, match="no labeled rows"):
         M.expr_score(np.array([-1, -1]), np.array([0, 1]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="y_true has 2 rows but y_pred has 1"):
         M.expr_score(np.array([0, 1]), np.array([0]))
     with pytest.raises(ValueError, match="num_classes"):
         M.expr_score(np.array([0, 1]), np.zeros((2, 7)), num_classes=8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"y_true labels must lie in \[0, 6\] or be -1"):
         M.expr_score(np.array([0, 9]), np.array([0, 1]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"predicted labels must lie in \[0, 6\]"):
         M.expr_score(np.array([0, 1]), np.array([0, 7]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"y_true must be 1-D class indices, got shape \(1, 2\)"):
         M.expr_score(np.array([[0, 1]]), np.array([0, 1]))
 
 

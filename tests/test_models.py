@@ -155,11 +155,13 @@ def test_only_named_tasks_get_heads():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(backbone="vgg16"), dict(pooling="attention"), dict(num_outputs={"gaze": 2}), dict(input_norm="caffe")],
+    "kwargs, match",
+    [(dict(backbone="vgg16"), "unknown backbone 'vgg16'"), (dict(pooling="attention"), "unknown pooling 'attention'"),
+     (dict(num_outputs={"gaze": 2}), r"num_outputs must name some of the tasks .*\['gaze'\]"),
+     (dict(input_norm="caffe"), "unknown input_norm 'caffe'")],
 )
-def test_bad_arguments_are_refused(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         MTANet(**{"backbone": "senet18", **kwargs})
 
 
@@ -199,7 +201,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert all(torch.equal(got[t], want[t]) for t in want)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "plain.pt"]  # no temporary file left
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"extra must not override \['state_dict'\]"):
         save_checkpoint(model, tmp_path / "bad.pt", extra={"state_dict": {}})
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -117,7 +116,7 @@ def test_labeled_actions_match_the_2020_label_set():
 
 
 def test_unknown_action_rejected_and_missing_means_zero():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown action units \['AU7'\]"):
         render_face(Identity(), {"AU7": 1.0}, CLEAN)
     full = {a: 0.0 for a in ACTIONS}
     assert np.array_equal(render_face(Identity(), full, CLEAN), render_face(Identity(), {}, CLEAN))
@@ -275,14 +274,3 @@ def test_nuisance_effects():
         d = _diff(occ, clean)
         assert (d > 30).mean() > 0.02, kind  # a visible occluder
         assert (d[30:100, 20:92] > 30).sum() > 0.5 * (d > 30).sum(), kind  # ... mostly on the face
-
-
-def test_fast_enough():
-    rng = np.random.default_rng(0)
-    ids = [random_identity(rng) for _ in range(4)]
-    jobs = [(ids[k % 4], {"AU12": rng.random(), "AU6": rng.random()}, random_nuisance(rng)) for k in range(60)]
-    render_face(*jobs[0])
-    t = time.perf_counter()
-    for job in jobs:
-        render_face(*job)
-    assert (time.perf_counter() - t) / len(jobs) < 0.02  # >= 50 img/s even on a loaded CI core (~500 idle)

@@ -28,7 +28,7 @@ from mtanet.errors import CheckpointError, ConfigError, DataFormatError, DeviceU
 from mtanet.evaluate import headline, predict_frames, write_submission
 from mtanet.losses import au_positive_weights, expression_class_weights
 from mtanet.runtime import resolve_device
-from mtanet.tasks import AU_NAMES_2020, EXPR_NAMES_2020
+from mtanet.tasks import AU_NAMES_2020
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"images_per_s", "val_seconds"}  # the only log fields allowed to differ between equal runs

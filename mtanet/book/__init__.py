@@ -28,7 +28,7 @@ from mtanet.book.build import (
     toc_chapters,
 )
 from mtanet.errors import NotebookFailed, SweepConflict
-from mtanet.runtime import project_root
+from mtanet.runtime import project_root, work_root
 
 __all__ = [
     "CELL_TIMEOUT_S",
@@ -46,4 +46,5 @@ __all__ = [
     "render_html",
     "stage_sources",
     "toc_chapters",
+    "work_root",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from mtanet.errors import NotebookFailed, OutputExistsError
-from mtanet.runtime import project_root, write_json
+from mtanet.runtime import project_root, work_root, write_json
 
 __all__ = [
     "CELL_TIMEOUT_S",
@@ -240,8 +240,9 @@ def render_html(src: Path, build_dir: Path) -> None:
 
 
 def record_run(chapter: str, synth_size: str, run_dir: str | os.PathLike[str], root: Path | None = None) -> Path:
-    """Note where a chapter's run lives, so a later chapter can use its model (``runs/book/<chapter>-<size>.json``)."""
-    root = root or project_root()
+    """Note where a chapter's run lives, so a later chapter can use its model (``runs/book/<chapter>-<size>.json``
+    under ``root``, default :func:`mtanet.runtime.work_root`: the checkout, or ``$MTANET_WORK``)."""
+    root = root or work_root()
     pointer = root / "runs" / "book" / f"{chapter}-{synth_size}.json"
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_json(pointer, {"run_dir": str(Path(run_dir).resolve())})
@@ -250,7 +251,7 @@ def record_run(chapter: str, synth_size: str, run_dir: str | os.PathLike[str], r
 
 def recorded_run(chapter: str, synth_size: str, root: Path | None = None) -> Path | None:
     """The run folder :func:`record_run` noted for ``chapter`` and size, or ``None`` if there is none (yet)."""
-    pointer = (root or project_root()) / "runs" / "book" / f"{chapter}-{synth_size}.json"
+    pointer = (root or work_root()) / "runs" / "book" / f"{chapter}-{synth_size}.json"
     if not pointer.is_file():
         return None
     run_dir = Path(json.loads(pointer.read_text())["run_dir"])

@@ -46,7 +46,7 @@ from scipy import stats
 
 from mtanet.book.build import execute
 from mtanet.errors import ConfigError, SweepConflict
-from mtanet.runtime import atomic_path, json_clean, project_root, usable_cores, write_json
+from mtanet.runtime import atomic_path, json_clean, project_root, usable_cores, work_root, write_json
 from mtanet.train import BEST_KEYS, CHECKPOINT, TrainConfig
 
 __all__ = [
@@ -437,7 +437,8 @@ def formatted(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) ->
 
 
 def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike[str] | None = None) -> Path:
-    """``runs/sweep/<synth_size>-<family>-<hash>`` under the project: one folder per set of shared parameters.
+    """``runs/sweep/<synth_size>-<family>-<hash>`` under ``root`` (default :func:`mtanet.runtime.work_root`: the
+    checkout, or ``$MTANET_WORK``): one folder per set of shared parameters.
 
     Changing a shared parameter (image size, epochs, ...) starts a new folder instead of clashing with the runs of
     the old one; adding rows or seeds keeps the folder, so finished runs are reused.
@@ -447,7 +448,7 @@ def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike
     text = json.dumps({"family": family, "backbones": FAMILIES.get(family), **{k: what[k] for k in sorted(what)}},
                       sort_keys=True, default=str)
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-    return Path(root or project_root()) / "runs" / "sweep" / f"{base.get('synth_size', 'data')}-{family}-{digest}"
+    return Path(root or work_root()) / "runs" / "sweep" / f"{base.get('synth_size', 'data')}-{family}-{digest}"
 
 
 def write_summary(runs: pd.DataFrame, path: str | os.PathLike[str], **meta: Any) -> Path:

@@ -48,7 +48,7 @@ from scipy.ndimage import gaussian_filter1d
 from mtanet.data import ANNOTATION_DIR, IMAGE_DIR, label_arrays, load_frames
 from mtanet.errors import ConfigError, OutputExistsError
 from mtanet.metrics import au_score, expr_score, va_score
-from mtanet.runtime import json_clean, project_root, usable_cores, write_json
+from mtanet.runtime import json_clean, usable_cores, work_root, write_json
 from mtanet.synth.render import ACTIONS, random_identity, random_nuisance, render_face
 from mtanet.tasks import AU_NAMES_2020, EDITIONS, EXPR_NAMES_2020, TASKS, VA_NAMES
 
@@ -562,9 +562,10 @@ def ceiling(root: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def default_data_root(size: str = DEFAULT_SIZE, *, create: bool = True, seed: int = 0) -> Path:
-    """The embedded default dataset: ``<checkout>/data/synth-<size>``, written on first use (then reused)."""
+    """The embedded default dataset: ``data/synth-<size>`` under the checkout (or under ``$MTANET_WORK``, see
+    :func:`mtanet.runtime.work_root`), written on first use (then reused)."""
     _check_size(size)
-    root = project_root() / "data" / f"synth-{size}"
+    root = work_root() / "data" / f"synth-{size}"
     if create:
         write_synth(root, size, seed=seed)
     return root
