@@ -48,7 +48,7 @@ _SET_DIRS = {"va": "VA_Set", "au": "AU_Set", "expr": "EXPR_Set"}
 _CHALLENGE_DIRS = {"va": "VA_Estimation_Challenge", "au": "AU_Detection_Challenge", "expr": "EXPR_Classification_Challenge"}
 
 EDITIONS: dict[str, Edition] = {
-    "2020": Edition("2020", _SET_DIRS, {"train": "Training_Set", "val": "Validation_Set"}, AU_NAMES_2020, EXPR_NAMES_2020),
-    "2021": Edition("2021", _SET_DIRS, {"train": "Train_Set", "val": "Validation_Set"}, AU_NAMES_2021, EXPR_NAMES_2020),
-    "2022": Edition("2022", _CHALLENGE_DIRS, {"train": "Train_Set", "val": "Validation_Set"}, AU_NAMES_2021, EXPR_NAMES_2022),
+    "2020": Edition("2020", _SET_DIRS, {"train": "Training_Set", "val": "Validation_Set", "test": "Test_Set"}, AU_NAMES_2020, EXPR_NAMES_2020),
+    "2021": Edition("2021", _SET_DIRS, {"train": "Train_Set", "val": "Validation_Set", "test": "Test_Set"}, AU_NAMES_2021, EXPR_NAMES_2020),
+    "2022": Edition("2022", _CHALLENGE_DIRS, {"train": "Train_Set", "val": "Validation_Set", "test": "Test_Set"}, AU_NAMES_2021, EXPR_NAMES_2022),
 }

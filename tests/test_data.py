@@ -202,13 +202,13 @@ def test_every_unread_entry_under_annotations_is_counted_with_why(builder: RootB
     (val_dir / "d.csv").write_text(VA_HEADER)  # the validation load's to count
     (ann / "README.md").write_text("labels")
     (ann / "VA_Set" / "notes.txt").write_text("labels")
-    (ann / "VA_Set" / "Test_Set").mkdir()  # both split folders are there: an extra folder, not a misspelling
+    (ann / "VA_Set" / "Archive").mkdir()  # not named like a split folder: an extra folder, not a misspelling
     (ann / "Old_Annotations").mkdir()
     (ann / ".git").mkdir()
     train, val = read_split(builder.root, "train"), read_split(builder.root, "val")
     assert set(train.frames["name"]) == {"a"} and set(val.frames["name"]) == {"c"}
     tree = {"annotation_stray_file": ["annotations/README.md", "annotations/VA_Set/notes.txt"],
-            "annotation_unknown_folder": ["annotations/Old_Annotations", "annotations/VA_Set/Test_Set"],
+            "annotation_unknown_folder": ["annotations/Old_Annotations", "annotations/VA_Set/Archive"],
             "annotation_hidden": ["annotations/.git"]}
     split = "annotations/VA_Set/Training_Set/"
     want_train = {**tree, "annotation_other_suffix": [split + "B.TXT", split + "a.txt.bak", split + "b.csv"],
@@ -643,3 +643,25 @@ def test_an_interrupted_packed_cache_build_leaves_nothing(basic: RootBuilder, tm
     with pytest.raises(KeyboardInterrupt):
         data.build_packed_cache(dataset, tmp_path / "cache" / "train.npy")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_test_split_is_read_from_test_set_and_masks_its_videos_in_training(builder: RootBuilder) -> None:
+    """A Test_Set folder is a third split: read on its own, never part of train or val, and a video in one task's
+    test split loses its training labels of the other tasks (as validation videos do)."""
+    builder.annotation("va", "train", "1-30-640x480", VA_HEADER + "0.1,0.2\n0.2,0.3\n")
+    builder.annotation("expr", "train", "2-30-640x480", EXPR_HEADER + "1\n2\n")
+    builder.annotation("va", "test", "2-30-640x480", VA_HEADER + "0.5,0.5\n-0.5,0.4\n")
+    builder.annotation("expr", "val", "3-30-640x480", EXPR_HEADER + "4\n")
+    for name in ("1-30-640x480", "2-30-640x480", "3-30-640x480"):
+        builder.images(name, [1, 2])
+    test = read_split(builder.root, "test").frames
+    assert set(test["name"]) == {"2-30-640x480"}
+    assert test["valence"].tolist() == pytest.approx([0.5, -0.5])
+    assert set(test["split_va"]) == {"test"} and set(test["split_expr"]) == {"train"}
+    train = read_split(builder.root, "train")
+    masked = train.frames[train.frames["name"] == "2-30-640x480"]
+    assert (masked["expression"] == -1).all(), "a test video's labels of another task reached training"
+    assert train.report.counts["labels_masked_cross_task_leak"] == 2
+    assert set(read_split(builder.root, "val").frames["name"]) == {"3-30-640x480"}
+    assert read_split(builder.root, "train", allow_cross_task_leak=True).frames.query(
+        "name == '2-30-640x480'")["expression"].tolist() == [1, 2]

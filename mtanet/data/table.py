@@ -60,7 +60,9 @@ __all__ = [
     "decode_image_file",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "val")
+#: The splits a root may hold. ``test`` is read from a ``Test_Set`` folder beside the others when it exists (the
+#: synthetic twin writes one; the challenges' own test labels are not public, so a real root usually has none).
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_DIR = "cropped_aligned"
 ANNOTATION_DIR = "annotations"
 
@@ -76,14 +78,14 @@ SKIP_KINDS: dict[str, str] = {
     "crlf_line_endings": "an annotation file with CRLF line endings; read correctly, counted so it can be fixed",
     "unreadable_image": "a jpg that fails to decode (truncated or not a JPEG), found with verify_images=True; the row "
     "keeps its labels for scoring but loses its image",
-    "labels_masked_cross_task_leak": "a training label of a video that is in another task's validation split; masked "
-    "unless allow_cross_task_leak=True",
+    "labels_masked_cross_task_leak": "a training label of a video that is in another task's validation or test split; "
+    "masked unless allow_cross_task_leak=True",
     "annotation_other_suffix": "a file in a split folder whose name does not end in .txt (.csv, .TXT, .txt.bak ...); "
     "not read: rename it to <name>.txt if it holds labels",
     "annotation_hidden": "a hidden file or folder under annotations/ (a name starting with '.': .DS_Store, a macOS "
     "'._' copy, an editor's backup); never read",
     "annotation_unknown_folder": "a folder under annotations/ that is not a task or split folder of the edition (an "
-    "other edition's folder, Test_Set, a folder inside a split folder); not read. One named like a missing task or "
+    "other edition's folder, a folder inside a split folder); not read. One named like a missing task or "
     "split folder (Validaton_Set, AU_set) is an error instead",
     "annotation_stray_file": "a file directly in annotations/ or in a task folder, outside the split folders (a "
     "README); not read",
@@ -327,7 +329,7 @@ def _scan_images(root: Path, report: LoadReport) -> dict[str, np.ndarray]:
 
 
 def _scan_annotations(root: Path, ed: Edition, split: str, report: LoadReport) -> dict[str, dict[str, dict[str, Path]]]:
-    """The annotation files of both splits, ``{split: {task: {name: path}}}``; everything else under annotations/
+    """The annotation files of every split, ``{split: {task: {name: path}}}``; everything else under annotations/
     is counted in ``report`` (see :data:`SKIP_KINDS`): the entries outside the split folders, and those inside the
     folders of ``split`` (the other split's are its own load's to count).
 
@@ -428,8 +430,8 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
     files = _scan_annotations(root, ed, split, report)
     names = sorted(set().union(*(files[split][t].keys() for t in TASKS)))
 
-    # Cross-task overlap: a video in one task's validation split and another task's training split.
-    val_videos = {t: {video_of(n) for n in files["val"][t]} for t in TASKS}
+    # Cross-task overlap: a video in one task's validation or test split and another task's training split.
+    val_videos = {t: {video_of(n) for s in SPLITS if s != "train" for n in files[s][t]} for t in TASKS}
     any_val = set().union(*val_videos.values())
     overlap_rows = []
     for t in TASKS:
@@ -485,7 +487,7 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
         n_total = max(n_rows, int(frames_with_image.max()) if frames_with_image.size else 0)
         pieces.append((name, n_total, labels, frames_with_image,
                        {t: t in files[split] and name in files[split][t] for t in TASKS},
-                       {t: name in files["train" if split == "val" else "val"][t] for t in TASKS}))
+                       {t: next((s for s in SPLITS if s != split and name in files[s][t]), "") for t in TASKS}))
 
     au_names = au_names or ed.au_names
     expr_names = expr_names or ed.expr_names
@@ -551,7 +553,6 @@ def _assemble(pieces: list, split: str, ed: Edition) -> pd.DataFrame:
     n_au = len(ed.au_names)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("name", "frame", "has_image", "valence", "arousal",
                                                           "expression", "au", "split_va", "split_au", "split_expr")}
-    other = "train" if split == "val" else "val"
     for name, n_total, labels, with_image, in_split, in_other in pieces:
         frame = np.arange(1, n_total + 1, dtype=np.int32)
         has_image = np.zeros(n_total, dtype=bool)
@@ -572,7 +573,7 @@ def _assemble(pieces: list, split: str, ed: Edition) -> pd.DataFrame:
         cols["valence"].append(va[keep, 0])
         cols["arousal"].append(va[keep, 1])
         for t in TASKS:
-            tag = split if in_split[t] else (other if in_other[t] else "")
+            tag = split if in_split[t] else in_other[t]
             cols[f"split_{t}"].append(np.full(int(keep.sum()), tag, dtype=object))
 
     def cat(key: str, dtype: Any, shape: tuple = ()) -> np.ndarray:
@@ -625,17 +626,17 @@ def load_frames(root: str | os.PathLike[str], split: str, *, edition: str | Edit
 
     Args:
         root: an Aff-Wild2 root (``cropped_aligned/`` and ``annotations/``), real or written by :mod:`mtanet.synth`.
-        split: ``"train"`` or ``"val"``; each task's own split folder is read (``Training_Set``/``Train_Set``,
-            ``Validation_Set``).
+        split: ``"train"``, ``"val"`` or ``"test"``; each task's own split folder is read (``Training_Set``/``Train_Set``,
+            ``Validation_Set``, ``Test_Set``; a missing ``Test_Set`` gives an empty table).
         edition: ``"2020"``, ``"2021"``, ``"2022"``; by default detected from the folder names and headers.
-        allow_cross_task_leak: keep training labels of videos that are in another task's validation split (off by
+        allow_cross_task_leak: keep training labels of videos that are in another task's validation or test split (off by
             default: they are masked and counted, so no validation video is ever trained on).
         verify_images: decode every jpg once; unreadable ones lose their image (counted), keep their labels.
 
     Returns:
         A DataFrame with columns ``name``, ``video``, ``frame`` (1-based), ``image`` (path relative to ``root``, ``""``
         where the jpg is missing), ``split_va``/``split_au``/``split_expr`` (the split of that task's file for this
-        name: ``split``, the other split, or ``""``), ``valence``, ``arousal`` (NaN unlabeled), ``expression`` (-1
+        name: ``split``, another split, or ``""``), ``valence``, ``arousal`` (NaN unlabeled), ``expression`` (-1
         unlabeled) and one int column per AU named as in the header (-1 unlabeled). ``df.attrs`` holds the edition,
         the split and the load report.
     """
