@@ -1,7 +1,10 @@
-"""A model on a frame table: batched predictions, the ABAW 2020 scores, and the challenge's submission files.
+"""A model on a frame table: batched predictions, the scores of the data's ABAW edition, and the challenge's
+submission files.
 
-The trainer validates with :func:`predict_dataset` and :func:`score_predictions`; ``mtanet evaluate`` is
-:func:`evaluate`: a checkpoint scored on a split, its predictions written in the submission format.
+The trainer validates with :func:`predict_dataset` and :func:`score_predictions` (which scores by
+:func:`mtanet.metrics.edition_scores`, the rules of the edition the frames were read as); ``mtanet evaluate`` is
+:func:`evaluate`: a checkpoint scored on a split, its predictions written in the submission format, or the
+submission of a test set's listed videos, which have no labels.
 """
 
 from __future__ import annotations
@@ -21,20 +24,25 @@ from tqdm.auto import tqdm
 from mtanet import metrics
 from mtanet.data import (
     ANNOTATION_DIR,
+    IMAGE_DIR,
+    SPLITS,
     FrameDataset,
     detect_edition,
+    image_path,
     label_arrays,
     read_annotation_file,
     read_split,
+    video_of,
 )
 from mtanet.data.loading import BatchedFrames, FrameLoader, collate_batched
 from mtanet.errors import ConfigError, DataFormatError, OutputExistsError
 from mtanet.models import model_from_checkpoint, probabilities, read_checkpoint
+from mtanet.provenance import input_summary, provenance
 from mtanet.runtime import json_clean, resolve_device, usable_cores, write_json
-from mtanet.tasks import EDITIONS, TASKS
+from mtanet.tasks import EDITIONS, TASKS, Edition
 
-__all__ = ["predict_dataset", "predict_frames", "score_predictions", "headline", "train_label_stats",
-           "write_submission", "submission_paths", "evaluate", "SCORES_FILE"]
+__all__ = ["predict_dataset", "predict_frames", "frames_edition", "score_predictions", "headline", "train_label_stats",
+           "write_submission", "submission_paths", "evaluate", "read_names_list", "listed_frames", "SCORES_FILE"]
 
 #: The summary :func:`evaluate` writes beside the submission files; its ``files`` lists them.
 SCORES_FILE = "scores.json"
@@ -120,51 +128,68 @@ def predict_frames(model, frames: pd.DataFrame, root: str | os.PathLike[str], *,
 # --------------------------------------------------------------------------------------------------- scores
 
 
+def frames_edition(frames: pd.DataFrame, preds: Mapping[str, np.ndarray] | None = None) -> str:
+    """The edition a frame table was read as (``frames.attrs["edition"]``, set by :func:`mtanet.data.read_split`);
+    for a table that lost its attrs, the edition whose label set has the table's AU columns and the expression
+    head's width (8 AUs: 2020; 12 AUs and 8 expressions: 2022; else 2021)."""
+    name = frames.attrs.get("edition") if hasattr(frames, "attrs") else None
+    if name:
+        return str(name)
+    n_au = len(_au_columns(frames))
+    n_expr = preds["expr"].shape[1] if preds is not None and "expr" in preds else None
+    if n_au == len(EDITIONS["2020"].au_names) or (n_au == 0 and n_expr in (None, 7)):
+        return "2020"
+    return "2022" if n_expr == len(EDITIONS["2022"].expr_names) else "2021"
+
+
 def score_predictions(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
                       thresholds: Sequence[float] | np.ndarray | None = None,
-                      require_image: bool = True) -> dict[str, Any]:
-    """ABAW 2020 scores of predictions aligned with the rows of ``frames``.
+                      require_image: bool = True, edition: str | Edition | None = None) -> dict[str, Any]:
+    """Scores of predictions aligned with the rows of ``frames``, as the data's edition defines them
+    (:func:`mtanet.metrics.edition_scores`).
 
     Scored rows are those with a label for the task and (``require_image=True``, as in training) an image; with
     ``require_image=False`` every labeled row is scored, which needs predictions on face-less rows too (see
     :func:`write_submission`'s fill rule).
 
+    Args:
+        edition: the edition whose rules score; default :func:`frames_edition` (the table's own).
+
     Returns:
-        ``va`` (:func:`mtanet.metrics.va_score`), ``au`` (:func:`mtanet.metrics.au_score` at 0.5, the headline AU
-        score), ``au_tuned`` (the AU score with ``thresholds``, or with per-AU thresholds tuned on these very frames
-        by :func:`mtanet.metrics.tune_au_thresholds` when ``thresholds`` is None: optimistic, since tuned and scored
-        on the same data), ``expr`` (:func:`mtanet.metrics.expr_score`), and ``mean``: the mean of the headline
-        scores of the tasks present. A task without labeled rows is left out.
+        ``edition``, ``rule``, ``scoring`` (the rule in words), ``va``, ``au`` (at 0.5, the headline AU score),
+        ``au_tuned`` (the AU score with ``thresholds``, or with per-AU thresholds tuned on these very frames by
+        :func:`mtanet.metrics.tune_au_thresholds` when ``thresholds`` is None: optimistic, since tuned and scored
+        on the same data), ``expr``, each with its ``edition``; ``combined`` (the edition's combined score: the
+        multi-task sum from 2022, the mean of the task scores before) and ``mean`` (the mean of the headline scores
+        of the tasks present, in every edition). A task without labeled rows is left out.
     """
+    ed = edition if edition is not None else frames_edition(frames, preds)
     keep = (frames["image"] != "").to_numpy() if require_image else np.ones(len(frames), dtype=bool)
-    out: dict[str, Any] = {}
-    if "va" in preds:
-        y = frames[["valence", "arousal"]].to_numpy(np.float64)[keep]
-        if metrics.va_valid_rows(y).any():
-            out["va"] = metrics.va_score(y, preds["va"][keep])
-    if "au" in preds:
-        y = frames[_au_columns(frames)].to_numpy(np.int64)[keep]
-        if (y >= 0).all(axis=1).any():
-            p = preds["au"][keep]
-            out["au"] = metrics.au_score(y, p, 0.5)
-            th = metrics.tune_au_thresholds(y, p) if thresholds is None else np.asarray(thresholds, np.float64)
-            out["au_tuned"] = metrics.au_score(y, p, th)
-    if "expr" in preds:
-        y = frames["expression"].to_numpy(np.int64)
-        keep = keep & (y >= 0)  # expr_score checks every row of 2-D scores, labeled or not
-        if keep.any():
-            out["expr"] = metrics.expr_score(y[keep], preds["expr"][keep], num_classes=preds["expr"].shape[1])
-    parts = [out[t]["score"] for t in TASKS if t in out]
-    out["mean"] = float(np.mean(parts)) if parts else None
+    au_cols = _au_columns(frames)
+    targets = {"va": frames[["valence", "arousal"]].to_numpy(np.float64),
+               "au": frames[au_cols].to_numpy(np.int64) if au_cols else None,
+               "expr": frames["expression"].to_numpy(np.int64)}
+    masks = {t: keep for t in TASKS}
+    out = metrics.edition_scores(ed, preds, targets, masks, au_thresholds=0.5)
+    if "au" in out:
+        y, p = targets["au"][keep], preds["au"][keep]
+        th = metrics.tune_au_thresholds(y, p) if thresholds is None else np.asarray(thresholds, np.float64)
+        tuned = metrics.edition_scores(ed, {"au": p}, {"au": y}, au_thresholds=th)["au"]
+        out = {**{k: v for k, v in out.items() if k not in ("expr", "mean", "combined")}, "au_tuned": tuned,
+               **{k: out[k] for k in ("expr", "mean", "combined") if k in out}}
     return json_clean(out)
 
 
-def headline(scores: Mapping[str, Any]) -> dict[str, float | None]:
+def headline(scores: Mapping[str, Any], *, with_edition: bool = False) -> dict[str, Any]:
     """The single numbers of a :func:`score_predictions` dict: ``va``, ``au`` (at 0.5), ``au_tuned``, ``expr``,
-    ``mean``."""
-    out = {k: (scores[k]["score"] if isinstance(scores.get(k), Mapping) else None)
-           for k in ("va", "au", "au_tuned", "expr")}
+    ``mean``; with ``with_edition``, ``edition`` first and ``combined`` (the edition's combined score) last, since
+    the numbers of two editions are not comparable (except VA)."""
+    out: dict[str, Any] = {"edition": scores.get("edition")} if with_edition else {}
+    out.update({k: (scores[k]["score"] if isinstance(scores.get(k), Mapping) else None)
+                for k in ("va", "au", "au_tuned", "expr")})
     out["mean"] = scores.get("mean")
+    if with_edition:
+        out["combined"] = scores["combined"]["score"] if isinstance(scores.get("combined"), Mapping) else None
     return out
 
 
@@ -199,17 +224,20 @@ def _submission_names(frames: pd.DataFrame, task: str, split: str) -> list[str]:
     return sorted(frames.loc[frames[f"split_{task}"] == split, "name"].unique())
 
 
-def submission_paths(frames: pd.DataFrame, tasks: Sequence[str], split: str, edition) -> list[str]:
+def submission_paths(frames: pd.DataFrame, tasks: Sequence[str], split: str, edition,
+                     lengths: Mapping[str, int] | None = None) -> list[str]:
     """The files :func:`write_submission` writes for ``tasks``, as ``<task folder>/<name>.txt`` relative to its
     ``out_dir``, sorted."""
-    return sorted(f"{edition.task_dirs[t]}/{name}.txt" for t in tasks for name in _submission_names(frames, t, split))
+    return sorted(f"{edition.task_dirs[t]}/{name}.txt" for t in tasks
+                  for name in (sorted(lengths) if lengths is not None else _submission_names(frames, t, split)))
 
 
 def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_dir: str | os.PathLike[str],
                      root: str | os.PathLike[str], *, split: str = "val", edition=None,
                      au_thresholds: Sequence[float] | float = 0.5,
-                     fallback: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write per-frame predictions in the ABAW 2020 submission format.
+                     fallback: Mapping[str, Any] | None = None,
+                     lengths: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Write per-frame predictions in the ABAW submission format.
 
     One file per name per task, ``<out_dir>/<task folder>/<name>.txt``, where the task folders are the edition's
     annotation folders (ABAW 2020: ``VA_Set``, ``AU_Set``, ``EXPR_Set``). Each file has the header of the
@@ -218,7 +246,8 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
     lines of that name's annotation file for the task: VA as two floats in [-1, 1] (6 decimals), AU as 0/1 per AU
     (probability >= the AU's threshold), EXPR as the index of the most probable class.
 
-    The names written for a task are those whose annotation file of that task lies in ``split``.
+    The names written for a task are those whose annotation file of that task lies in ``split``; with ``lengths``
+    (a test set's list, which has no annotation files), every name of ``lengths`` for every task, with N its value.
 
     Fill rule for frames without a face (no jpg, so no prediction): the prediction of the previous frame that has a
     face (forward fill); frames before the first face take the first face's (backward fill). A name without any
@@ -234,6 +263,7 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
         edition: an :class:`mtanet.tasks.Edition`; default: detected from ``root``.
         au_thresholds: one threshold or one per AU.
         fallback: ``{"va_mean", "au_prevalence", "expr_majority"}`` (a trainer checkpoint's ``train_label_stats``).
+        lengths: ``{name: number of frames}``: write these names with that many lines, reading no annotation.
 
     Returns:
         ``{task: {"folder", "files", "lines", "filled", "names_without_face", "paths"}}`` (``paths``: the files
@@ -249,7 +279,7 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
     for task, p in preds.items():
         folder = out_dir / ed.task_dirs[task]
         folder.mkdir(parents=True, exist_ok=True)
-        names = _submission_names(frames, task, split)
+        names = sorted(lengths) if lengths is not None else _submission_names(frames, task, split)
         width = p.shape[1]
         if task == "va":
             header, fb = "valence,arousal", np.asarray(fallback.get("va_mean") or [0.0, 0.0], np.float32)
@@ -264,9 +294,12 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
         info = {"folder": ed.task_dirs[task], "files": 0, "lines": 0, "filled": 0, "names_without_face": [],
                 "paths": []}
         for name in names:
-            path = root / "annotations" / ed.task_dirs[task] / ed.split_dirs[split] / f"{name}.txt"
-            n = len(read_annotation_file(path, task)[1])
-            rows = np.sort(rows_of[name])
+            if lengths is not None:
+                n = int(lengths[name])
+            else:
+                path = root / "annotations" / ed.task_dirs[task] / ed.split_dirs[split] / f"{name}.txt"
+                n = len(read_annotation_file(path, task)[1])
+            rows = np.sort(rows_of[name]) if name in rows_of else np.zeros(0, dtype=np.int64)
             f = frames["frame"].to_numpy()[rows]
             inside = f <= n
             rows, f = rows[inside], f[inside]
@@ -299,14 +332,27 @@ def write_submission(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], out_
 def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None,
              split: str = "val", output_dir: str | os.PathLike[str] = "eval", batch_size: int = 64,
              device: str = "auto", num_workers: int = 0, threads: int | None = None,
-             au_thresholds: str = "saved", image_size: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Score a checkpoint on a split and write its predictions in the ABAW 2020 submission format.
+             au_thresholds: str = "saved", image_size: int | None = None, progress: bool = True,
+             names: str | os.PathLike[str] | None = None, edition: str | None = None) -> dict[str, Any]:
+    """Score a checkpoint on a split as the data's edition defines it and write its predictions in the submission
+    format; or, with ``names``, write the submission of a test set's listed videos, which have no labels.
 
     Writes ``<output_dir>/scores.json`` and the files of :func:`write_submission` (``VA_Set/``, ``AU_Set/``,
-    ``EXPR_Set/`` for ABAW 2020). Scores (:func:`score_predictions`) come twice: ``scores`` over the labeled frames
-    that have an image (as during training; ``au`` at 0.5, ``au_tuned`` with the AU thresholds used for the files),
-    and ``scores_all_frames`` over every labeled frame with the filled predictions of the files, which is what the
-    challenge's scorer sees. ``files`` lists every submission file written (``VA_Set/<name>.txt``, ...).
+    ``EXPR_Set/`` for ABAW 2020 and 2021; ``VA_Estimation_Challenge/``, ... for 2022+). Scores
+    (:func:`score_predictions`, by the rules of the edition of ``data_root``: :func:`mtanet.metrics.edition_scores`)
+    come twice: ``scores`` over the labeled frames that have an image (as during training; ``au`` at 0.5,
+    ``au_tuned`` with the AU thresholds used for the files), and ``scores_all_frames`` over every labeled frame with
+    the filled predictions of the files, which is what the challenge's scorer sees. ``edition`` and ``scoring`` name
+    the edition and its rules at the top and inside every score; ``headline`` starts with the edition. ``files``
+    lists every submission file written (``VA_Set/<name>.txt``, ...); ``provenance`` is the block of
+    :func:`mtanet.provenance.provenance` (checkpoint SHA-256, thresholds, version, commit, device, input).
+
+    Test submissions (``names``, ``split="test"``): ``names`` is a text file with one crop folder name per line
+    (``<name>`` or ``<name>,<frames>``; blank lines and lines starting with ``#`` are skipped). Each name's frames are
+    read from ``cropped_aligned/<name>/`` alone: no annotation is needed or read. A file gets one line per frame
+    1..N, N the line's ``<frames>`` when given (the video's frame count), else the highest frame number with a jpg;
+    frames without a jpg (no face) are filled by :func:`write_submission`'s rule: the previous frame's prediction,
+    the first face's before it, the training constants for a name without any face. ``scores`` is then ``null``.
 
     An output folder used before: what an earlier evaluate wrote there (the files its ``scores.json`` lists, and that
     ``scores.json``) is removed just before the new files are written, so the submission folders hold exactly the
@@ -320,15 +366,20 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
         checkpoint: a trainer checkpoint (``best_*.pt``, ``last.pt``) or any :func:`mtanet.models.save_checkpoint`
             file.
         data_root: the Aff-Wild2 root; default: the training run's (``train_config["data_root"]``).
-        split: ``"train"`` or ``"val"``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (``test`` is scored like ``val`` when the root has ``Test_Set``
+            annotations; with ``names`` it needs none).
         au_thresholds: ``"saved"`` (the checkpoint's tuned thresholds; 0.5 when it has none) or ``"0.5"``, the
             thresholds that binarise AU predictions in the files and in ``au_tuned``.
         image_size: input side; default: the training run's (112 when unknown).
         threads: torch CPU threads while evaluating (default: all cores); restored afterwards.
+        names: the list of test videos (see above); only with ``split="test"``.
+        edition: with ``names``, the edition of the files when the root has no annotations to tell it (default:
+            the checkpoint's ``edition``, else the one whose label sets have the heads' widths).
 
     Raises:
         ConfigError: no data root was given and the checkpoint names none; a head that does not fit the data's
-            edition; an unknown ``au_thresholds``.
+            edition; an unknown ``au_thresholds``; ``names`` missing, empty, naming a video without a crop folder,
+            twice the same name, or given with a split other than test.
         CheckpointError: the file is not a readable checkpoint.
         DataFormatError: ``split`` has no frame with both an image and a label of one of the checkpoint's tasks
             (its score would be null); the message names the task's annotation folder.
@@ -336,18 +387,138 @@ def evaluate(checkpoint: str | os.PathLike[str], *, data_root: str | os.PathLike
     """
     if au_thresholds not in ("saved", "0.5"):
         raise ConfigError(f"au_thresholds must be 'saved' or '0.5', got {au_thresholds!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if names is not None and split != "test":
+        raise ConfigError(f"--names lists the videos of a test set: use it with --split test, not {split}")
+    if edition is not None and str(edition) not in EDITIONS:
+        raise ConfigError(f"edition must be one of {', '.join(EDITIONS)}, got {edition!r}")
     dev = resolve_device(device)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads or usable_cores())
     try:
         return _evaluate(Path(checkpoint), dev, data_root, split, Path(output_dir), batch_size, num_workers,
-                         au_thresholds, image_size, progress)
+                         au_thresholds, image_size, progress, None if names is None else Path(names), edition)
     finally:
         torch.set_num_threads(saved_threads)
 
 
+def read_names_list(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> dict[str, int | None]:
+    """The videos of a test list: ``{name: frames or None}`` in file order (see :func:`evaluate`).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, lists no name, lists a name twice, has a line that is not
+            ``<name>`` or ``<name>,<frames>`` (frames a positive integer), or names a video without a
+            ``cropped_aligned/<name>/`` folder; the message names the file and line.
+    """
+    path, root = Path(path), Path(root)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"--names {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--names {path}: cannot be read ({err})") from None
+    out: dict[str, int | None] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, frames = (part.strip() for part in line.partition(","))
+        where = f"--names {path}:{number}"
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ConfigError(f"{where}: {line!r} is not a video name (one crop folder name per line)")
+        n: int | None = None
+        if frames:
+            if not re.fullmatch(r"\d+", frames) or int(frames) < 1:
+                raise ConfigError(f"{where}: the frame count {frames!r} of {name} is not a positive integer")
+            n = int(frames)
+        if name in out:
+            raise ConfigError(f"{where}: {name} is listed twice")
+        if not (root / IMAGE_DIR / name).is_dir():
+            raise ConfigError(f"{where}: unknown name {name}: {root / IMAGE_DIR / name} is not a folder")
+        out[name] = n
+    if not out:
+        raise ConfigError(f"--names {path}: lists no video name (one crop folder name per line)")
+    return out
+
+
+_JPG_RE = re.compile(r"^(\d{5,})\.jpg$")
+
+
+def listed_frames(root: str | os.PathLike[str], names: Mapping[str, int | None],
+                  edition: Edition) -> tuple[pd.DataFrame, dict[str, int]]:
+    """A frame table of the listed videos built from their ``cropped_aligned`` folders alone (every label missing,
+    every ``split_*`` ``"test"``), and each name's number of frames: the list's, else the highest jpg number.
+
+    Raises:
+        ConfigError: a list's frame count below a jpg's frame number (the list or the folder is wrong).
+    """
+    root = Path(root)
+    pieces, lengths = [], {}
+    for name, given in names.items():
+        numbers = sorted(int(m.group(1)) for e in os.scandir(root / IMAGE_DIR / name)
+                         if (m := _JPG_RE.match(e.name)) and int(m.group(1)) >= 1)
+        last = numbers[-1] if numbers else 0
+        if given is not None and given < last:
+            raise ConfigError(f"--names gives {name} {given} frames but {IMAGE_DIR}/{name} holds frame {last}")
+        n = given if given is not None else last
+        lengths[name] = n
+        if n == 0:
+            continue  # no jpg and no count: an empty file would be written; see evaluate's check
+        has = np.zeros(n, dtype=bool)
+        has[np.asarray(numbers, dtype=np.int64) - 1] = True
+        frame = np.arange(1, n + 1)
+        pieces.append(pd.DataFrame({
+            "name": name, "video": video_of(name), "frame": frame,
+            "image": [image_path(name, int(f)) if h else "" for f, h in zip(frame, has)]}))
+    frames = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(
+        {"name": pd.Series(dtype=object), "video": pd.Series(dtype=object), "frame": pd.Series(dtype=np.int64),
+         "image": pd.Series(dtype=object)})
+    for t in TASKS:
+        frames[f"split_{t}"] = "test"
+    frames["valence"] = np.nan
+    frames["arousal"] = np.nan
+    frames["expression"] = np.int16(-1)
+    for au in edition.au_names:
+        frames[au] = np.int16(-1)
+    frames.attrs["edition"] = edition.name
+    frames.attrs["split"] = "test"
+    return frames, lengths
+
+
+def _listed_edition(root: Path, ckpt: Mapping[str, Any], num_outputs: Mapping[str, int],
+                    edition: str | None) -> Edition:
+    """The edition of a test submission: the root's when it has annotations, else ``edition``, the checkpoint's,
+    or the one whose label sets have the heads' widths."""
+    if (root / ANNOTATION_DIR).is_dir():
+        return detect_edition(root)
+    name = edition or ckpt.get("edition")
+    if name in EDITIONS:
+        return EDITIONS[name]
+    for ed in EDITIONS.values():
+        if all(ed.num_outputs[t] == n for t, n in num_outputs.items() if t != "va"):
+            return ed
+    raise ConfigError(f"no ABAW edition has heads {dict(num_outputs)}; pass the edition (--edition)")
+
+
+def _provenance(checkpoint: Path, ckpt: Mapping[str, Any], dev: torch.device, th: np.ndarray, th_source: str,
+                root: Path, **counts: Any) -> dict[str, Any]:
+    return provenance(checkpoint=checkpoint, checkpoint_digest=ckpt.get("digest"), runtime="torch", device=str(dev),
+                      detector=None, alignment={"template": "the dataset's cropped_aligned crops (no detection)"},
+                      au_thresholds=th, au_threshold_source=th_source,
+                      input=input_summary(root, kind="dataset root", **counts))
+
+
+def _thresholds(ckpt: Mapping[str, Any], au_thresholds: str, edition: Edition) -> tuple[np.ndarray, str]:
+    if au_thresholds == "saved" and ckpt.get("au_thresholds") is not None:
+        return np.asarray(ckpt["au_thresholds"], np.float64), "checkpoint (tuned on validation)"
+    why = "asked for (--au-thresholds 0.5)" if au_thresholds == "0.5" else "the checkpoint carries no tuned ones"
+    return np.full(len(edition.au_names), 0.5), f"0.5 for every AU: {why}"
+
+
 def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: Path, batch_size: int,
-              num_workers: int, au_thresholds: str, image_size: int | None, progress: bool) -> dict[str, Any]:
+              num_workers: int, au_thresholds: str, image_size: int | None, progress: bool,
+              names_file: Path | None, edition: str | None) -> dict[str, Any]:
     previous = _previous_outputs(out)  # refused here, before minutes of predicting
     ckpt = read_checkpoint(checkpoint)  # checked against its digest once, then built from the same bytes
     model = model_from_checkpoint(ckpt, map_location=dev)
@@ -356,9 +527,12 @@ def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: P
     if not root:
         raise ConfigError(f"{checkpoint} names no data root; pass data_root (--data-root) to score it")
     root = Path(root).expanduser()
+    size = image_size or train_cfg.get("image_size", 112)
+    if names_file is not None:
+        return _submit_listed(checkpoint, ckpt, model, dev, root, names_file, edition, out, previous, size,
+                              batch_size, num_workers, au_thresholds, progress)
     table = read_split(root, split)
     frames = table.frames
-    size = image_size or train_cfg.get("image_size", 112)
     for t, n in model.config["num_outputs"].items():
         if n != table.edition.num_outputs[t]:
             raise ConfigError(f"the checkpoint's {t} head has {n} outputs, the data's edition "
@@ -368,13 +542,12 @@ def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: P
     for t in model.config["num_outputs"]:
         if not (masks[t] & has_image).any():
             folder = root / ANNOTATION_DIR / table.edition.task_dirs[t] / table.edition.split_dirs[split]
+            hint = ("; for a test set without labels pass the list of its videos (--names LIST)"
+                    if split == "test" else "")
             raise DataFormatError(folder, None, f"no {split} frame has both an image and a label for {t}, so the "
                                                 f"checkpoint's {t} head could not be scored; add {t} labels there "
-                                                "or evaluate another split")
-    if au_thresholds == "saved" and ckpt.get("au_thresholds") is not None:
-        th = np.asarray(ckpt["au_thresholds"], np.float64)
-    else:
-        th = np.full(len(table.edition.au_names), 0.5)
+                                                f"or evaluate another split{hint}")
+    th, th_source = _thresholds(ckpt, au_thresholds, table.edition)
     fallback = ckpt.get("train_label_stats")
     if fallback is None:
         fallback = train_label_stats(read_split(root, "train").frames, table.edition.au_names,
@@ -388,16 +561,73 @@ def _evaluate(checkpoint: Path, dev: torch.device, data_root, split: str, out: P
                                fallback=fallback)
         filled = sub.pop("filled_preds")
         files = sorted(rel for t in preds for rel in sub[t].pop("paths"))
-        scores = score_predictions(frames, preds, thresholds=th if "au" in preds else None)
+        scores = score_predictions(frames, preds, thresholds=th if "au" in preds else None, edition=table.edition)
         if "au" in filled:
             filled["au"] = (filled["au"] >= th).astype(np.float32)  # the files hold decisions, not probabilities
         all_frames = score_predictions(frames, filled, thresholds=th if "au" in filled else None,
-                                       require_image=False)
+                                       require_image=False, edition=table.edition)
         result = json_clean({
+            "edition": table.edition.name, "scoring": scores.get("scoring"),
             "checkpoint": str(checkpoint), "data_root": str(root), "split": split, "image_size": size,
-            "au_thresholds": th.tolist(), "scores": scores, "headline": headline(scores),
-            "scores_all_frames": all_frames, "headline_all_frames": headline(all_frames), "submission": sub,
-            "files": files,
+            "au_thresholds": th.tolist(), "au_threshold_source": th_source, "scores": scores,
+            "headline": headline(scores, with_edition=True), "scores_all_frames": all_frames,
+            "headline_all_frames": headline(all_frames, with_edition=True), "submission": sub, "files": files,
+            "provenance": _provenance(checkpoint, ckpt, dev, th, th_source, root, split=split, frames=len(frames),
+                                      images=int(has_image.sum())),
+        })
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / SCORES_FILE, result)  # last: a scores.json means a complete submission
+    except BaseException:
+        _remove_outputs(out, planned)
+        raise
+    return result
+
+
+def _submit_listed(checkpoint: Path, ckpt: Mapping[str, Any], model, dev: torch.device, root: Path,
+                   names_file: Path, edition: str | None, out: Path, previous: list[Path], size: int,
+                   batch_size: int, num_workers: int, au_thresholds: str, progress: bool) -> dict[str, Any]:
+    """The submission of a test list: every frame of the listed videos, from their crop folders alone."""
+    listed = read_names_list(names_file, root)
+    heads = dict(model.config["num_outputs"])
+    ed = _listed_edition(root, ckpt, heads, edition)
+    for t, n in heads.items():
+        if n != ed.num_outputs[t]:
+            raise ConfigError(f"the checkpoint's {t} head has {n} outputs, edition {ed.name} {ed.num_outputs[t]}")
+    frames, lengths = listed_frames(root, listed, ed)
+    empty = [name for name, n in lengths.items() if n == 0]
+    if empty:
+        raise ConfigError(f"--names {names_file}: {IMAGE_DIR}/{empty[0]} holds no frame jpg and the list gives no "
+                          f"frame count for it (write '{empty[0]},<frames>')")
+    th, th_source = _thresholds(ckpt, au_thresholds, ed)
+    fallback = ckpt.get("train_label_stats")
+    fallback_source = "checkpoint's train_label_stats"
+    if fallback is None:
+        try:
+            fallback = train_label_stats(read_split(root, "train", edition=ed).frames, ed.au_names,
+                                         len(ed.expr_names))
+            fallback_source = f"training labels of {root}"
+        except (DataFormatError, OSError):
+            fallback, fallback_source = None, "none: VA 0, every AU 0, Neutral"
+    preds = predict_frames(model, frames, root, image_size=size, batch_size=batch_size, device=dev,
+                           num_workers=num_workers, progress=progress)
+    planned = [out / rel for rel in submission_paths(frames, list(preds), "test", ed, lengths)]
+    _remove_outputs(out, previous)
+    try:
+        sub = write_submission(frames, preds, out, root, split="test", edition=ed, au_thresholds=th,
+                               fallback=fallback, lengths=lengths)
+        sub.pop("filled_preds")
+        files = sorted(rel for t in preds for rel in sub[t].pop("paths"))
+        has_image = int((frames["image"] != "").sum())
+        result = json_clean({
+            "edition": ed.name, "scoring": None, "checkpoint": str(checkpoint), "data_root": str(root),
+            "split": "test", "names_file": str(names_file), "names": list(listed), "frames": lengths,
+            "image_size": size, "au_thresholds": th.tolist(), "au_threshold_source": th_source,
+            "fill_rule": "frames without a jpg take the previous frame's prediction (the first face's before it); "
+                         f"a name without any face takes the training constants ({fallback_source})",
+            "scores": None, "headline": None, "submission": sub, "files": files,
+            "provenance": _provenance(checkpoint, ckpt, dev, th, th_source, root, split="test",
+                                      names_file=str(names_file), names=len(listed), frames=int(len(frames)),
+                                      images=has_image),
         })
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / SCORES_FILE, result)  # last: a scores.json means a complete submission

@@ -9,13 +9,20 @@ Only numpy and scikit-learn are used here, so scoring saved predictions never ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import f1_score
 
-from mtanet.tasks import EXPR_NAMES_2020, EXPR_NAMES_2022, LABEL_SENTINEL
+from mtanet.tasks import EDITIONS, EXPR_NAMES_2020, EXPR_NAMES_2022, LABEL_SENTINEL, TASKS, Edition
+
+__all__ = [
+    "EXPR_F1_WEIGHT", "EXPR_ACC_WEIGHT", "AU_F1_WEIGHT", "AU_ACC_WEIGHT", "DEFAULT_THRESHOLD_GRID", "SCORING_RULES",
+    "combine_expr", "combine_au", "ccc", "va_valid_rows", "va_score", "au_score", "tune_au_thresholds",
+    "au_score_2022", "expr_score", "expr_score_2022", "scoring_rule", "edition_scores", "bootstrap_ci",
+]
 
 #: Weights of the ABAW 2020 combined scores.
 EXPR_F1_WEIGHT: float = 0.67
@@ -250,10 +257,13 @@ def au_score_2022(
     Args and masking as in :func:`au_score`.
 
     Returns:
-        ``score`` (= ``f1_mean``), ``f1_mean``, ``f1_per_au`` and ``thresholds``.
+        ``score`` (= ``f1_mean``), ``f1_mean``, ``accuracy`` (over all N*K decisions, for reading only: not part of
+        the score), ``f1_per_au`` and ``thresholds``.
     """
     r = au_score(y_true, y_prob, thresholds)
-    return {"score": r["f1_mean"], "f1_mean": r["f1_mean"], "f1_per_au": r["f1_per_au"], "thresholds": r["thresholds"]}
+    # accuracy is reported for reading, never part of the 2022+ score
+    return {"score": r["f1_mean"], "f1_mean": r["f1_mean"], "accuracy": r["accuracy"], "f1_per_au": r["f1_per_au"],
+            "thresholds": r["thresholds"]}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,6 +344,142 @@ def expr_score_2022(y_true: Any, y_pred: Any, num_classes: int | None = None) ->
     f1, acc = _expr_parts(t, p, c)
     f1_macro = float(f1.mean())
     return {"score": f1_macro, "f1_macro": f1_macro, "accuracy": acc, "f1_per_class": f1.tolist()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# every edition as it defines itself
+
+#: The scoring rules, keyed by the first edition that used them (ABAW2020.md section 2): ``"2020"`` (Table I: VA mean
+#: CCC, AU 0.5 F1 + 0.5 accuracy, EXPR 0.67 F1 + 0.33 accuracy), ``"2021"`` (the 2020 formulas on 12 AUs and
+#: 7 expressions) and ``"2022"`` (every edition from 2022 on: AU mean F1 over 12, EXPR macro-F1 over 8 with
+#: ``Other``, and the multi-task sum).
+SCORING_RULES: dict[str, str] = {
+    "2020": "ABAW 2020: VA mean CCC; AU 0.5*mean F1 + 0.5*accuracy (8 AUs); EXPR 0.67*macro-F1 + 0.33*accuracy "
+            "(7 classes)",
+    "2021": "ABAW 2021: the 2020 formulas on 12 AUs and 7 expressions",
+    "2022": "ABAW 2022+: VA mean CCC; AU mean F1 (12 AUs); EXPR macro-F1 (8 classes with Other); multi-task "
+            "P_MTL = VA + AU + EXPR",
+}
+
+
+def scoring_rule(edition: str | Edition) -> str:
+    """The key of :data:`SCORING_RULES` that scores ``edition``: an :class:`~mtanet.tasks.Edition` or its name
+    (``"2020"``, ``"2021"``, ``"2022"``, a later year, or a reader's ``"<year>-custom"`` edition of another label
+    set).
+
+    Raises:
+        ValueError: a name that does not start with a year from 2020 on.
+    """
+    name = edition.name if isinstance(edition, Edition) else str(edition)
+    m = re.match(r"(\d{4})(?:\D|$)", name)
+    if not m or int(m.group(1)) < 2020:
+        raise ValueError(f"cannot score edition {name!r}: expected a name such as 2020, 2021 or 2022")
+    year = int(m.group(1))
+    return "2020" if year == 2020 else "2021" if year == 2021 else "2022"
+
+
+def _edition_name(edition: str | Edition) -> str:
+    return edition.name if isinstance(edition, Edition) else str(edition)
+
+
+def _check_width(edition: str | Edition, task: str, width: int) -> None:
+    """A known edition's label set must fit the array: 2020 predictions are never scored by 2022 rules."""
+    ed = edition if isinstance(edition, Edition) else EDITIONS.get(str(edition))
+    if ed is None:
+        return
+    want = ed.num_outputs[task]
+    if width != want:
+        raise ValueError(f"edition {ed.name} scores {task} over {want} columns, got {width}")
+
+
+def _rows(masks: Mapping[str, Any] | None, task: str, n: int) -> np.ndarray:
+    if masks is None or masks.get(task) is None:
+        return np.ones(n, dtype=bool)
+    m = np.asarray(masks[task], dtype=bool).reshape(-1)
+    if m.shape[0] != n:
+        raise ValueError(f"masks[{task!r}] has {m.shape[0]} rows but the {task} targets have {n}")
+    return m
+
+
+def edition_scores(edition: str | Edition, predictions: Mapping[str, Any], targets: Mapping[str, Any],
+                   masks: Mapping[str, Any] | None = None, *,
+                   au_thresholds: float | Sequence[float] | np.ndarray = 0.5) -> dict[str, Any]:
+    """Every task's score and the combined score, computed the way ``edition``'s challenge defines them.
+
+    Args:
+        edition: an :class:`~mtanet.tasks.Edition` or its name (see :func:`scoring_rule`); a known edition's label
+            widths are checked (8 or 12 AUs, 7 or 8 expressions), so a model of one edition is never scored by
+            another's rules.
+        predictions: ``{task: array}``: ``va`` (N, 2) values, ``au`` (N, K) probabilities (or 0/1 decisions),
+            ``expr`` (N, C) scores or (N,) class indices. A task missing here or in ``targets`` is left out.
+        targets: ``{task: array}`` aligned with the predictions: ``va`` (N, 2), ``au`` (N, K), ``expr`` (N,); the
+            "no label" sentinels (VA outside [-1, 1], AU and EXPR -1) mark unlabeled rows.
+        masks: optional ``{task: (N,) bool}``: only rows where it is true are scored (use it with the clipped
+            targets of :func:`mtanet.data.label_arrays`, whose masks say which rows are labeled).
+        au_thresholds: one AU decision threshold or one per AU.
+
+    Returns:
+        ``edition`` (its name), ``rule`` (the :data:`SCORING_RULES` key) and ``scoring`` (the rule in words); per
+        task present with at least one labeled row, that task's dict (``va``: :func:`va_score`; ``au``:
+        :func:`au_score` for 2020 and 2021, :func:`au_score_2022` from 2022; ``expr``: :func:`expr_score` or
+        :func:`expr_score_2022`), each with ``edition`` added; ``combined``: ``{"score", "name", "tasks"}``: from
+        2022 the multi-task challenge's ``P_MTL = VA + AU + EXPR`` (``None`` unless all three tasks are scored),
+        for 2020 and 2021, which rank each task on its own, the mean of the task scores; and ``mean``, the mean of
+        the task scores for every edition (what best-checkpoint selection compares).
+
+    Raises:
+        ValueError: an unknown edition, widths that do not fit it, or bad arrays (see the task functions).
+    """
+    name, rule = _edition_name(edition), scoring_rule(edition)
+    out: dict[str, Any] = {"edition": name, "rule": rule, "scoring": SCORING_RULES[rule]}
+    for task in TASKS:
+        if task not in predictions or task not in targets or predictions[task] is None or targets[task] is None:
+            continue
+        y = np.asarray(targets[task])
+        p = np.asarray(predictions[task])
+        if p.shape[0] != y.shape[0]:
+            raise ValueError(f"{task}: {p.shape[0]} predictions for {y.shape[0]} targets")
+        keep = _rows(masks, task, y.shape[0])
+        y, p = y[keep], p[keep]
+        if task == "va":
+            if not va_valid_rows(y).any():
+                continue
+            result = va_score(y, p)
+        elif task == "au":
+            _check_width(edition, "au", p.shape[1] if p.ndim == 2 else -1)
+            if not (np.asarray(y) >= 0).all(axis=1).any():
+                continue
+            fn = au_score_2022 if rule == "2022" else au_score
+            result = fn(y, p, au_thresholds)
+        else:
+            if p.ndim == 2:
+                _check_width(edition, "expr", p.shape[1])
+            if not (y >= 0).any():
+                continue
+            labeled = y >= 0  # expr_score checks every row of 2-D scores, labeled or not
+            y, p = y[labeled], p[labeled]
+            classes = None  # 2-D scores: their width
+            if p.ndim == 1:
+                ed = edition if isinstance(edition, Edition) else EDITIONS.get(name)
+                classes = len(ed.expr_names if ed is not None else
+                              EXPR_NAMES_2022 if rule == "2022" else EXPR_NAMES_2020)
+            fn = expr_score_2022 if rule == "2022" else expr_score
+            result = fn(y, p, num_classes=classes)
+        out[task] = {**result, "edition": name}
+    present = [t for t in TASKS if t in out]
+    parts = [out[t]["score"] for t in present]
+    out["mean"] = float(np.mean(parts)) if parts else None
+    if rule == "2022":
+        complete = len(present) == len(TASKS)
+        out["combined"] = {"score": float(sum(parts)) if complete else None,
+                           "name": "P_MTL = VA mean CCC + AU mean F1 + EXPR macro-F1 (ABAW 2022+ multi-task)"
+                                   + ("" if complete else "; needs all three tasks"),
+                           "tasks": present}
+    else:
+        out["combined"] = {"score": out["mean"],
+                           "name": f"mean of the task scores (ABAW {rule} ranks each task on its own)",
+                           "tasks": present}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -121,3 +121,142 @@ def test_a_split_without_labels_for_a_task_is_an_error_naming_it(checkpoint: Pat
                  "--image-size", "32", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mtanet: error: ") and "EXPR_Set/Validation_Set" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------- test submissions
+
+
+def listed_root(root: Path) -> Path:
+    """Crop folders only, no annotations: a test set as the challenge hands it out."""
+    from conftest import RootBuilder, jpeg_bytes
+
+    b = RootBuilder(root)
+    for name, frames in (("a", [2, 3, 5]), ("b", [1, 2]), ("c", [])):
+        (root / "cropped_aligned" / name).mkdir(parents=True, exist_ok=True)
+        for f in frames:
+            b.images(name, [f], jpeg_bytes(10 * ord(name) + f, size=32))
+    return root
+
+
+def hand_table(root: Path, rows: list[tuple[str, int]]):
+    """A frame table written out here, not by the code under test, for the model's own predictions."""
+    import numpy as np
+    import pandas as pd
+
+    from mtanet.tasks import AU_NAMES_2020
+
+    df = pd.DataFrame({"name": [n for n, _ in rows], "video": [n for n, _ in rows], "frame": [f for _, f in rows],
+                       "image": [f"cropped_aligned/{n}/{f:05d}.jpg" for n, f in rows]})
+    for t in ("va", "au", "expr"):
+        df[f"split_{t}"] = "test"
+    df["valence"] = np.nan
+    df["arousal"] = np.nan
+    df["expression"] = -1
+    for au in AU_NAMES_2020:
+        df[au] = -1
+    return df
+
+
+def test_a_test_list_gives_every_frame_of_every_listed_video(checkpoint: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from mtanet.models import load_model
+
+    root = listed_root(tmp_path / "root")
+    names = tmp_path / "test_names.txt"
+    names.write_text("# ABAW test list\na\n\nb,6\nc,4\n")
+    out = tmp_path / "sub"
+    result = E.evaluate(checkpoint, data_root=root, split="test", names=names, output_dir=out, batch_size=8,
+                        device="cpu", threads=1, image_size=32, progress=False)
+    on_disk = json.loads((out / "scores.json").read_text())
+    assert on_disk["files"] == result["files"] == submission_files(out) == sorted(
+        f"{folder}/{n}.txt" for folder in TASK_FOLDERS for n in "abc")
+    assert on_disk["scores"] is None and on_disk["edition"] == "2020" and on_disk["frames"] == {"a": 5, "b": 6, "c": 4}
+    lines = {(folder, n): (out / folder / f"{n}.txt").read_text().splitlines() for folder in TASK_FOLDERS
+             for n in "abc"}
+    assert lines[("VA_Set", "a")][0] == "valence,arousal"
+    assert lines[("AU_Set", "a")][0] == "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25"
+    assert [len(lines[(f, n)]) - 1 for f in TASK_FOLDERS for n in "abc"] == [5, 6, 4] * 3
+    # the frames with a jpg hold the model's own predictions
+    model = load_model(checkpoint)
+    faces = [("a", 2), ("a", 3), ("a", 5), ("b", 1), ("b", 2)]
+    preds = E.predict_frames(model, hand_table(root, faces), root, image_size=32, device="cpu")
+    for (n, f), va in zip(faces, preds["va"]):
+        assert lines[("VA_Set", n)][f] == f"{va[0]:.6f},{va[1]:.6f}"
+    assert len({lines[("VA_Set", "a")][f] for f in (2, 3, 5)}) == 3, "three images, three predictions"
+    # the documented fill: the previous face's, the first face's before it, constants without any face
+    for folder in TASK_FOLDERS:
+        a, b, c = lines[(folder, "a")], lines[(folder, "b")], lines[(folder, "c")]
+        assert a[1] == a[2] and a[4] == a[3]
+        assert b[3:7] == [b[2]] * 4
+        assert len(set(c[1:])) == 1
+    assert lines[("VA_Set", "c")][1] == "0.000000,0.000000" and lines[("EXPR_Set", "c")][1] == "0"
+    assert result["submission"]["va"]["names_without_face"] == ["c"]
+    assert result["submission"]["va"]["filled"] == 2 + 4 + 4
+    prov = on_disk["provenance"]
+    assert prov["model"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert prov["input"]["names"] == 3 and prov["au_thresholds"]["values"] == [0.5] * 8
+    # the same folder again: the earlier submission is replaced, not refused
+    names.write_text("b\n")
+    again = E.evaluate(checkpoint, data_root=root, split="test", names=names, output_dir=out, batch_size=8,
+                       device="cpu", threads=1, image_size=32, progress=False)
+    assert again["files"] == submission_files(out) == sorted(f"{folder}/b.txt" for folder in TASK_FOLDERS)
+    assert len((out / "VA_Set" / "b.txt").read_text().splitlines()) == 3  # no count: the last jpg's number
+
+
+@pytest.mark.parametrize("case, text, message", [
+    ("missing", None, "no such file"),
+    ("empty", "\n# nothing\n", "lists no video name"),
+    ("unknown", "a\nzz\n", r":2: unknown name zz"),
+    ("twice", "a\nb\na\n", r":3: a is listed twice"),
+    ("bad_count", "a,five\n", "is not a positive integer"),
+    ("short_count", "a,4\n", "gives a 4 frames but cropped_aligned/a holds frame 5"),
+    ("no_frames", "c\n", "holds no frame jpg"),
+    ("path", "../a\n", "is not a video name"),
+])
+def test_a_bad_test_list_is_one_line_and_writes_nothing(checkpoint: Path, tmp_path: Path, capsys, case: str,
+                                                        text: str | None, message: str) -> None:
+    import re
+
+    from mtanet.cli import main
+
+    root = listed_root(tmp_path / "root")
+    names = tmp_path / "names.txt"
+    if text is not None:
+        names.write_text(text)
+    out = tmp_path / "sub"
+    code = main(["evaluate", str(checkpoint), "--data-root", str(root), "--split", "test", "--names", str(names),
+                 "-o", str(out), "--device", "cpu", "--image-size", "32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mtanet: error: --names") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_names_belong_to_the_test_split(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from mtanet.cli import main
+
+    root = listed_root(tmp_path / "root")
+    (tmp_path / "names.txt").write_text("a\n")
+    assert main(["evaluate", str(checkpoint), "--data-root", str(root), "--split", "val", "--names",
+                 str(tmp_path / "names.txt"), "-o", str(tmp_path / "sub"), "--device", "cpu"]) == 2
+    assert "use it with --split test" in capsys.readouterr().err
+
+
+def test_the_test_split_with_annotations_is_scored_like_validation(checkpoint: Path, smoke_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """The same folders under Test_Set and under Validation_Set give the same scores and the same files."""
+    as_test, as_val = tmp_path / "as_test", tmp_path / "as_val"
+    for root, split_dir in ((as_test, "Test_Set"), (as_val, "Validation_Set")):
+        shutil.copytree(smoke_root / "cropped_aligned", root / "cropped_aligned")
+        for folder in TASK_FOLDERS:
+            shutil.copytree(smoke_root / "annotations" / folder / "Training_Set",
+                            root / "annotations" / folder / "Training_Set")
+            shutil.copytree(smoke_root / "annotations" / folder / "Validation_Set",
+                            root / "annotations" / folder / split_dir)
+    test = run(checkpoint, as_test, tmp_path / "eval_test", "test")
+    val = run(checkpoint, as_val, tmp_path / "eval_val", "val")
+    assert test["split"] == "test" and test["edition"] == val["edition"] == "2020"
+    assert test["headline"] == val["headline"] and test["headline_all_frames"] == val["headline_all_frames"]
+    assert test["files"] == val["files"]
+    assert (tmp_path / "eval_test" / "AU_Set" / test["files"][0].split("/")[1]).exists()

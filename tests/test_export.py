@@ -102,6 +102,17 @@ def test_cli_predict_runs_the_onnx_engine(onnx_file, tmp_path, capsys):
 
     df = pd.read_csv(out)
     assert len(df) == 1 and df.loc[0, "status"] == "ok" and df.loc[0, "file"] == "crop.png"
+    # the provenance names the ONNX file that ran (its bytes' SHA-256) and ONNX Runtime, with no checkpoint
+    import hashlib
+    import json
+
+    from mtanet.provenance import sidecar_path
+
+    prov = json.loads(sidecar_path(out).read_text())
+    assert prov["runtime"]["engine"] == "onnx" and prov["versions"]["onnxruntime"]
+    assert prov["model"]["onnx_sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    assert prov["model"]["checkpoint"] is None and prov["au_thresholds"]["values"] == THRESHOLDS
+    assert prov["input"]["bytes"] == (tmp_path / "crop.png").stat().st_size
     assert main(["predict", str(tmp_path / "crop.png"), "-o", str(tmp_path / "x.csv"), "--engine", "onnx"]) == 2
     assert "--onnx" in capsys.readouterr().err
 

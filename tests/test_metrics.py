@@ -225,6 +225,8 @@ def test_au_score_2022(rng):
     b = (prob >= 0.5).astype(int)
     assert r["score"] == pytest.approx(np.mean([f1_score(t[:, j], b[:, j], zero_division=0) for j in range(12)]))
     assert r["score"] != pytest.approx(M.au_score(t, prob)["score"])
+    # accuracy is reported beside the score (tables read it), never part of it
+    assert r["accuracy"] == pytest.approx(np.mean(b == t)) and r["score"] == r["f1_mean"]
 
 
 def test_tune_au_thresholds_maximises_each_f1(rng):

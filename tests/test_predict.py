@@ -7,6 +7,7 @@ as images or as videos with PyAV.
 from __future__ import annotations
 
 import builtins
+import io
 import errno
 import json
 import math
@@ -611,3 +612,115 @@ def test_predict_options_out_of_range_are_one_line_and_write_nothing(flag, value
     assert main(["predict", str(image_folder), "-o", str(out), "--checkpoint", str(ckpt), flag, value]) == 2
     error_line(capsys, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ column styles and the provenance file
+
+#: The mapping of book/predict_schema.md ("Column styles"), written out here by hand for the 2020 label set.
+OPENFACE = {"file": "file", "frame": "frame", "face": "face_id", "face_score": "confidence", "status": "status",
+            "AU1_prob": "AU01_r", "AU12_prob": "AU12_r", "AU25_prob": "AU25_r", "AU1": "AU01_c", "AU12": "AU12_c",
+            "AU25": "AU25_c", "valence": "valence", "Happiness_prob": "Happiness_prob", "expression": "expression"}
+PYFEAT = {"file": "input", "frame": "frame", "face_x": "FaceRectX", "face_y": "FaceRectY", "face_w": "FaceRectWidth",
+          "face_h": "FaceRectHeight", "face_score": "FaceScore", "AU1_prob": "AU01", "AU12_prob": "AU12",
+          "AU1": "AU01_present", "AU20": "AU20_present", "Neutral_prob": "neutral", "Happiness_prob": "happiness",
+          "Surprise_prob": "surprise", "expression": "emotion", "valence": "valence", "arousal": "arousal"}
+
+
+@pytest.mark.parametrize("style, expected", [("openface", OPENFACE), ("pyfeat", PYFEAT)])
+def test_each_column_style_maps_as_documented(crops, aligned, complete_csv, tmp_path, style, expected):
+    out = tmp_path / f"{style}.csv"
+    meta = predict_to_csv(crops, out, aligned, batch_size=2, column_style=style)
+    plain = pd.read_csv(io.StringIO(complete_csv))
+    styled = pd.read_csv(out)
+    assert meta["columns"] == list(styled.columns) and meta["column_style"] == style
+    for old, new in expected.items():
+        if old == "expression" and style == "pyfeat":  # Py-Feat's emotion names are lower case
+            assert list(styled[new]) == [e.lower() for e in plain[old]]
+        else:
+            pd.testing.assert_series_equal(styled[new], plain[old], check_names=False)
+    # nothing lost, nothing invented: every schema column is there under one name (OpenFace adds success)
+    added = {"success"} if style == "openface" else set()
+    assert len(styled.columns) == len(plain.columns) + len(added)
+    if style == "openface":
+        assert list(styled["success"]) == [int(s == "ok") for s in plain["status"]]
+        assert not any(c.startswith("AU1_") or c == "AU1" for c in styled.columns)
+    else:
+        assert not any(c.endswith("_prob") for c in styled.columns) and "file" not in styled.columns
+    frame = predict(crops, aligned, batch_size=2, column_style=style)
+    assert list(frame.columns) == list(styled.columns)
+    pd.testing.assert_frame_equal(frame.reset_index(drop=True), styled, check_dtype=False, atol=1e-6)  # CSV: 6 dp
+
+
+def test_column_map_of_twelve_aus_and_an_unknown_style():
+    from mtanet.inference import column_map
+    from mtanet.tasks import AU_NAMES_2021, EXPR_NAMES_2022
+
+    cols = ["frame", "AU7_prob", "AU26_prob", "AU7", "AU26", "Other_prob", "expression"]
+    assert column_map(cols, "openface", AU_NAMES_2021, EXPR_NAMES_2022) == {
+        "frame": "frame", "AU7_prob": "AU07_r", "AU26_prob": "AU26_r", "AU7": "AU07_c", "AU26": "AU26_c",
+        "Other_prob": "Other_prob", "expression": "expression"}
+    assert column_map(cols, "pyfeat", AU_NAMES_2021, EXPR_NAMES_2022)["Other_prob"] == "other"
+    assert column_map(cols, "mtanet", AU_NAMES_2021, EXPR_NAMES_2022) == {c: c for c in cols}
+    with pytest.raises(ConfigError, match="--columns"):
+        column_map(cols, "openfeat")
+
+
+def test_cli_columns_and_the_provenance_sidecar(crops, ckpt, tmp_path, capsys):
+    import hashlib
+
+    from mtanet.provenance import PROVENANCE_SCHEMA, sidecar_path
+
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(crops), "-o", str(out), "--checkpoint", str(ckpt), "--aligned", "--threads", "1",
+                 "--columns", "openface"]) == 0
+    assert str(sidecar_path(out)) in capsys.readouterr().out
+    assert "AU01_c" in pd.read_csv(out).columns
+    prov = json.loads(sidecar_path(out).read_text())
+    assert sidecar_path(out).name == "pred.csv.provenance.json"
+    assert prov["schema"] == PROVENANCE_SCHEMA
+    assert prov["model"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert prov["au_thresholds"] == {"values": THRESHOLDS, "source": "checkpoint"}
+    assert prov["runtime"]["engine"] == "torch" and prov["runtime"]["device"] == "cpu"
+    assert prov["detector"] is None and prov["alignment"] is None  # --aligned: no detection, no alignment
+    assert prov["input"]["path"] == str(crops.resolve()) and prov["input"]["kind"] == "folder"
+    assert prov["input"]["files"] == 10 and prov["input"]["bytes"] == sum(p.stat().st_size for p in crops.iterdir())
+    assert prov["mtanet"]["version"] and "commit" in prov["mtanet"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before anything runs
+        main(["predict", str(crops), "-o", str(tmp_path / "other.csv"), "--checkpoint", str(ckpt), "--columns",
+              "openfeat"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "other.csv").exists()
+
+
+def test_the_sidecar_names_the_detector_and_its_checksum(video, predictor, video_run):
+    from mtanet.inference.faces import DETECTOR_SHA256, _load_detector_bytes
+    from mtanet.provenance import sidecar_path
+
+    out, _ = video_run
+    prov = json.loads(sidecar_path(out).read_text())
+    assert prov["detector"]["sha256"] == DETECTOR_SHA256
+    assert hashlib_sha256(_load_detector_bytes()) == DETECTOR_SHA256  # the bytes that ran, not just a constant
+    assert prov["detector"]["score_threshold"] == 0.8 and prov["alignment"]["template"] == "arcface"
+    assert prov["input"] == {"path": str(video.resolve()), "kind": "file", "bytes": video.stat().st_size}
+    assert prov["au_thresholds"]["values"] == THRESHOLDS
+
+
+def hashlib_sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_run_that_leaves_no_row_leaves_no_sidecar(crops, ckpt, tmp_path):
+    from mtanet.provenance import sidecar_path
+
+    crashing = Predictor(ckpt, aligned=True, threads=1)
+
+    def fail(crops):
+        raise RuntimeError("simulated crash")
+
+    crashing.infer = fail
+    out = tmp_path / "pred.csv"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_to_csv(crops, out, crashing, batch_size=2)
+    assert not sidecar_path(out).exists() and list(tmp_path.iterdir()) == []

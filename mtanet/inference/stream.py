@@ -1,4 +1,5 @@
-"""Streamed prediction: an input's rows written to a CSV batch by batch, with a ``<output>.meta.json`` beside it.
+"""Streamed prediction: an input's rows written to a CSV batch by batch, with a ``<output>.meta.json`` and a
+``<output>.provenance.json`` beside it.
 
 Frames are decoded one at a time (PyAV for videos), batched through the model, and each batch's rows are written
 and flushed before the next is read, so memory does not grow with the video and a crash keeps every complete row
@@ -22,8 +23,10 @@ from typing import Any
 from tqdm import tqdm
 
 from mtanet.errors import ConfigError, OutputExistsError
+from mtanet.inference.naming import COLUMN_STYLES, DEFAULT_COLUMN_STYLE, column_map, styled_columns, styled_row
 from mtanet.inference.predictor import STATUS_NO_FACE, STATUS_UNREADABLE, as_predictor
 from mtanet.inference.sources import FrameSource
+from mtanet.provenance import sidecar_path, write_sidecar
 from mtanet.runtime import prepare_output_file, write_json
 
 __all__ = ["metadata_path", "predict_to_csv"]
@@ -44,11 +47,18 @@ def metadata_path(output: str | os.PathLike) -> Path:
 
 def predict_to_csv(input: str | os.PathLike, output: str | os.PathLike, model: Any = None, *, every: int = 1,
                    batch_size: int = 16, smooth: int | None = None, overwrite: bool = False,
-                   progress: bool = False, **options: Any) -> dict[str, Any]:
+                   progress: bool = False, column_style: str = DEFAULT_COLUMN_STYLE,
+                   **options: Any) -> dict[str, Any]:
     """Stream predictions for ``input`` into the CSV ``output``; returns the final metadata.
 
-    Same arguments as :func:`mtanet.inference.predictor.predict`. Rows are written and flushed after every batch
-    (with ``smooth=K``, rows leave ``K // 2`` frames late); memory stays constant whatever the video's length.
+    Same arguments as :func:`mtanet.inference.predictor.predict`; ``column_style`` (CLI ``--columns``) names the
+    columns as the documented schema (``"mtanet"``), OpenFace (``"openface"``) or Py-Feat (``"pyfeat"``) do
+    (:mod:`mtanet.inference.naming`). Beside the CSV, ``<output>.provenance.json``
+    (:func:`mtanet.provenance.sidecar_path`) says what produced the rows (:meth:`Predictor.provenance`): written
+    atomically before the first row, removed with the CSV when a run leaves no row.
+
+    Rows are written and flushed after every batch (with ``smooth=K``, rows leave ``K // 2`` frames late); memory
+    stays constant whatever the video's length.
     ``<output>.meta.json`` records what produced the rows and ``status``: ``running`` while writing, ``complete`` at
     the end, ``failed`` (with the error) when an exception stops the run. After a failure the CSV holds complete rows
     only: every row already written stays (a smoothing buffer is flushed first) and a row cut off half-way (a full
@@ -65,6 +75,9 @@ def predict_to_csv(input: str | os.PathLike, output: str | os.PathLike, model: A
     meta_path = metadata_path(output)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size} (CLI --batch-size)")
+    if column_style not in COLUMN_STYLES:
+        raise ConfigError(f"column_style must be one of {', '.join(COLUMN_STYLES)}, got {column_style!r} (CLI "
+                          "--columns)")
     source = FrameSource(input, every=every)  # a missing or unreadable input fails before the model loads
     try:
         prepare_output_file(output)  # and so does an output that cannot be written
@@ -76,16 +89,27 @@ def predict_to_csv(input: str | os.PathLike, output: str | os.PathLike, model: A
     except BaseException:
         source.close()
         raise
-    columns = predictor.columns(with_file=source.kind != "video")
+    schema_columns = predictor.columns(with_file=source.kind != "video")
+    try:
+        mapping = column_map(schema_columns, column_style, predictor.au_names, predictor.expr_names)
+    except BaseException:
+        source.close()
+        raise
+    columns = styled_columns(schema_columns, column_style, predictor.au_names, predictor.expr_names)
     started = time.perf_counter()
+    prov_path = sidecar_path(output)
     meta = {**predictor.metadata(), "input": str(input), "input_kind": source.kind, "source": source.info,
             "output": str(output), "every": every, "batch_size": batch_size, "smooth": smooth, "columns": columns,
+            "column_style": column_style, "provenance_file": prov_path.name,
             "status": "running", "rows_written": 0, "frames_read": 0}
     counts = {"rows_written": 0, "frames_read": 0, "frames_no_face": 0, "frames_unreadable": 0}
     try:
+        write_sidecar(output, predictor.provenance(input))
         write_json(meta_path, meta)
     except BaseException:
         source.close()
+        with contextlib.suppress(OSError):
+            prov_path.unlink(missing_ok=True)
         raise
 
     bar = tqdm(total=source.estimated_frames(), unit="frame", file=sys.stderr, disable=None) if progress else None
@@ -94,6 +118,8 @@ def predict_to_csv(input: str | os.PathLike, output: str | os.PathLike, model: A
     def write(f, writer, rows: list[dict[str, Any]]) -> None:
         with _naming(output):
             for row in rows:
+                if column_style != DEFAULT_COLUMN_STYLE:
+                    row = styled_row(row, column_style, mapping)
                 writer.writerow([_format(row.get(c)) for c in columns])
             f.flush()
         counts["rows_written"] += len(rows)
@@ -177,7 +203,7 @@ def _after_failure(output: Path, meta_path: Path, meta: dict[str, Any], complete
     (the disk is full) a metadata file saying ``running`` and rows that look complete would mislead: both are
     removed.
     """
-    ours = [output, meta_path] if complete is not None else [meta_path]
+    ours = [output, meta_path, sidecar_path(output)] if complete is not None else [meta_path, sidecar_path(output)]
     if complete is not None and meta["rows_written"] > 0:
         try:
             os.truncate(output, complete)  # a row cut off by the failure

@@ -23,7 +23,7 @@ from mtanet.models.mtanet import (
     macs,
     probabilities,
 )
-from mtanet.models.weights import convert_senet50_ft, load_vggface2_senet50, read_state_dict
+from mtanet.models.weights import convert_senet50_ft, load_vggface2_senet50, read_state_dict, write_converted_senet50
 
 __all__ = [
     "BACKBONES",
@@ -42,6 +42,7 @@ __all__ = [
     "read_state_dict",
     "convert_senet50_ft",
     "load_vggface2_senet50",
+    "write_converted_senet50",
     "count_parameters",
     "macs",
 ]

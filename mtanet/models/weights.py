@@ -23,12 +23,14 @@ from torch import nn
 
 from mtanet.errors import PretrainedWeightsNotFound
 from mtanet.models.integrity import load_checked
+from mtanet.runtime import atomic_path
 
 __all__ = [
     "PretrainedWeightsNotFound",
     "load_timm_pretrained",
     "read_state_dict",
     "convert_senet50_ft",
+    "write_converted_senet50",
     "load_vggface2_senet50",
 ]
 
@@ -160,16 +162,43 @@ def convert_senet50_ft(
     return out
 
 
-def load_vggface2_senet50(model: nn.Module, pickle_path_or_dict: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
+def write_converted_senet50(pickle_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Convert the port's ``senet50_ft`` pickle once (:func:`convert_senet50_ft`, RGB input) and write the state dict
+    with ``torch.save``, atomically: the file that ``TrainConfig.pretrained`` and :func:`load_vggface2_senet50`
+    read with ``torch.load(weights_only=True)``, so the pickle (which can run code) is opened only this once.
+
+    Returns the written path. Verified against an independent re-implementation of the port's SE-ResNet-50 in
+    ``tests/test_vggface2.py`` (same outputs within float32 rounding).
+    """
+    state = convert_senet50_ft(pickle_path)
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    return out
+
+
+def _is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive; the port's weights are a plain pickle."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def load_vggface2_senet50(model: nn.Module, weights: str | os.PathLike | Mapping[str, Any]) -> nn.Module:
     """Load the VGGFace2 SENet-50 (the paper's initialisation) into a ``"senet50"``
     :class:`~mtanet.models.MTANet`, in place, and return it.
 
-    The backbone is loaded strictly (the 8631-identity classifier is dropped) and the input normalisation is set to
-    ``"vggface2"``. Same security note as :func:`convert_senet50_ft`: only load pickles you trust.
+    ``weights``: the converted file of :func:`write_converted_senet50` (read with ``torch.load(weights_only=True)``),
+    the port's original ``senet50_ft`` pickle (converted on the fly; same security note as
+    :func:`convert_senet50_ft`: only pickles you trust), or the port's ``{name: array}`` dict. The backbone is loaded
+    strictly (the 8631-identity classifier is dropped) and the input normalisation is set to ``"vggface2"``.
     """
     if model.config["backbone"] != "senet50":
         raise ValueError(f"VGGFace2 SENet-50 weights need backbone 'senet50', not {model.config['backbone']!r}")
-    state = {k: v for k, v in convert_senet50_ft(pickle_path_or_dict).items() if not k.startswith("last_linear.")}
+    if not isinstance(weights, Mapping) and _is_torch_file(Path(weights)):
+        state = read_state_dict(weights)
+    else:
+        state = convert_senet50_ft(weights)
+    state = {k: v for k, v in state.items() if not k.startswith("last_linear.")}
     model.backbone.load_state_dict(state, strict=True)
     model.set_input_norm("vggface2")
     return model
