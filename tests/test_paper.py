@@ -18,6 +18,8 @@ def test_gap_closed() -> None:
     assert paper.gap_closed(0.2, 0.4, 0.9) == pytest.approx(-0.4)
     with pytest.raises(ValueError, match="above"):
         paper.gap_closed(0.5, 0.9, 0.9)
-    ceiling = {"trivial_best": {"va": 0.0, "au": 0.4}, "ceiling_score": {"va": 0.9, "au": 0.8}}
-    table = paper.against_ceiling({"va": 0.45, "au": 0.8}, ceiling)
+    assert paper.gap_closed(1.1, 0.4, 0.9) == pytest.approx(1.4)  # past the reference: it is not a bound
+    bounds = {"floor_score": {"va": 0.0, "au": 0.4}, "reference_score": {"va": 0.9, "au": 0.8}}
+    table = paper.against_reference({"va": 0.45, "au": 0.8}, bounds)
     assert table["gap_closed"].tolist() == pytest.approx([0.5, 1.0])
+    assert table.loc["au", "floor"] == 0.4 and table.loc["au", "reference"] == 0.8

@@ -16,7 +16,7 @@ __all__ = ["LAYERS", "modules_table"]
 LAYERS: dict[str, tuple[str, ...]] = {
     "1 vocabulary": ("tasks", "errors", "runtime"),
     "2 leaves": ("data", "models", "losses", "metrics"),
-    "3 composed": ("synth", "evaluate", "inference"),
+    "3 composed": ("synth", "evaluate", "inference", "provenance"),
     "4 training": ("train",),
     "5 entry points": ("cli", "book", "sweep"),
 }

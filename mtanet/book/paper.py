@@ -1,4 +1,5 @@
-"""The published numbers this book compares against, and how a result is read against the synthetic ceiling.
+"""The published numbers this book compares against, and how a result is read against the synthetic twin's floor and
+reference.
 
 Values from the paper's Table I and the ABAW 2020 notes (``ABAW2020.md`` §3): validation set of Aff-Wild2, ABAW 2020
 scale (VA as CCC per dimension, AU = 0.5 F1 + 0.5 accuracy, EXPR = 0.67 F1 + 0.33 accuracy).
@@ -30,26 +31,71 @@ def table_i() -> pd.DataFrame:
     return df
 
 
-def gap_closed(score: float, trivial: float, ceiling: float) -> float:
-    """Share of the distance from the trivial predictor to the ceiling that ``score`` covers (1 = at the ceiling).
+def gap_closed(score: float, floor: float, reference: float) -> float:
+    """Share of the distance from the floor (the best constant) to the reference (the noise-free labels) that
+    ``score`` covers: 0 at the floor, 1 at the reference, above 1 past it (the reference is not a bound).
 
-    Negative when the score is below the trivial predictor; raises if the ceiling is not above the floor.
+    Raises if the reference is not above the floor.
     """
-    if not ceiling > trivial:
-        raise ValueError(f"the ceiling {ceiling} must lie above the trivial score {trivial}")
-    return (score - trivial) / (ceiling - trivial)
+    if not reference > floor:
+        raise ValueError(f"the reference {reference} must lie above the floor {floor}")
+    return (score - floor) / (reference - floor)
 
 
-def against_ceiling(scores: Mapping[str, float], ceiling: Mapping[str, object]) -> pd.DataFrame:
-    """Scores per task beside the synthetic set's ceiling and best trivial predictor, with the gap closed.
+def against_reference(scores: Mapping[str, float], bounds: Mapping[str, object]) -> pd.DataFrame:
+    """Scores per task beside one split's floor and reference, with the share of the gap closed.
 
     Args:
-        scores: ABAW 2020 scores per task (``va``, ``au``, ``expr``).
-        ceiling: the content of ``synth_ceiling.json`` (keys ``ceiling_score`` and ``trivial_best``).
+        scores: ABAW 2020 scores per task (``va``, ``au``, ``expr``) on one split.
+        bounds: that split's entry of ``synth_ceiling.json`` (``splits[split]``: keys ``floor_score`` and
+            ``reference_score``; see :func:`mtanet.synth.bounds`).
     """
     rows = []
     for task, score in scores.items():
-        low, high = ceiling["trivial_best"][task], ceiling["ceiling_score"][task]
-        rows.append({"task": task, "model": score, "trivial": low, "ceiling": high,
+        low, high = bounds["floor_score"][task], bounds["reference_score"][task]
+        rows.append({"task": task, "model": score, "floor": low, "reference": high,
                      "gap_closed": gap_closed(score, low, high)})
     return pd.DataFrame(rows).set_index("task")
+
+
+#: Every choice the paper leaves open or where this implementation departs from it, with the reason. The training
+#: chapter renders this table; keep it in step with :class:`mtanet.train.TrainConfig` and :mod:`mtanet.models`.
+DEPARTURES: list[dict[str, str]] = [
+    {"choice": "VA head output", "paper": "a linear layer (III-A)", "here": "linear layer, then tanh",
+     "why": "labels lie in [-1, 1]; tanh keeps every prediction a valid label and does not change the CCC optimum"},
+    {"choice": "AU loss reduction", "paper": "eq. 2 sums over the 8 AUs", "here": "mean over the 8 AUs (and rows)",
+     "why": "keeps the AU loss on the scale of the other two in the summed stage 1; a constant factor of 8 that eq. 5 "
+            "would absorb anyway"},
+    {"choice": "SGD momentum", "paper": "SGD, momentum not given", "here": "0.9",
+     "why": "the common default; without momentum stage 2 at lr 1e-4 barely moves"},
+    {"choice": "Dropout rate", "paper": "dropout in the neck, rate not given", "here": "0.5", "why": "the usual rate"},
+    {"choice": "Neck order", "paper": "avg and max pooling 'with dropout and ReLU', concatenated to 1024-d",
+     "here": "GAP and GMP, each Dropout -> Linear(2048, 512) -> ReLU, concatenated",
+     "why": "the only order that gives a 1024-d concatenation from 2048-d features"},
+    {"choice": "Eq. 5 parameterisation", "paper": "log sigma per task", "here": "s = log sigma^2 per task, weights "
+     "exp(-s)/2 (VA) and exp(-s) (AU, EXPR), penalty s/2",
+     "why": "the same objective, numerically stable (Kendall et al.)"},
+    {"choice": "Augmentation", "paper": "not described", "here": "horizontal flip, small crop, brightness/contrast",
+     "why": "standard for aligned faces; flips keep every label valid"},
+    {"choice": "Batches", "paper": "not described", "here": "task-balanced: equal shares of frames labelled for each "
+     "task", "why": "most frames carry one or two tasks' labels; a random batch can hold no VA row, and CCC needs rows"},
+    {"choice": "Schedules and lengths", "paper": "epochs, batch size and schedule not given",
+     "here": "set per profile (cpu: cosine, 4 + 1 epochs of 620 steps, batch 32)",
+     "why": "the profiles are sized to their machine; the page of each chapter states them"},
+    {"choice": "Cross-task leak", "paper": "not discussed", "here": "training labels of a video that is held out for "
+     "another task are masked", "why": "otherwise a validation (or test) video is trained on through its other task"},
+    {"choice": "Backbone initialisation", "paper": "SENet-50 pretrained on VGGFace2",
+     "here": "random by default; the VGGFace2 weights load with the `pretrained` option",
+     "why": "the weights need a separate download and licence; nothing downloads at run time"},
+    {"choice": "Backbone and input in the cpu profile", "paper": "SENet-50 at 112x112",
+     "here": "SE-ResNet-18 at half width, 64x64 (the gpu profile: SENet-50 at 112)",
+     "why": "the book must run on 2 CPU cores in minutes"},
+    {"choice": "Checkpoint selection and AU thresholds", "paper": "not described (validation scores are reported)",
+     "here": "best mean validation score; per-AU thresholds tuned on validation; scores reported on test",
+     "why": "never report a score on the data it was chosen on"},
+]
+
+
+def departures() -> pd.DataFrame:
+    """:data:`DEPARTURES` as a table indexed by the choice."""
+    return pd.DataFrame(DEPARTURES).set_index("choice")

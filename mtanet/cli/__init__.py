@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from mtanet.cli import predict as cli_predict
 from mtanet.cli import train as cli_train
-from mtanet.data import read_split
+from mtanet.data import SPLITS, read_split
 from mtanet.errors import MtanetError
 from mtanet.synth import CEILING_FILE, DEFAULT_SIZE, SIZES, write_synth
 
@@ -28,14 +28,16 @@ from mtanet.synth import CEILING_FILE, DEFAULT_SIZE, SIZES, write_synth
 def _synth(args: argparse.Namespace) -> int:
     manifest = write_synth(args.root, args.size, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(manifest, indent=2))
-    ceiling = json.loads((Path(args.root) / CEILING_FILE).read_text())
-    print("ceiling (latent vs annotations, val):", {k: round(v, 3) for k, v in ceiling["ceiling_score"].items()})
-    print("best trivial predictor (val):        ", {k: round(v, 3) for k, v in ceiling["trivial_best"].items()})
+    splits = json.loads((Path(args.root) / CEILING_FILE).read_text())["splits"]
+    for split, bounds in splits.items():
+        print(f"{split}: reference (noise-free labels vs annotations)",
+              {k: round(v, 3) for k, v in bounds["reference_score"].items()},
+              "floor (best constant)", {k: round(v, 3) for k, v in bounds["floor_score"].items()})
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    for split in ("train", "val"):
+    for split in SPLITS:
         table = read_split(args.root, split, allow_cross_task_leak=args.allow_cross_task_leak,
                            verify_images=args.verify_images)
         f = table.frames

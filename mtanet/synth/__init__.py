@@ -1,7 +1,7 @@
 """SynthAffWild: the synthetic twin of Aff-Wild2 that the book runs on by default, in the ABAW 2020 layout.
 
 - :mod:`mtanet.synth.generate`: :func:`write_synth` writes a named size (:data:`SIZES`, the one registry of the
-  sizes) with its noise-free latent labels and its ceiling (:data:`CEILING_FILE`); :func:`resolve_data_root` turns a
+  sizes) with its noise-free latent labels and, per split, the reference and the floor (:data:`CEILING_FILE`); :func:`resolve_data_root` turns a
   notebook's ``data_root`` parameter into a root, writing the synthetic default on first use.
 - :mod:`mtanet.synth.render`: the parametric renderer of 112x112 aligned face crops driven by action units
   (:func:`render_face`, :func:`landmarks`, :class:`Identity`, :class:`Nuisance`); the crop side is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from mtanet.synth.generate import (
     AU_ACTIVE,
+    BOUND_DEFINITIONS,
     CEILING_FILE,
     CIRCUMPLEX,
     CONFUSIONS,
@@ -25,16 +26,23 @@ from mtanet.synth.generate import (
     PARTIAL_MARKER,
     PROTOTYPES,
     SIZES,
+    SPLIT_SHARES,
+    VA_ANNOTATORS,
+    SubjectTraits,
     SynthSize,
     VideoPlan,
+    VideoSpec,
     annotate,
-    ceiling,
+    bounds,
     default_data_root,
     format_annotation,
     latent_labels,
     load_latent,
     plan_person,
+    plan_videos,
     resolve_data_root,
+    split_bounds,
+    subject_traits,
     write_synth,
 )
 from mtanet.synth.render import (
@@ -60,6 +68,15 @@ __all__ = [
     "SynthSize",
     "SIZES",
     "DEFAULT_SIZE",
+    "SPLIT_SHARES",
+    "VA_ANNOTATORS",
+    "SubjectTraits",
+    "VideoSpec",
+    "subject_traits",
+    "plan_videos",
+    "split_bounds",
+    "bounds",
+    "BOUND_DEFINITIONS",
     "EPISODE_EXPRESSIONS",
     "PROTOTYPES",
     "CIRCUMPLEX",
@@ -73,7 +90,6 @@ __all__ = [
     "format_annotation",
     "write_synth",
     "load_latent",
-    "ceiling",
     "default_data_root",
     "resolve_data_root",
     # render

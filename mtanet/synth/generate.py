@@ -3,27 +3,37 @@
 Aff-Wild2 needs a signed licence, so the book runs on this by default. It is written to disk in the real format and
 read back with :func:`mtanet.data.load_frames`, the same reader the real dataset goes through.
 
-How a video is made (all from one seed, video by video, so the result does not depend on the number of workers):
+How the twin is made (all from one seed, video by video, so the result does not depend on the number of workers):
 
-1. **People.** A video shows one person, or two (``<video>_left`` / ``<video>_right``, one file each). Each person
-   gets an identity (face shape, skin, hair, features) from :mod:`mtanet.synth.render`.
-2. **Episodes.** The timeline alternates neutral stretches with expression episodes (onset, apex, offset). The
-   expression is drawn from a skewed distribution like Aff-Wild2's (Neutral dominant, Disgust and Fear rare).
-3. **Actions.** Each expression drives its FACS prototype (e.g. Happiness = AU6 + AU12 (+AU25)), scaled by the
-   episode envelope, with per-episode variation, plus spontaneous actions (talking opens the lips, brief brow
-   flashes) and three actions that are never labeled (AU5, AU9, AU26).
-4. **Latent labels.** AU k is active when its intensity is >= 0.5; the expression is the episode's while its
-   intensity is >= 0.35, else Neutral; valence and arousal follow the expression's place on Russell's circumplex
-   times its intensity, plus a slow per-video drift, so they vary smoothly over time. The face is rendered from these
-   latents (actions and valence-arousal), so the latents are what a perfect model could see.
-5. **Annotations** are the latents with annotator noise: smooth and white noise on valence-arousal, jittered onsets
-   and offsets and a few flips for AUs, boundary jitter and a few confusions (Fear/Surprise, Anger/Disgust) for
-   expressions; some stretches are left unlabeled (-5 / -1) and some frames have no face (no jpg).
-6. **Tasks and splits.** Each name is annotated for a subset of tasks; each video has a split, and a few names take
-   the other split for one task, so the cross-task overlap of the real data exists here too.
+1. **Subjects and splits.** Every synthetic person is a *subject* with a fixed face and fixed habits; each subject
+   belongs to exactly one of train, validation and test (about 60/20/20 by video), and may appear in several videos
+   of that split. A video shows one person, or two (``<video>_left`` / ``<video>_right``, one file each).
+   :func:`plan_videos` draws this plan first, in one place, so no subject crosses a split.
+2. **Habits.** A subject shows each expression with a personal action pattern (:func:`subject_traits`: some
+   actions of the FACS prototype left out, others added, weights changed), with a personal expressivity, talks more
+   or less, and has a resting mood.
+3. **Episodes.** The timeline alternates neutral stretches with expression episodes (onset, apex, offset); Neutral
+   dominates the frames and Disgust and Fear are rare, as in Aff-Wild2.
+4. **Actions beyond expressions.** Speech opens the lips and jaw (AU25, AU26) and raises the brows for emphasis;
+   polite smiles (AU12, sometimes AU6), concentration frowns (AU4) and lip stretches (AU20) come without an
+   expression. So action units hold information the expression lacks.
+5. **Valence and arousal** follow the expression's place on Russell's circumplex times its intensity, plus the
+   subject's mood, a slow drift and the arousal of speech. Mood and drift reach the face through cues other than the
+   eight annotated AUs (the upper lid, AU5; the mouth corners below the AU12 threshold; the brows), so VA holds
+   information the AUs lack, and the expression holds some the AUs lack (AU5 and AU9 are never annotated).
+6. **Annotations** are made like Aff-Wild2's: valence-arousal is the mean of :data:`VA_ANNOTATORS` simulated raters,
+   each with a bias, a scale, a rating lag of about a second and noise; AU and expression labels have boundaries
+   that annotators place differently, per-video thresholds, missed short events, and confusions
+   (:data:`CONFUSIONS`). Some stretches are unlabeled (-5 / -1), some frames have no face (no jpg). Every shift is
+   clamped at a video's ends: no label wraps around.
+7. **Images that ask for attention**: alignment jitter (shift, scale, roll), background clutter, occluders (hands,
+   bars, sunglasses, hair), light, exposure, blur, pixel noise seeded by (video, person, frame), and JPEG quality
+   varying between videos and frames.
 
-The generator records its own ceiling: the ABAW 2020 scores of the noise-free latent labels against the noisy
-annotations on validation, and of trivial predictors, in ``synth_ceiling.json`` beside the data.
+Train and validation are written in the ABAW 2020 layout; the test split's annotations go to a ``Test_Set`` folder
+per task, read by ``load_frames(root, "test")``. The generator records, in :data:`CEILING_FILE`, per split and task,
+the score of the noise-free labels against the annotations (the *reference*) and the best any constant scores (the
+*floor*); see :func:`bounds`.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from mtanet.data import ANNOTATION_DIR, IMAGE_DIR, label_arrays, load_frames
+from mtanet.data import ANNOTATION_DIR, IMAGE_DIR, SPLITS, label_arrays, load_frames
 from mtanet.errors import ConfigError, OutputExistsError
 from mtanet.metrics import au_score, expr_score, va_score
 from mtanet.runtime import json_clean, usable_cores, work_root, write_json
@@ -62,20 +72,28 @@ __all__ = [
     "SynthSize",
     "SIZES",
     "DEFAULT_SIZE",
+    "SPLIT_SHARES",
+    "VA_ANNOTATORS",
     "EPISODE_EXPRESSIONS",
     "PROTOTYPES",
     "CIRCUMPLEX",
     "CONFUSIONS",
     "AU_ACTIVE",
     "EXPR_ACTIVE",
+    "SubjectTraits",
+    "VideoSpec",
     "VideoPlan",
+    "subject_traits",
+    "plan_videos",
     "plan_person",
     "latent_labels",
     "annotate",
     "format_annotation",
     "write_synth",
     "load_latent",
-    "ceiling",
+    "bounds",
+    "BOUND_DEFINITIONS",
+    "split_bounds",
     "default_data_root",
     "resolve_data_root",
 ]
@@ -84,7 +102,7 @@ EDITION = EDITIONS["2020"]
 CEILING_FILE = "synth_ceiling.json"
 MANIFEST_FILE = "synth_manifest.json"
 LATENT_DIR = "synth_latent"  # noise-free labels per name; not part of the Aff-Wild2 layout, the reader ignores it
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +118,19 @@ class SynthSize:
 #: The named sizes, the one place they are spelled out: the command line's ``--size`` choices, the notebooks'
 #: ``synth_size`` and the book's profiles are names of this registry.
 SIZES: dict[str, SynthSize] = {
-    "smoke": SynthSize(videos=14, min_frames=30, max_frames=60, purpose="tests and quick checks (seconds)"),
-    "cpu": SynthSize(videos=90, min_frames=100, max_frames=200, purpose="the default book, on a CPU"),
+    "smoke": SynthSize(videos=15, min_frames=40, max_frames=80, purpose="tests and quick checks (seconds)"),
+    "cpu": SynthSize(videos=100, min_frames=120, max_frames=240, purpose="the default book, on a CPU"),
     "gpu": SynthSize(videos=700, min_frames=300, max_frames=800,
                      purpose="training SENet-50 at 112 px on a GPU"),
 }
 #: The size an empty ``data_root`` stands for unless another is named.
 DEFAULT_SIZE = "smoke"
+
+#: Share of videos per split; a subject's videos are all in one split.
+SPLIT_SHARES: dict[str, float] = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+#: Raters whose valence-arousal traces are averaged into the annotation of a name.
+VA_ANNOTATORS = 4
 
 
 def _check_size(size: str) -> SynthSize:
@@ -114,12 +138,15 @@ def _check_size(size: str) -> SynthSize:
         raise ConfigError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     return SIZES[size]
 
-#: Share of expression episodes by class (Neutral comes from the stretches between episodes and low intensities).
+
+#: Share of expression episodes by class. Neutral is not drawn: it is the stretches between episodes and the weak
+#: parts of each, so that it covers about 60% of the labelled frames (ABAW2020.md: about 62% in Aff-Wild2).
 EPISODE_EXPRESSIONS: dict[str, float] = {
-    "Anger": 0.10, "Disgust": 0.035, "Fear": 0.035, "Happiness": 0.38, "Sadness": 0.24, "Surprise": 0.21,
+    "Anger": 0.09, "Disgust": 0.03, "Fear": 0.03, "Happiness": 0.38, "Sadness": 0.31, "Surprise": 0.16,
 }
 
-#: FACS prototypes (EMFACS-like) as action -> weight; AU5, AU9 and AU26 are rendered but never labeled.
+#: FACS prototypes (EMFACS-like) as action -> weight; AU5, AU9 and AU26 are rendered but never labeled. Each subject
+#: shows a personal variant of each (:func:`subject_traits`).
 PROTOTYPES: dict[str, dict[str, float]] = {
     "Neutral": {},
     "Anger": {"AU4": 1.0, "AU5": 0.7, "AU15": 0.3},
@@ -136,12 +163,51 @@ CIRCUMPLEX: dict[str, tuple[float, float]] = {
     "Happiness": (0.75, 0.4), "Sadness": (-0.65, -0.4), "Surprise": (0.2, 0.8),
 }
 
-#: Annotators' typical confusions, used for a few mislabeled expression episodes.
+#: Annotators' typical confusions, used for some mislabeled expression episodes.
 CONFUSIONS: dict[str, str] = {"Fear": "Surprise", "Surprise": "Fear", "Anger": "Disgust", "Disgust": "Anger",
                               "Sadness": "Neutral", "Happiness": "Neutral"}
 
-AU_ACTIVE = 0.5  # intensity at which a labeled AU counts as present
-EXPR_ACTIVE = 0.35  # intensity at which an episode's expression is annotated instead of Neutral
+#: Rare classes that open the first expression videos of each split (see :func:`plan_videos`).
+_FEATURED = ("Anger", "Disgust", "Fear", "Surprise", "Happiness", "Sadness")
+
+AU_ACTIVE = 0.5  # intensity at which a labeled AU counts as present (noise-free)
+EXPR_ACTIVE = 0.35  # intensity at which an episode's expression is present instead of Neutral (noise-free)
+
+#: Annotation noise, in one place so the calibration is visible. Frames are at 30 fps.
+_VA_LAG_FRAMES = (18, 42)  # a rater's joystick follows the face about a second late
+_VA_BIAS, _VA_SCALE = 0.10, (0.75, 1.15)  # per rater: offset and gain of their scale
+_VA_NOISE = (0.14, 0.04)  # per rater: slow (1 s) and white noise
+_BOUNDARY_FRAMES = 5.0  # std of where annotators put an onset or an offset
+_AU_THRESHOLD_SD = 0.10  # per video and AU: the intensity an annotator calls "present"
+_EXPR_THRESHOLD_SD = 0.10  # per video: the intensity an annotator calls an expression rather than Neutral
+_MISS_SHORT = (12, 0.35)  # events shorter than this many frames are missed with this probability
+_CONFUSION_RATE = 0.15  # share of expression episodes given a confusable class
+_FLIP_RATE = 0.0015  # per frame and AU: the start of a spurious short AU event
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectTraits:
+    """What stays fixed for one synthetic person across their videos."""
+
+    subject: int
+    identity: Any  # mtanet.synth.render.Identity
+    prototypes: dict[str, dict[str, float]]  # the person's own action pattern per expression
+    expressivity: float  # gain on every expression's actions
+    talkativeness: float  # share of time spent talking
+    mood: tuple[float, float]  # resting valence, arousal
+    glasses: bool  # wears sunglasses in every video (a fixed occluder)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSpec:
+    """One video of the plan: its split, its annotated tasks and who is in it."""
+
+    index: int
+    split: str
+    tasks: tuple[str, ...]
+    people: tuple[tuple[str, int], ...]  # (annotation name, subject) per person
+    frames: int
+    featured: str = ""  # an expression the first episode shows (rare classes are placed in every split this way)
 
 
 @dataclasses.dataclass
@@ -153,6 +219,9 @@ class VideoPlan:
     expression: np.ndarray  # (T,) int, latent
     va: np.ndarray  # (T, 2) latent
     face_present: np.ndarray  # (T,) bool
+    episode: np.ndarray  # (T,) int: the class of the episode a frame belongs to (Neutral between episodes)
+    intensity: np.ndarray  # (T,) the episode's envelope times its strength (0 between episodes)
+    cue_va: np.ndarray  # (T, 2) the part of VA drawn by the renderer's own cues (mood, drift, speech)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma_frames: float, scale: float) -> np.ndarray:
@@ -172,45 +241,146 @@ def _envelope(n: int, onset: int, apex: int, offset: int) -> np.ndarray:
     return np.concatenate([up, np.ones(apex), down])[:n]
 
 
-def plan_person(rng: np.random.Generator, name: str, n_frames: int) -> VideoPlan:
-    """Draw the latent timeline of one person: episodes, actions, expression and valence-arousal."""
-    actions_idx = {a: i for i, a in enumerate(ACTIONS)}
+def _lagged(x: np.ndarray, lag: int) -> np.ndarray:
+    """``x`` delayed by ``lag`` frames along axis 0; the first frames hold the first value (no wrap-around)."""
+    idx = np.clip(np.arange(len(x)) - lag, 0, len(x) - 1)
+    return x[idx]
+
+
+def subject_traits(seed: int, subject: int) -> SubjectTraits:
+    """The fixed face and habits of one subject: the same in every video the subject appears in."""
+    rng = np.random.default_rng([seed, 7919, subject])
+    identity = random_identity(rng)
+    prototypes: dict[str, dict[str, float]] = {}
+    extras = ("AU4", "AU6", "AU10", "AU20", "AU25", "AU15", "AU1", "AU2")
+    for expr, proto in PROTOTYPES.items():
+        own = {a: w * float(rng.uniform(0.6, 1.3)) for a, w in proto.items() if rng.random() > 0.2}
+        if expr != "Neutral" and not own:  # keep at least the strongest action of the prototype
+            main = max(proto, key=proto.get)
+            own = {main: proto[main]}
+        if expr != "Neutral" and rng.random() < 0.35:  # a personal extra action
+            extra = str(rng.choice([a for a in extras if a in ACTIONS]))
+            own[extra] = max(own.get(extra, 0.0), float(rng.uniform(0.4, 0.9)))
+        prototypes[expr] = own
+    return SubjectTraits(subject=subject, identity=identity, prototypes=prototypes,
+                         expressivity=float(rng.uniform(0.75, 1.15)), talkativeness=float(rng.uniform(0.0, 0.6)),
+                         mood=(float(rng.normal(0.0, 0.18)), float(rng.normal(0.0, 0.18))),
+                         glasses=bool(rng.random() < 0.08))
+
+
+def plan_videos(seed: int, size: str) -> list[VideoSpec]:
+    """Split, tasks, people and length of every video of a size, drawn in one place so subjects never cross splits.
+
+    The first nine videos are pinned (split by ``index % 3``, one task each guaranteed) so that even the smoke size
+    has every task in every split. The first expression-annotated videos of each split open with an episode of each
+    class (:data:`_FEATURED`, one video each), so every split has every class to score. About one person in five is a subject already seen in an earlier video of the same
+    split (Aff-Wild2 has people in several videos); everyone else is a new subject.
+    """
+    spec = _check_size(size)
+    rng = np.random.default_rng([seed, 104729])
+    splits = list(SPLIT_SHARES)
+    shares = np.array(list(SPLIT_SHARES.values()))
+    seen: dict[str, list[int]] = {s: [] for s in splits}
+    next_subject = 0
+    featured_count = {s: 0 for s in splits}
+    videos = []
+    for index in range(spec.videos):
+        if index < 9:
+            split = splits[index % 3]
+            first = TASKS[index // 3]
+            tasks = [first] + [t for t in TASKS if t != first and rng.random() < 0.5]
+        else:
+            split = splits[int(rng.choice(len(splits), p=shares / shares.sum()))]
+            tasks = [t for t, p in zip(TASKS, (0.8, 0.6, 0.6)) if rng.random() < p] or ["va"]
+        base = f"{index + 1}-30-640x480"
+        names = [f"{base}_left", f"{base}_right"] if rng.random() < 0.12 else [base]
+        people = []
+        for name in names:
+            earlier = [s for s in seen[split] if s not in {p[1] for p in people}]
+            if earlier and rng.random() < 0.2:
+                subject = int(rng.choice(earlier))
+            else:
+                subject, next_subject = next_subject, next_subject + 1
+                seen[split].append(subject)
+            people.append((name, subject))
+        frames = int(rng.integers(spec.min_frames, spec.max_frames + 1))
+        featured = ""
+        if "expr" in tasks and featured_count[split] < len(_FEATURED):
+            featured = _FEATURED[featured_count[split] % len(_FEATURED)]
+            featured_count[split] += 1
+        videos.append(VideoSpec(index, split, tuple(t for t in TASKS if t in tasks), tuple(people), frames, featured))
+    return videos
+
+
+def _add_event(track: np.ndarray, start: int, env: np.ndarray) -> None:
+    stop = min(len(track), start + env.size)
+    track[start:stop] = np.maximum(track[start:stop], env[: stop - start])
+
+
+def plan_person(rng: np.random.Generator, name: str, n_frames: int, traits: SubjectTraits,
+                featured: str = "") -> VideoPlan:
+    """Draw the latent timeline of one person in one video: episodes, actions, expression and valence-arousal.
+
+    ``featured`` names the class of the first episode (otherwise drawn like the others)."""
+    col = {a: i for i, a in enumerate(ACTIONS)}
     actions = np.zeros((n_frames, len(ACTIONS)))
-    expression = np.zeros(n_frames, dtype=np.int64)
-    va = np.zeros((n_frames, 2))
+    episode = np.zeros(n_frames, dtype=np.int64)
+    intensity = np.zeros(n_frames)
+    va_expr = np.zeros((n_frames, 2))
     episode_names = list(EPISODE_EXPRESSIONS)
     probs = np.array(list(EPISODE_EXPRESSIONS.values()))
     probs /= probs.sum()
-    t = int(rng.integers(0, 40))
+    t = int(rng.integers(0, 80))
     while t < n_frames:
         expr = episode_names[rng.choice(len(episode_names), p=probs)]
-        onset, apex, offset = int(rng.integers(4, 16)), int(rng.integers(8, 60)), int(rng.integers(4, 16))
-        env = _envelope(n_frames - t, onset, apex, offset) * rng.uniform(0.55, 1.0)
+        if featured:
+            expr, featured, t = featured, "", min(t, n_frames // 4)
+        onset, apex, offset = int(rng.integers(6, 20)), int(rng.integers(20, 90)), int(rng.integers(6, 20))
+        env = _envelope(n_frames - t, onset, apex, offset) * rng.uniform(0.6, 1.0) * traits.expressivity
         sl = slice(t, t + env.size)
-        for action, weight in PROTOTYPES[expr].items():
-            if rng.random() < 0.12:  # individual variation: not everyone uses every action of the prototype
-                continue
-            actions[sl, actions_idx[action]] = np.maximum(actions[sl, actions_idx[action]],
-                                                          env * min(1.0, weight * rng.uniform(0.8, 1.25)))
-        code = EXPR_NAMES_2020.index(expr)
-        expression[sl] = np.where(env >= EXPR_ACTIVE, code, expression[sl])
-        va[sl] += env[:, None] * np.asarray(CIRCUMPLEX[expr])
-        t += env.size + int(rng.integers(10, 70))  # a neutral stretch before the next episode
-    # Spontaneous actions outside the prototypes: talking parts the lips, brief brow flashes.
-    for action, rate, length in (("AU25", 0.02, (6, 30)), ("AU1", 0.006, (4, 12)), ("AU2", 0.004, (4, 12)),
-                                 ("AU6", 0.004, (6, 20)), ("AU20", 0.003, (4, 12))):
-        for start in np.flatnonzero(rng.random(n_frames) < rate):
-            env = _envelope(n_frames - start, 3, int(rng.integers(*length)), 3) * rng.uniform(0.4, 1.0)
-            j = actions_idx[action]
-            actions[start: start + env.size, j] = np.maximum(actions[start: start + env.size, j], env)
-    # Slow drift and a per-person baseline make valence-arousal vary smoothly beyond the episodes.
-    va[:, 0] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
-    va[:, 1] += rng.normal(0, 0.08) + _smooth_noise(rng, n_frames, 25, 0.12)
-    va = np.tanh(1.2 * va)  # saturates smoothly inside (-1, 1) instead of piling up on the boundary
+        for action, weight in traits.prototypes[expr].items():
+            actions[sl, col[action]] = np.maximum(actions[sl, col[action]],
+                                                  np.clip(env * weight * rng.uniform(0.85, 1.15), 0, 1))
+        episode[sl] = EXPR_NAMES_2020.index(expr)
+        intensity[sl] = env
+        va_expr[sl] += env[:, None] * np.asarray(CIRCUMPLEX[expr])
+        t += env.size + int(rng.integers(40, 200))  # a neutral stretch before the next episode
+    # Speech: stretches of talking open the lips and jaw in syllables and raise the brows for emphasis.
+    talking = np.zeros(n_frames, dtype=bool)
+    s = int(rng.integers(0, 60))
+    while s < n_frames:
+        length = int(rng.integers(30, 150))
+        if rng.random() < traits.talkativeness:
+            talking[s: s + length] = True
+        s += length + int(rng.integers(10, 60))
+    syllables = np.clip(0.55 + 0.45 * np.sin(np.cumsum(rng.uniform(0.5, 1.1, n_frames))), 0, 1)
+    actions[:, col["AU25"]] = np.maximum(actions[:, col["AU25"]], talking * syllables * rng.uniform(0.6, 1.0))
+    actions[:, col["AU26"]] = np.maximum(actions[:, col["AU26"]], talking * syllables * rng.uniform(0.2, 0.6))
+    # Actions without an expression: brow flashes while talking, polite smiles, frowns of concentration, lip stretch.
+    for action, rate, length, strength in (("AU1", 0.010, (4, 12), (0.5, 1.0)), ("AU2", 0.008, (4, 12), (0.5, 1.0)),
+                                           ("AU12", 0.0025, (15, 60), (0.5, 0.8)), ("AU4", 0.0025, (15, 60), (0.5, 0.8)),
+                                           ("AU20", 0.002, (6, 20), (0.5, 0.9)), ("AU6", 0.002, (10, 30), (0.5, 0.8))):
+        gate = talking if action in ("AU1", "AU2") else np.ones(n_frames, dtype=bool)
+        for start in np.flatnonzero((rng.random(n_frames) < rate) & gate):
+            _add_event(actions[:, col[action]], int(start),
+                       _envelope(n_frames - start, 4, int(rng.integers(*length)), 4) * rng.uniform(*strength))
+            if action == "AU12" and rng.random() < 0.4:  # a polite smile sometimes reaches the eyes
+                _add_event(actions[:, col["AU6"]], int(start),
+                           _envelope(n_frames - start, 4, int(rng.integers(*length)), 4) * rng.uniform(0.3, 0.6))
+    # Mood, drift and the arousal of speech: VA the eight labelled AUs do not carry (the renderer draws it itself).
+    cue = np.zeros((n_frames, 2))
+    cue[:, 0] = traits.mood[0] + _smooth_noise(rng, n_frames, 40, 0.15)
+    cue[:, 1] = traits.mood[1] + _smooth_noise(rng, n_frames, 40, 0.15) + 0.25 * gaussian_filter1d(
+        talking.astype(float), 10)
+    va = np.tanh(1.2 * (va_expr + cue))  # saturates smoothly inside (-1, 1) instead of piling up on the boundary
+    # Arousal widens the eyes (AU5, never annotated).
+    actions[:, col["AU5"]] = np.maximum(actions[:, col["AU5"]], np.clip(0.6 * cue[:, 1], 0, 0.6))
     face_present = np.ones(n_frames, dtype=bool)
     for start in np.flatnonzero(rng.random(n_frames) < 0.006):  # the detector loses the face now and then
         face_present[start: start + int(rng.integers(1, 12))] = False
-    return VideoPlan(name, np.clip(actions, 0, 1), expression, va.astype(np.float32), face_present)
+    expression = np.where(intensity >= EXPR_ACTIVE, episode, 0)
+    return VideoPlan(name, np.clip(actions, 0, 1), expression.astype(np.int64), va.astype(np.float32), face_present,
+                     episode, intensity, cue.astype(np.float32))
 
 
 def latent_labels(plan: VideoPlan) -> dict[str, np.ndarray]:
@@ -220,25 +390,58 @@ def latent_labels(plan: VideoPlan) -> dict[str, np.ndarray]:
             "expr": plan.expression.astype(np.int16)}
 
 
+def _segments(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _annotate_events(rng: np.random.Generator, present: np.ndarray, spurious: bool = True) -> np.ndarray:
+    """How an annotator marks a binary event track: each onset and offset placed a few frames off (clamped inside
+    the video), short events missed now and then, and (``spurious``) a few spurious short ones added."""
+    n = len(present)
+    out = np.zeros(n, dtype=bool)
+    for start, stop in _segments(present):
+        if stop - start < _MISS_SHORT[0] and rng.random() < _MISS_SHORT[1]:
+            continue
+        a = int(np.clip(start + round(rng.normal(0, _BOUNDARY_FRAMES)), 0, n))
+        b = int(np.clip(stop + round(rng.normal(0, _BOUNDARY_FRAMES)), 0, n))
+        out[a: max(a, b)] = True
+    for start in np.flatnonzero(rng.random(n) < _FLIP_RATE) if spurious else ():
+        out[start: start + int(rng.integers(3, 15))] ^= True
+    return out
+
+
 def annotate(rng: np.random.Generator, plan: VideoPlan) -> dict[str, np.ndarray]:
-    """Noisy human-like annotations of the latents, with unlabeled stretches (NaN / -1)."""
+    """Human-like annotations of the latents, with unlabeled stretches (NaN / -1).
+
+    Returns the three tasks' labels and ``va_raters`` (raters, T, 2): each simulated rater's own trace, whose mean
+    is the VA annotation.
+    """
     n = len(plan.expression)
-    latent = latent_labels(plan)
-    va = latent["va"] + np.stack([_smooth_noise(rng, n, 8, 0.07), _smooth_noise(rng, n, 8, 0.07)], 1)
-    va = np.clip(va + rng.normal(0, 0.03, va.shape), -1, 1).astype(np.float32)
-    # AU: annotators mark onsets and offsets a few frames off, and miss or add a few frames.
+    raters = []
+    for _ in range(VA_ANNOTATORS):
+        lag = int(rng.integers(*_VA_LAG_FRAMES))
+        scale = rng.uniform(*_VA_SCALE)
+        trace = scale * _lagged(plan.va, lag) + rng.normal(0, _VA_BIAS, 2)
+        trace = gaussian_filter1d(trace, 3, axis=0, mode="nearest")  # a hand on a joystick does not jump
+        trace += np.stack([_smooth_noise(rng, n, 30, _VA_NOISE[0]) for _ in range(2)], 1)
+        raters.append(np.clip(trace + rng.normal(0, _VA_NOISE[1], trace.shape), -1, 1))
+    va_raters = np.stack(raters).astype(np.float32)
+    va = np.clip(va_raters.mean(0), -1, 1).astype(np.float32)
     idx = [ACTIONS.index(a) for a in AU_NAMES_2020]
-    shifted = np.stack([np.roll(plan.actions[:, j], int(rng.integers(-3, 4))) for j in idx], 1)
-    au = (shifted >= AU_ACTIVE + rng.normal(0, 0.05, (1, len(idx)))).astype(np.int16)
-    flips = rng.random(au.shape) < 0.015
-    au[flips] = 1 - au[flips]
-    # EXPR: the same boundary jitter, and a few episodes given a confusable class.
-    expr = np.roll(latent["expr"], int(rng.integers(-3, 4))).astype(np.int16)
-    changes = np.flatnonzero(np.diff(expr) != 0) + 1
-    for start, stop in zip(np.r_[0, changes], np.r_[changes, n]):
-        current = EXPR_NAMES_2020[expr[start]]
-        if current in CONFUSIONS and rng.random() < 0.06:
-            expr[start:stop] = EXPR_NAMES_2020.index(CONFUSIONS[current])
+    thresholds = AU_ACTIVE + rng.normal(0, _AU_THRESHOLD_SD, len(idx))
+    au = np.stack([_annotate_events(rng, plan.actions[:, j] >= thr) for j, thr in zip(idx, thresholds)], 1)
+    au = au.astype(np.int16)
+    # EXPR: the annotator's own threshold for "an expression", their boundaries, and confusable classes.
+    shown = plan.intensity >= EXPR_ACTIVE + rng.normal(0, _EXPR_THRESHOLD_SD)
+    expr = np.zeros(n, dtype=np.int16)
+    for start, stop in _segments(shown & (plan.episode > 0)):
+        label = EXPR_NAMES_2020[int(plan.episode[start])]
+        if label in CONFUSIONS and rng.random() < _CONFUSION_RATE:
+            label = CONFUSIONS[label]
+        marked = _annotate_events(rng, np.isin(np.arange(n), np.arange(start, stop)), spurious=False)
+        expr[marked] = EXPR_NAMES_2020.index(label)
     out = {"va": va, "au": au, "expr": expr}
     for task in TASKS:  # stretches the annotators skipped
         for start in np.flatnonzero(rng.random(n) < 0.004):
@@ -247,6 +450,7 @@ def annotate(rng: np.random.Generator, plan: VideoPlan) -> dict[str, np.ndarray]
                 out[task][start:stop] = np.nan
             else:
                 out[task][start:stop] = -1
+    out["va_raters"] = va_raters
     return out
 
 
@@ -264,81 +468,72 @@ def format_annotation(task: str, values: np.ndarray) -> str:
     return header + "\n" + "\n".join(body) + "\n"
 
 
-def _people_of_video(rng: np.random.Generator, index: int) -> list[str]:
-    base = f"{index + 1}-30-640x480"
-    if rng.random() < 0.12:  # two people in one video, one annotation file each
-        return [f"{base}_left", f"{base}_right"]
-    return [base]
+def _frame_seed(seed: int, index: int, person: int, frame: int) -> int:
+    """The pixel-noise seed of one frame: a function of (video, person, frame), so no two videos share a pattern."""
+    return int(np.random.SeedSequence([seed, index, person, frame]).generate_state(1)[0])
 
 
-def _assign(rng: np.random.Generator, index: int) -> dict[str, str]:
-    """Tasks and split of one video: about 20% validation; a few names swap the split of one task."""
-    # The first videos are pinned so that even the smoke size has every task in both splits.
-    if index < 6:
-        split = "val" if index % 2 else "train"
-        tasks = [TASKS[index // 2]] + [t for t in TASKS if t != TASKS[index // 2] and rng.random() < 0.5]
-    else:
-        split = "val" if rng.random() < 0.2 else "train"
-        tasks = [t for t, p in zip(TASKS, (0.8, 0.6, 0.6)) if rng.random() < p] or ["va"]
-    assignment = {t: split for t in tasks}
-    if index >= 6 and len(tasks) > 1 and rng.random() < 0.08:
-        t = tasks[int(rng.integers(len(tasks)))]
-        assignment[t] = "train" if split == "val" else "val"
-    return assignment
-
-
-def _write_video(args: tuple[str, int, int, int]) -> dict[str, Any]:
+def _write_video(args: tuple[str, int, VideoSpec]) -> dict[str, Any]:
     """Plan, annotate, render and write one video. Runs in a worker process."""
-    root, seed, index, size_name = args
-    size = SIZES[size_name]
+    root, seed, video = args
     root_path = Path(root)
+    index, n_frames = video.index, video.frames
     rng = np.random.default_rng([seed, index])
-    n_frames = int(rng.integers(size.min_frames, size.max_frames + 1))
-    assignment = _assign(rng, index)
     scene_light = random_nuisance(rng)
+    clutter, clutter_seed = int(rng.integers(0, 9)), int(rng.integers(0, 2**31 - 1))
     results = []
-    for person, name in enumerate(_people_of_video(rng, index)):
+    for person, (name, subject) in enumerate(video.people):
+        traits = subject_traits(seed, subject)
         person_rng = np.random.default_rng([seed, index, person + 1])
-        identity = random_identity(person_rng)
-        plan = plan_person(person_rng, name, n_frames)
+        plan = plan_person(person_rng, name, n_frames, traits, video.featured)
         notes = annotate(person_rng, plan)
         folder = root_path / "cropped_aligned" / name
         folder.mkdir(parents=True, exist_ok=True)
-        poses = {k: _smooth_noise(person_rng, n_frames, 15, s) for k, s in (("yaw", 9.0), ("pitch", 5.0),
-                                                                            ("roll", 4.0))}
-        occluder = int(person_rng.integers(1, 4))  # hand, bar or sunglasses, kept for the whole video
+        drift = {k: _smooth_noise(person_rng, n_frames, 15, s) for k, s in (("yaw", 10.0), ("pitch", 6.0),
+                                                                            ("roll", 5.0))}
+        # The aligner's error: a slow part (the tracker drifts) and a per-frame part (landmark noise).
+        align = {k: _smooth_noise(person_rng, n_frames, 8, s) + person_rng.normal(0, s / 2, n_frames)
+                 for k, s in (("shift_x", 2.5), ("shift_y", 2.5), ("scale", 0.05), ("roll", 2.0))}
+        occluder = int(person_rng.choice([1, 2, 3, 4], p=[0.45, 0.15, 0.1, 0.3]))  # kept for the whole video
         occluded = np.zeros(n_frames, dtype=bool)
-        for start in np.flatnonzero(person_rng.random(n_frames) < 0.003):
-            occluded[start: start + int(person_rng.integers(5, 30))] = True
+        for start in np.flatnonzero(person_rng.random(n_frames) < 0.008):
+            occluded[start: start + int(person_rng.integers(10, 45))] = True
         # Camera and compression stay fixed within a video; pose, gaze and exposure drift smoothly, noise is fresh.
-        camera = random_nuisance(person_rng, strength=0.6)
+        camera = random_nuisance(person_rng, strength=0.8)
         gaze = np.clip(_smooth_noise(person_rng, n_frames, 10, 0.4), -1, 1)
-        exposure = _smooth_noise(person_rng, n_frames, 20, 6.0)
+        exposure = _smooth_noise(person_rng, n_frames, 20, 8.0)
+        blur = np.clip(camera.blur + _smooth_noise(person_rng, n_frames, 10, 0.4), 0, 2.5)
+        quality = np.clip(camera.jpeg_quality + _smooth_noise(person_rng, n_frames, 30, 12), 15, 95).round()
         for t in range(n_frames):
             if not plan.face_present[t]:
                 continue
+            kind = 3 if traits.glasses else (occluder if occluded[t] else 0)
             nuisance = dataclasses.replace(
-                camera, yaw=float(np.clip(poses["yaw"][t], -30, 30)), gaze=float(gaze[t]),
-                brightness=float(camera.brightness + exposure[t]), noise_seed=t,
-                pitch=float(np.clip(poses["pitch"][t], -20, 20)), roll=float(np.clip(poses["roll"][t], -15, 15)),
+                camera, yaw=float(np.clip(drift["yaw"][t], -30, 30)), gaze=float(gaze[t]),
+                brightness=float(camera.brightness + exposure[t]), noise_seed=_frame_seed(seed, index, person, t),
+                pitch=float(np.clip(drift["pitch"][t], -20, 20)),
+                roll=float(np.clip(drift["roll"][t] + align["roll"][t], -18, 18)),
                 light_angle=scene_light.light_angle, light_strength=scene_light.light_strength,
-                occlusion=occluder if occluded[t] else 0, occlusion_seed=index)
+                occlusion=kind, occlusion_seed=index * 7 + subject, blur=float(blur[t]),
+                jpeg_quality=int(quality[t]), shift_x=float(align["shift_x"][t]), shift_y=float(align["shift_y"][t]),
+                scale=float(1.0 + align["scale"][t]), clutter=clutter, clutter_seed=clutter_seed)
             actions = dict(zip(ACTIONS, plan.actions[t]))
-            pixels = render_face(identity, actions, nuisance, float(plan.va[t, 0]), float(plan.va[t, 1]))
+            # The renderer's own VA cues show only the part the AUs do not carry (mood, drift, speech).
+            pixels = render_face(traits.identity, actions, nuisance, float(plan.cue_va[t, 0]),
+                                 float(plan.cue_va[t, 1]))
             _save_jpeg(pixels, folder / f"{t + 1:05d}.jpg", nuisance.jpeg_quality)
-        for task, split in assignment.items():
-            ann = root_path / "annotations" / EDITION.task_dirs[task] / EDITION.split_dirs[split]
+        split_dir = EDITION.split_dirs[video.split]
+        for task in video.tasks:
+            ann = root_path / "annotations" / EDITION.task_dirs[task] / split_dir
             ann.mkdir(parents=True, exist_ok=True)
             (ann / f"{name}.txt").write_text(format_annotation(task, notes[task]))
         latent = latent_labels(plan)
-        # The latents and the annotations as generated: the ceiling and the round-trip tests read them back.
+        # The latents, the raters and the annotations as generated: the bounds and the round-trip tests read them.
         np.savez_compressed(root_path / LATENT_DIR / f"{name}.npz", **latent, face_present=plan.face_present,
-                            **{f"annotated_{t}": notes[t] for t in TASKS})
-        results.append({"name": name, "frames": n_frames, "images": int(plan.face_present.sum()),
-                        "splits": assignment})
+                            va_raters=notes["va_raters"], **{f"annotated_{t}": notes[t] for t in TASKS})
+        results.append({"name": name, "subject": subject, "split": video.split, "tasks": list(video.tasks),
+                        "frames": n_frames, "images": int(plan.face_present.sum())})
     return {"index": index, "names": results}
-
-
 def _save_jpeg(pixels: np.ndarray, path: Path, quality: int) -> None:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=int(quality))
@@ -388,7 +583,7 @@ def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed:
     write_json(partial / PARTIAL_MARKER, wanted)  # first: marks the folder as ours until the rename
     (partial / LATENT_DIR).mkdir()
     started = time.perf_counter()
-    jobs = [(str(partial), seed, i, size) for i in range(spec.videos)]
+    jobs = [(str(partial), seed, video) for video in plan_videos(seed, size)]
     workers = workers or min(usable_cores(), 8)
     if workers > 1:
         # spawn, not fork: forking a process that already runs torch or a Jupyter kernel's threads can deadlock
@@ -398,11 +593,14 @@ def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed:
         videos = [_write_video(j) for j in jobs]
     seconds = time.perf_counter() - started
     names = [n for v in videos for n in v["names"]]
-    manifest = {**wanted, "videos": spec.videos, "names": len(names),
+    subjects = {s: sorted({n["subject"] for n in names if n["split"] == s}) for s in SPLITS}
+    manifest = {**wanted, "video_count": spec.videos, "names": len(names),
                 "frames": sum(n["frames"] for n in names), "images": sum(n["images"] for n in names),
+                "subjects": {s: len(v) for s, v in subjects.items()},
                 "seconds": round(seconds, 2), "workers": workers,
-                "images_per_second": round(sum(n["images"] for n in names) / seconds, 1)}
-    write_json(partial / CEILING_FILE, ceiling(partial))
+                "images_per_second": round(sum(n["images"] for n in names) / seconds, 1),
+                "videos": names}
+    write_json(partial / CEILING_FILE, bounds(partial))
     write_json(partial / MANIFEST_FILE, manifest)
     (partial / PARTIAL_MARKER).unlink()
     if root.exists():
@@ -418,7 +616,7 @@ def write_synth(root: str | os.PathLike[str], size: str = DEFAULT_SIZE, *, seed:
 
 #: Written first into ``<root>.partial`` and removed just before the rename: marks an unfinished build as ours.
 PARTIAL_MARKER = "synth_partial.json"
-_NAME = r"\d+-30-640x480(?:_left|_right)?"  # the names _people_of_video gives
+_NAME = r"\d+-30-640x480(?:_left|_right)?"  # the names plan_videos gives
 _TOP = "|".join(re.escape(n) for n in (MANIFEST_FILE, CEILING_FILE, PARTIAL_MARKER))
 #: Everything write_synth writes, folder by folder: "dirs" maps a sub-folder's name (or a pattern of names) to what
 #: it holds, "files" is the pattern of its file names (a ``.<name>.*.tmp`` is a write killed half-way, see
@@ -499,7 +697,8 @@ def _check_replaceable(root: Path, manifest: dict[str, Any] | None, wanted: dict
                                 "(--overwrite) to replace it, or choose another folder")
 
 
-# --------------------------------------------------------------------------------------------------- the ceiling
+
+# ------------------------------------------------------------------------------------------ the reference and the floor
 
 
 def load_latent(root: str | os.PathLike[str], frames: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -520,43 +719,98 @@ def load_latent(root: str | os.PathLike[str], frames: pd.DataFrame) -> dict[str,
     return aligned
 
 
-def ceiling(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """ABAW 2020 scores on validation of the latent labels (the ceiling) and of trivial predictors.
+def _best_constant_au(y_true: np.ndarray) -> dict[str, Any]:
+    """The best constant AU prediction on ``y_true``: per AU, always present or always absent, whichever scores more.
 
-    Trivial predictors take their constants from the training split: the mean valence-arousal (a constant has CCC 0),
-    the majority expression, and per AU either its prevalence as a probability (thresholded at 0.5, so mostly
-    "absent") or always "present". ``trivial_best`` is the best trivial score per task, the floor a model must beat.
+    The ABAW 2020 AU score is a mean over AUs of ``0.5 * F1 + 0.5 * accuracy`` (the accuracy over all N*K decisions
+    is the mean of the per-AU accuracies), so each AU's constant can be chosen on its own.
     """
-    train = load_frames(root, "train")
-    val = load_frames(root, "val")
-    targets, masks = label_arrays(val, AU_NAMES_2020)
-    train_targets, train_masks = label_arrays(train, AU_NAMES_2020)
-    latent = load_latent(root, val)
-    va_true, au_true, expr_true = (targets[t][masks[t]] for t in TASKS)
-    result: dict[str, Any] = {"split": "val", "frames": {t: int(masks[t].sum()) for t in TASKS}}
-    result["ceiling"] = {
-        "va": va_score(va_true, latent["va"][masks["va"]]),
-        "au": au_score(au_true, latent["au"][masks["au"]].astype(float)),
-        "expr": expr_score(expr_true, latent["expr"][masks["expr"]].astype(int),
-                                   num_classes=len(EXPR_NAMES_2020)),
-    }
-    mean_va = train_targets["va"][train_masks["va"]].mean(axis=0)
-    prevalence = train_targets["au"][train_masks["au"]].mean(axis=0)
-    majority = int(np.bincount(train_targets["expr"][train_masks["expr"]], minlength=7).argmax())
-    trivial = {
-        "va_constant_mean": va_score(va_true, np.tile(mean_va, (len(va_true), 1))),
-        "au_prevalence": au_score(au_true, np.tile(prevalence, (len(au_true), 1))),
-        "au_all_present": au_score(au_true, np.ones_like(au_true, dtype=float)),
-        "expr_majority": expr_score(expr_true, np.full(len(expr_true), majority),
-                                            num_classes=len(EXPR_NAMES_2020)),
-    }
-    result["trivial"] = trivial
-    result["trivial_best"] = {
-        "va": trivial["va_constant_mean"]["score"],
-        "au": max(trivial["au_prevalence"]["score"], trivial["au_all_present"]["score"]),
-        "expr": trivial["expr_majority"]["score"],
-    }
-    result["ceiling_score"] = {t: result["ceiling"][t]["score"] for t in TASKS}
+    constants = []
+    for column in y_true.T:
+        p = float(column.mean()) if len(column) else 0.0
+        present = 0.5 * (2 * p / (1 + p) if p > 0 else 0.0) + 0.5 * p  # F1 of "always present" and its accuracy
+        absent = 0.5 * (1 - p)  # "always absent": F1 0, accuracy 1 - p
+        constants.append(1.0 if present > absent else 0.0)
+    result = au_score(y_true, np.tile(np.asarray(constants), (len(y_true), 1)))
+    result["constants"] = constants
+    return result
+
+
+def _best_constant_expr(y_true: np.ndarray) -> dict[str, Any]:
+    """The best constant expression: the class that, predicted for every frame, scores most."""
+    tries = {k: expr_score(y_true, np.full(len(y_true), k), num_classes=len(EXPR_NAMES_2020))
+             for k in range(len(EXPR_NAMES_2020))}
+    best = max(tries, key=lambda k: tries[k]["score"])
+    return {**tries[best], "class": EXPR_NAMES_2020[best]}
+
+
+def _rater_agreement(root: Path, frames: pd.DataFrame, rows: np.ndarray) -> dict[str, float]:
+    """Mean CCC of each VA rater against each other rater, and against the mean of the others, on labelled rows."""
+    traces: list[np.ndarray] = []
+    for name, group in frames[rows].groupby("name", sort=False):
+        raters = np.load(root / LATENT_DIR / f"{name}.npz")["va_raters"]
+        traces.append(raters[:, group["frame"].to_numpy() - 1])
+    if not traces:
+        return {}
+    all_raters = np.concatenate(traces, axis=1)  # (raters, N, 2)
+    k = len(all_raters)
+    out: dict[str, float] = {}
+    for j, dim in enumerate(VA_NAMES):
+        pairs = [va_score(all_raters[a][:, [j, j]], all_raters[b][:, [j, j]])["score"]
+                 for a in range(k) for b in range(a + 1, k)]
+        loo = [va_score(all_raters[a][:, [j, j]], np.delete(all_raters, a, 0).mean(0)[:, [j, j]])["score"]
+               for a in range(k)]
+        out[f"{dim}_pairwise_ccc"] = float(np.mean(pairs))
+        out[f"{dim}_rater_vs_others_ccc"] = float(np.mean(loo))
+    return out
+
+
+def split_bounds(root: str | os.PathLike[str], split: str) -> dict[str, Any]:
+    """The reference and the floor of one split (see :func:`bounds`)."""
+    root = Path(root)
+    frames = load_frames(root, split)
+    targets, masks = label_arrays(frames, AU_NAMES_2020)
+    latent = load_latent(root, frames)
+    result: dict[str, Any] = {"frames": {t: int(masks[t].sum()) for t in TASKS}, "reference": {}, "floor": {}}
+    if masks["va"].any():
+        result["reference"]["va"] = va_score(targets["va"][masks["va"]], latent["va"][masks["va"]])
+        result["floor"]["va"] = {"score": 0.0, "why": "a constant has zero covariance with the labels: CCC 0"}
+        result["annotators"] = _rater_agreement(root, frames, masks["va"])
+    if masks["au"].any():
+        y = targets["au"][masks["au"]].astype(int)
+        result["reference"]["au"] = au_score(y, latent["au"][masks["au"]].astype(float))
+        result["floor"]["au"] = _best_constant_au(y)
+    if masks["expr"].any():
+        y = targets["expr"][masks["expr"]]
+        result["reference"]["expr"] = expr_score(y, latent["expr"][masks["expr"]].astype(int),
+                                                 num_classes=len(EXPR_NAMES_2020))
+        result["floor"]["expr"] = _best_constant_expr(y)
+    result["reference_score"] = {t: r["score"] for t, r in result["reference"].items()}
+    result["floor_score"] = {t: r["score"] for t, r in result["floor"].items()}
+    return result
+
+
+#: What the two bounds in :data:`CEILING_FILE` mean; the data chapter prints these.
+BOUND_DEFINITIONS = {
+    "reference": "the ABAW 2020 score of the noise-free labels (the latents the faces were drawn from) against the "
+                 "annotations of the split: what a model scores if it recovers exactly what was shown. It is not a "
+                 "bound: a model can pass it, e.g. by shrinking VA towards the raters' mean or by matching the "
+                 "annotators' habits",
+    "floor": "the best score any constant prediction reaches on the split, with the constant chosen on that split's "
+             "own labels (so no constant can beat it): CCC 0 for VA, per AU always-present or always-absent, for "
+             "expressions the best single class",
+}
+
+
+def bounds(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The reference and the floor of every split and task of a synthetic root, as written to :data:`CEILING_FILE`.
+
+    ``splits[split]`` holds ``frames``, ``reference`` and ``floor`` (the full ABAW 2020 score records),
+    ``reference_score`` and ``floor_score`` (the scores alone) and, for VA, ``annotators``: the agreement of the
+    simulated raters (mean pairwise CCC and each rater against the mean of the others).
+    """
+    result = {"generator_version": GENERATOR_VERSION, "definitions": BOUND_DEFINITIONS,
+              "splits": {split: split_bounds(root, split) for split in SPLITS}}
     # JSON-safe, floats rounded to 6 decimals (json's own float text parses back to the very same float first)
     return json.loads(json.dumps(json_clean(result), allow_nan=False), parse_float=lambda text: round(float(text), 6))
 

@@ -108,10 +108,15 @@ class Nuisance:
     blur: float = 0.0  #: gaussian sigma in px at 112
     noise: float = 0.0  #: std of gaussian pixel noise, 8-bit units
     jpeg_quality: int = 95  #: not applied by render_face; for the writer
-    occlusion: int = 0  #: 0 none, 1 hand-coloured blob, 2 dark bar, 3 sunglasses
+    occlusion: int = 0  #: 0 none, 1 hand, 2 dark bar, 3 sunglasses, 4 a lock of hair over one eye
     occlusion_seed: int = 0  #: seeds the occluder's placement/shape/colour
     noise_seed: int = 0  #: seeds the pixel noise
     gaze: float = 0.0  #: horizontal gaze in [-1, 1] (iris shift, +1 = image right)
+    shift_x: float = 0.0  #: alignment error: px the whole crop content moves right (a real aligner is off by a few)
+    shift_y: float = 0.0  #: alignment error: px the whole crop content moves down
+    scale: float = 1.0  #: alignment error: zoom of the crop content around the centre (1 = the canonical size)
+    clutter: int = 0  #: number of background objects (shelves, frames, lamps) behind the person
+    clutter_seed: int = 0  #: seeds the objects' places, shapes and colours (kept per video: the room does not move)
 
 
 def _clip01(v: float) -> float:
@@ -296,6 +301,9 @@ def _transform(sc: _Scene, a: float, b: float, nz: Nuisance) -> np.ndarray:
         x = P[:, 0] - _RX
         y = P[:, 1] - _RY
         P = np.stack([_RX + cr * x - sr * y, _RY + sr * x + cr * y], axis=1)
+    if nz.scale != 1.0 or nz.shift_x != 0.0 or nz.shift_y != 0.0:  # the aligner's error moves everything alike
+        P = np.stack([_RX + nz.scale * (P[:, 0] - _RX) + nz.shift_x, _RY + nz.scale * (P[:, 1] - _RY) + nz.shift_y],
+                     axis=1)
     return P
 
 
@@ -667,6 +675,8 @@ def _draw(sc: _Scene, P: np.ndarray, nz: Nuisance, bg, pal: dict) -> Image.Image
     n = SIZE * S
     img = Image.new("RGB", (n, n), bg)
     d = ImageDraw.Draw(img)
+    if nz.clutter:
+        _draw_clutter(d, nz, bg)
     flat = (P * S).ravel().tolist()
     kx = S * math.cos(math.radians(nz.yaw))
     ky = S * math.cos(math.radians(nz.pitch))
@@ -680,6 +690,27 @@ def _draw(sc: _Scene, P: np.ndarray, nz: Nuisance, bg, pal: dict) -> Image.Image
             x, y, r = flat[2 * s], flat[2 * s + 1], op[4]
             d.ellipse((x - r * kx, y - r * ky, x + r * kx, y + r * ky), fill=op[3], outline=op[5])
     return img
+
+
+def _draw_clutter(d: ImageDraw.ImageDraw, nz: Nuisance, bg) -> None:
+    """Background objects behind everything else: boxes, discs and bars in colours near and far from the wall's, at
+    places fixed by ``clutter_seed`` and moved with the alignment error, so a network must learn to ignore them."""
+    rng = np.random.default_rng(nz.clutter_seed)
+    S = SUPERSAMPLE
+    for _ in range(int(nz.clutter)):
+        col = _jitter(rng, bg, 70.0) if rng.random() < 0.6 else tuple(int(v) for v in rng.integers(0, 256, 3))
+        cx, cy = rng.uniform(-10, 122), rng.uniform(-10, 122)
+        w, h = rng.uniform(6, 40), rng.uniform(6, 40)
+        cx = _RX + nz.scale * (cx - _RX) + nz.shift_x
+        cy = _RY + nz.scale * (cy - _RY) + nz.shift_y
+        box = (S * (cx - w / 2), S * (cy - h / 2), S * (cx + w / 2), S * (cy + h / 2))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            d.rectangle(box, fill=col)
+        elif kind == 1:
+            d.ellipse(box, fill=col)
+        else:  # a thin bar: a shelf edge or a door frame
+            d.line((box[0], box[1], box[2], box[1] + S * rng.uniform(-8, 8)), fill=col, width=int(S * rng.uniform(1, 4)))
 
 
 def _occlude(img: Image.Image, nz: Nuisance, pts: dict[str, np.ndarray]) -> None:
@@ -739,6 +770,17 @@ def _occlude(img: Image.Image, nz: Nuisance, pts: dict[str, np.ndarray]) -> None
         d.line(((el[0] + rx) * S, el[1] * S, (er[0] - rx) * S, er[1] * S), fill=frame, width=2 * S)
         d.line(((el[0] - rx) * S, el[1] * S, (el[0] - rx - 6) * S, (el[1] + 1) * S), fill=frame, width=S)
         d.line(((er[0] + rx) * S, er[1] * S, (er[0] + rx + 6) * S, (er[1] + 1) * S), fill=frame, width=S)
+    elif kind == 4:  # a lock of hair falling from the forehead over one eye and cheek
+        col = _HAIRS[int(rng.integers(0, len(_HAIRS)))][0]
+        eye = pts["eye_left"] if rng.random() < 0.5 else pts["eye_right"]
+        top = eye + (rng.normal(0, 3), -30.0)
+        bottom = eye + (rng.normal(0, 5), rng.uniform(6, 22))
+        t = np.linspace(0, 1, 12)
+        bend = rng.uniform(-8, 8) * np.sin(np.pi * t)
+        spine = top[None, :] * (1 - t[:, None]) + bottom[None, :] * t[:, None] + np.stack([bend, 0 * t], 1)
+        width = rng.uniform(5, 11) * (1 - 0.7 * t)
+        band = np.concatenate([spine - np.stack([width, 0 * t], 1), (spine + np.stack([width, 0 * t], 1))[::-1]])
+        d.polygon((band * S).ravel().tolist(), fill=_jitter(rng, col, 10.0))
 
 
 @lru_cache(maxsize=1)
