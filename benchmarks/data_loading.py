@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/data_loading.py [--data-root data/synth-cpu] [--n 3000] [--image-size 64]
         [--out benchmarks/results/data_loading.json]
 
-Three paths: ``FrameDataset[i]`` on the JPEG files and on the packed cache (112 px, no augmentation), and the
+Four paths: ``FrameDataset[i]`` on the JPEG files and on the packed cache (112 px, no augmentation), and the
 trainer's own batches (``_KeyedFrames.__getitems__``: packed cache, augmentation, resize to ``--image-size``, batch
-``--batch-size``), which is what the training loop waits for.
+``--batch-size``), which is what the training loop waits for, as float batches (the CPU's path) and as uint8 batches
+whose colour arithmetic the GPU finishes (the worker's share of the GPU path, ``device_augment``).
 
 All three are timed in the same process, alternating; the JPEG and cache paths are reported with their ratio (these
 machines are shared and noisy: compare ratios across runs, not absolute numbers).
@@ -65,13 +66,15 @@ def main() -> None:
         rng = np.random.default_rng(0)
         indices = rng.choice(len(jpeg), size=min(args.n, len(jpeg)), replace=False)  # random access, as in training
         augment = FaceAugment(args.image_size)
-        training = _KeyedFrames(FrameDataset(frames, root, au_names, image_size=args.image_size, transform=augment,
-                                             packed=packed), augment)
-        rates = {"jpeg": [], "packed": [], "training": []}
+        augmented = FrameDataset(frames, root, au_names, image_size=args.image_size, transform=augment, packed=packed)
+        training = _KeyedFrames(augmented, augment)
+        training_uint8 = _KeyedFrames(augmented, augment, uint8=True)
+        rates = {"jpeg": [], "packed": [], "training": [], "training_uint8": []}
         for _ in range(args.repeats):
             rates["jpeg"].append(images_per_second(jpeg, indices))
             rates["packed"].append(images_per_second(cached, indices))
             rates["training"].append(training_batches_per_second(training, indices, args.batch_size))
+            rates["training_uint8"].append(training_batches_per_second(training_uint8, indices, args.batch_size))
     result = {
         "what": "FrameDataset.__getitem__ (decode + float conversion + targets), random order, 1 thread; "
                 "training_batches: the trainer's batched fetch",
@@ -81,7 +84,8 @@ def main() -> None:
         "packed_over_jpeg": round(float(np.median(rates["packed"]) / np.median(rates["jpeg"])), 2),
         "training_batches": {"what": "the trainer's batched fetch: packed cache, augmentation, resize",
                              "image_size": args.image_size, "batch_size": args.batch_size,
-                             "images_per_second": round(float(np.median(rates["training"])), 1)},
+                             "images_per_second": round(float(np.median(rates["training"])), 1),
+                             "uint8_images_per_second": round(float(np.median(rates["training_uint8"])), 1)},
         "cache_build_seconds": round(build_seconds, 1), "cache_images": len(jpeg),
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1},
         "date": time.strftime("%Y-%m-%d"),

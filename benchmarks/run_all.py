@@ -138,6 +138,17 @@ def page(rows: list[dict], times: list[dict], hw: dict, date: str, seconds: floa
     lines += ["", ("The book rows leave out the install and the synthetic data; the README gives a fresh clone's "
                    "`make book` and `make test` with them. The JSON behind this page, with every raw measurement, is "
                    "in `benchmarks/results/`."), ""]
+    # The GPU check (benchmarks/gpu_check.py) runs on another machine; keep its section between its markers.
+    gpu, current = RESULTS / "gpu_check.md", ROOT / "book" / "performance.md"
+    begin, end = "<!-- gpu-check: begin -->", "<!-- gpu-check: end -->"
+    kept = current.read_text() if current.exists() else ""
+    if gpu.exists():
+        section = gpu.read_text().strip()
+    elif begin in kept and end in kept:  # nothing measured here: the page's own section stays as it is
+        section = kept.split(begin, 1)[1].split(end, 1)[0].strip()
+    else:
+        section = "## The GPU check\n\n`benchmarks/gpu_check.py` has not run on a GPU yet."
+    lines += [begin, section, end, ""]
     return "\n".join(lines)
 
 

@@ -175,6 +175,18 @@ def test_batch_ccc_bias_below_population_and_shrinking():
     assert abs(chunked["mean"].iloc[0] - df["mean"].iloc[1]) < 5 * df["sem"].iloc[1]
 
 
+def test_batch_ccc_bias_on_a_torch_device_draws_the_same_distribution():
+    """The chapter's device (cuda in the gpu profile) draws with torch there; checked here with torch on the CPU."""
+    numpy_draws = X.batch_ccc_bias([4, 64], n_batches=4000, seed=0)
+    torch_draws = X.batch_ccc_bias([4, 64], n_batches=4000, seed=0, device="cpu", max_elements=10_000)
+    assert not np.allclose(torch_draws["mean"], numpy_draws["mean"], rtol=0, atol=1e-12)  # other draws...
+    both = np.sqrt(numpy_draws["sem"] ** 2 + torch_draws["sem"] ** 2)
+    assert ((torch_draws["mean"] - numpy_draws["mean"]).abs() < 4 * both).all()  # ...of the same distribution
+    assert ((torch_draws["mean"] - torch_draws["expected"]).abs().iloc[1] < 4 * torch_draws["sem"].iloc[1] + 1e-3)
+    pd.testing.assert_frame_equal(torch_draws, X.batch_ccc_bias([4, 64], n_batches=4000, seed=0, device="cpu",
+                                                                max_elements=10_000))  # seeded
+
+
 def test_batch_ccc_expected_limits():
     var_x, var_y, cov, d = 0.1, 0.12, 0.07, 0.1
     rho = 2 * cov / (var_x + var_y + d**2)

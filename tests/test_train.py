@@ -150,7 +150,7 @@ def test_lr_factor() -> None:
 def test_unavailable_device_is_an_error(smoke_root: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(DeviceUnavailableError, match="'cuda' was requested but CUDA is not available"):
+    with pytest.raises(DeviceUnavailableError, match="TrainConfig.device='cuda' asks for a GPU, but CUDA is not available: "):
         T.train(tiny(smoke_root, tmp_path / "run", device="cuda"))
     with pytest.raises(DeviceUnavailableError):
         resolve_device("cuda:1")

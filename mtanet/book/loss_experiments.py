@@ -246,14 +246,25 @@ def _rowwise_ccc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 2.0 * sxy / denom
 
 
+def _rowwise_ccc_torch(x: Tensor, y: Tensor) -> Tensor:
+    mx, my = x.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
+    sxy = ((x - mx) * (y - my)).mean(dim=1)
+    denom = x.var(dim=1, unbiased=False) + y.var(dim=1, unbiased=False) + (mx - my)[:, 0] ** 2
+    return 2.0 * sxy / denom
+
+
 def batch_ccc_bias(batch_sizes: Iterable[int], n_batches: int, *, y_std: float = 0.35, slope: float = 0.6,
                    shift: float = 0.1, noise_std: float = 0.25, seed: int = 0,
-                   max_elements: int = 2_000_000) -> pd.DataFrame:
+                   max_elements: int = 2_000_000, device: str | torch.device | None = None) -> pd.DataFrame:
     """Monte-Carlo distribution of the batch CCC of a fixed predictor, per batch size.
 
     Pairs are i.i.d.: ``y ~ N(0, y_std^2)`` and ``x = slope * y + shift + N(0, noise_std^2)``; ``n_batches``
     batches are drawn for each size. Frames of a video are correlated, so real batches drawn from few videos behave
     like smaller i.i.d. batches.
+
+    ``device``: ``None`` draws with numpy on the CPU (the numbers of earlier runs); a torch device (the chapter's
+    ``cuda``) draws and reduces there in float64 with a torch generator seeded from ``seed``: other draws, the same
+    distribution.
 
     Returns:
         One row per batch size: ``batch_size``, ``mean``, ``std``, ``q05``, ``q95`` of the batch CCC, ``sem`` (the
@@ -265,6 +276,7 @@ def batch_ccc_bias(batch_sizes: Iterable[int], n_batches: int, *, y_std: float =
     rho = population_ccc(y_std, slope, shift, noise_std)
     moments = simulation_moments(y_std, slope, shift, noise_std)
     rng = np.random.default_rng(seed)
+    gen = None if device is None else torch.Generator(device=device).manual_seed(seed)
     rows = []
     for b in batch_sizes:
         if b < 2:
@@ -273,6 +285,12 @@ def batch_ccc_bias(batch_sizes: Iterable[int], n_batches: int, *, y_std: float =
         values = []
         for start in range(0, n_batches, chunk):
             m = min(chunk, n_batches - start)
+            if gen is not None:
+                y = torch.randn((m, b), generator=gen, device=device, dtype=torch.float64) * y_std
+                x = slope * y + shift + torch.randn((m, b), generator=gen, device=device, dtype=torch.float64) * \
+                    noise_std
+                values.append(_rowwise_ccc_torch(x, y).cpu().numpy())
+                continue
             y = rng.normal(0.0, y_std, (m, b))
             x = slope * y + shift + rng.normal(0.0, noise_std, (m, b))
             values.append(_rowwise_ccc(x, y))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FaceAugment"]
+__all__ = ["FaceAugment", "finish_on_device"]
 
 
 class FaceAugment:
@@ -96,3 +96,32 @@ class FaceAugment:
         mean = torch.stack(means).view(shape)
         factors = torch.tensor([contrasts, brightnesses], dtype=torch.float32).view(2, *shape)
         return self.photometric(x, mean, factors[0], factors[1]).div_(255.0)
+
+    def batch_uint8(self, images: Sequence, keys: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of :meth:`batch` a loader worker does when the float arithmetic runs on the GPU: the crops as a
+        uint8 ``(B, 3, S, S)`` batch (a quarter of the float batch's bytes) and each item's ``(contrast,
+        brightness)`` as a float32 ``(B, 2)``; :func:`finish_on_device` then gives :meth:`batch`'s result, up to
+        float rounding (the mean of each crop is one batched reduction there)."""
+        crops, factors = [], []
+        for image, key in zip(images, keys):
+            self.reseed(key)
+            side, top, left, flip, contrast, brightness = self.draw(image.shape[1], image.shape[2])
+            crops.append(self.geometry(image, side, top, left, flip))
+            factors.append((contrast, brightness))
+        return torch.stack(crops), torch.tensor(factors, dtype=torch.float32).view(len(crops), 2)
+
+
+def finish_on_device(images: torch.Tensor, factors: torch.Tensor | None, image_size: int) -> torch.Tensor:
+    """Float ``(B, 3, image_size, image_size)`` model input in [0, 1] from a uint8 batch, where ``images`` is (on the
+    GPU in training): with ``factors`` (from :meth:`FaceAugment.batch_uint8`) the contrast about each image's mean and
+    the brightness of :meth:`FaceAugment.batch`; without, the plain scaling of :meth:`mtanet.data.FrameDataset.batch`
+    (resized, antialiased, when the images are not ``image_size`` already)."""
+    x = images.float()
+    if factors is not None:
+        shape = (x.shape[0], 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = FaceAugment.photometric(x, mean, factors[:, 0].reshape(shape), factors[:, 1].reshape(shape))
+    x = x.div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return x

@@ -71,11 +71,19 @@ class FrameLoader(DataLoader):
 
 
 class KeyedFrames:
-    """A FrameDataset addressed by ``(row, augmentation key)``: the key reseeds the augmentation before the item."""
+    """A FrameDataset addressed by ``(row, augmentation key)``: the key reseeds the augmentation before the item.
 
-    def __init__(self, dataset: FrameDataset, augment: FaceAugment | None):
+    With ``uint8=True`` a batch is ``(images, factors, targets, masks)``: uint8 images (the augmented crops, or the
+    decoded images without augmentation) and the photometric factors (``None`` without augmentation), which
+    :func:`mtanet.data.augment.finish_on_device` turns into the float batch on the GPU. The worker then does only the
+    uint8 work (decode or cache read, crop, flip, resize) and ships a quarter of the bytes; the result equals the
+    float batch up to rounding (tested).
+    """
+
+    def __init__(self, dataset: FrameDataset, augment: FaceAugment | None, *, uint8: bool = False):
         self.dataset = dataset
         self.augment = augment
+        self.uint8 = uint8
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -96,6 +104,15 @@ class KeyedFrames:
 
     def _batch(self, items: Sequence[KeyedRow]):
         rows = [row for row, _ in items]
+        if self.uint8:
+            if self.augment is None:
+                stacked = self.dataset._stacked(rows)
+                if stacked is not None:
+                    return (stacked, None, *self.dataset.labels(rows))
+            elif self.dataset.transform is self.augment:
+                crops, factors = self.augment.batch_uint8(self.dataset.load_images(rows), [key for _, key in items])
+                return (crops, factors, *self.dataset.labels(rows))
+            # jpgs of different sizes, or an augmentation wrapped in another transform: the float batch below
         if self.augment is None:  # nothing to reseed: the dataset's own batched fetch
             return self.dataset.batch(rows)
         if self.dataset.transform is self.augment:

@@ -6,6 +6,8 @@
 - :mod:`~mtanet.train.optim`: the optimiser of a stage and the learning-rate schedule.
 - :mod:`~mtanet.train.state`: RNG states, the log, the resume checkpoint's checks.
 - :mod:`~mtanet.train.distributed`: what changes under ``torchrun`` (DDP), in one class.
+- :mod:`~mtanet.train.preflight`: is the GPU a run (or a book profile) asks for there? One line that says why not.
+- :mod:`~mtanet.train.pretrained`: the backbone's starting weights (``TrainConfig.pretrained``) and their record.
 
 Evaluation of a checkpoint and submission files are in :mod:`mtanet.evaluate`; ``mtanet train`` is
 :mod:`mtanet.cli.train`.

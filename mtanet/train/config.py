@@ -43,6 +43,22 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def _pretrained_spec(value: Any) -> Any:
+    """``pretrained``: booleans (its older spelling) and their words read as ``"imagenet"`` or ``""``."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return "imagenet"
+    if isinstance(value, str):
+        word = value.strip()
+        if word.lower() in {"true", "yes", "on", "imagenet"}:
+            return "imagenet"
+        if word.lower() in {"false", "no", "off", "none", "null", ""}:
+            return ""
+        return word
+    return value
+
+
 def _word_list(value: Any) -> Any:
     """``"va,expr"``, ``"va expr"`` and ``"[va, expr]"`` are lists of names."""
     if isinstance(value, str):
@@ -112,7 +128,11 @@ class TrainConfig(BaseModel):
                                            "decode jpgs")
     # --- model
     backbone: str = Field("senet50", description="a key of mtanet.models.BACKBONES (senet50 is the paper's)")
-    pretrained: bool = Field(False, description="timm ImageNet weights from the local cache (nothing is downloaded)")
+    pretrained: Annotated[str, BeforeValidator(_pretrained_spec)] = Field(
+        "", description="backbone initialisation: empty (random), imagenet (timm's ImageNet weights from the local "
+                        "cache, nothing is downloaded; true means the same) or the path of converted VGGFace2 "
+                        "SE-ResNet-50 weights (torch.save(mtanet.models.convert_senet50_ft(PICKLE), PATH); needs "
+                        "backbone senet50), loaded before stage 1 and recorded in metrics.json with its SHA-256")
     vggface2_weights: str = Field("", description="path of the VGGFace2 senet50_ft pickle (the paper's "
                                                   "initialisation); needs backbone senet50")
     pooling: str = Field("avgmax_concat", description="neck variant, see mtanet.models.PoolingNeck")
@@ -149,10 +169,17 @@ class TrainConfig(BaseModel):
                                                          "CPU (measured on 2 cores: one worker was 4-7% slower "
                                                          "than none)")] = None
     amp: MaybeBool = Field(None, description="bfloat16 autocast; None: on for CUDA, off for CPU")
+    device_augment: MaybeBool = Field(None, description="loader workers ship uint8 crops and the float colour "
+                                                        "augmentation and scaling run on the device (a quarter of "
+                                                        "the bytes, a fraction of the CPU work); None: on for CUDA, "
+                                                        "off for CPU (equal to the worker path up to float "
+                                                        "rounding)")
     channels_last: MaybeBool = Field(None, description="channels-last memory format; None: on for CUDA")
     compile: bool = Field(False, description="torch.compile the model")
     deterministic: MaybeBool = Field(None, description="torch.use_deterministic_algorithms; None: on for CPU, off "
-                                                       "for CUDA")
+                                                       "for CUDA. On CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                                                       "(unless set) and cudnn.deterministic; ops without a "
+                                                       "deterministic CUDA kernel warn (book/performance.md)")
     eval_batch_size: Annotated[MaybeCount, Field(description="validation batch per rank; None: twice the training "
                                                              "batch per rank")] = None
     val_every: Annotated[Count, Field(ge=0, description="validate every this many epochs, and always after the "
@@ -169,7 +196,8 @@ class TrainConfig(BaseModel):
     #: another path only for the same data: the trainer compares the annotations' fingerprint stored in the
     #: checkpoint (a moved or copied root resumes; other annotations are refused).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
-        "data_root", "cache_dir", "device", "threads", "num_workers", "amp", "channels_last", "compile",
+        "data_root", "cache_dir", "device", "threads", "num_workers", "amp", "device_augment", "channels_last",
+        "compile",
         "deterministic", "eval_batch_size", "log_every", "checkpoint_every", "progress", "output_dir", "resume"})
 
     def __init__(self, **values: Any) -> None:
@@ -244,6 +272,12 @@ class TrainConfig(BaseModel):
             raise ValueError("stage1.epochs and stage2.epochs are both 0: nothing to train")
         if self.vggface2_weights and self.backbone != "senet50":
             raise ValueError("vggface2_weights: the VGGFace2 SENet-50 weights need backbone senet50")
+        if self.pretrained not in ("", "imagenet"):
+            if self.backbone != "senet50":
+                raise ValueError(f"pretrained={self.pretrained!r}: converted VGGFace2 SE-ResNet-50 weights need "
+                                 f"backbone senet50, not {self.backbone}")
+            if self.vggface2_weights:
+                raise ValueError("pretrained and vggface2_weights both name VGGFace2 weights: give one")
         if self.batch_size < len(self.tasks):
             raise ValueError(f"batch_size {self.batch_size} is smaller than the number of tasks {len(self.tasks)} "
                              f"({', '.join(self.tasks)}): every batch holds a share of each task; use batch_size >= "
@@ -251,6 +285,21 @@ class TrainConfig(BaseModel):
         if self.pooling == "avgmax_concat" and self.feature_dim % 2:
             raise ValueError(f"pooling avgmax_concat needs an even feature_dim, got {self.feature_dim}")
         return self
+
+    def check_world(self, world: int) -> None:
+        """Refuse, before anything runs, a global batch that ``world`` ranks (DDP processes) cannot share evenly.
+
+        Raises:
+            ConfigError: ``batch_size`` is not a multiple of ``world``, or leaves a rank fewer rows than tasks.
+        """
+        if world <= 1:
+            return
+        if self.batch_size % world:
+            lower, upper = self.batch_size // world * world, -(-self.batch_size // world) * world
+            choices = " or ".join(str(b) for b in dict.fromkeys((lower, upper)) if b >= max(world, len(self.tasks)))
+            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} does not divide evenly across the {world} "
+                              f"processes (DDP ranks): every rank takes the same share of the global batch; use a "
+                              f"multiple of {world} (e.g. {choices}) or another number of processes")
 
     # ------------------------------------------------------------------------------------------------ I/O
 

@@ -17,10 +17,12 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def make_optimizer(stage: StageConfig, model: nn.Module, weighting: LossWeighting, *, momentum: float,
-                   lr_log_vars: float | None) -> torch.optim.Optimizer:
+                   lr_log_vars: float | None, fused: bool = False) -> torch.optim.Optimizer:
     """The stage's optimiser; the weighting's parameters (eq. 5's ``s``), if any, are a second group.
 
-    Each group keeps its ``base_lr``, which the schedule (:func:`lr_factor`) scales at every step.
+    Each group keeps its ``base_lr``, which the schedule (:func:`lr_factor`) scales at every step. ``fused``: torch's
+    fused kernels (one launch for all parameters on a GPU), which also skip a step on the device when the
+    optimiser's ``found_inf`` attribute is a tensor holding 1 (the trainer's non-finite guard, no host read).
     """
     groups = [{"params": list(model.parameters()), "lr": stage.lr, "weight_decay": stage.weight_decay,
                "base_lr": stage.lr}]
@@ -30,7 +32,8 @@ def make_optimizer(stage: StageConfig, model: nn.Module, weighting: LossWeightin
         # no weight decay on s = log sigma^2: it would pull every s towards 0, i.e. back to the plain sum
         groups.append({"params": extra, "lr": lr_s, "weight_decay": 0.0, "base_lr": lr_s})
     cls = OPTIMIZERS[stage.optimizer]
-    return cls(groups, momentum=momentum) if stage.optimizer == "sgd" else cls(groups)
+    options = {"fused": True} if fused else {}
+    return cls(groups, momentum=momentum, **options) if stage.optimizer == "sgd" else cls(groups, **options)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:

@@ -80,14 +80,25 @@ def rng_state(cuda: bool) -> dict[str, Any]:
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> int:
+    """Restore what :func:`rng_state` saved; returns how many CUDA devices' states were restored.
+
+    A checkpoint holds one CUDA state per device that was visible when it was written; a run resumed with another
+    ``CUDA_VISIBLE_DEVICES`` restores the first ``min(saved, visible)`` (a rank draws on its own device only, which
+    is among them whenever it was at save time), where restoring them all would fail on a missing device.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or not torch.cuda.is_available():
+        return 0
+    restored = min(len(saved), torch.cuda.device_count())
+    for index in range(restored):
+        torch.cuda.set_rng_state(saved[index], index)
+    return restored
 
 
 def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
@@ -107,6 +118,8 @@ def read_resume_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a resume checkpoint of mtanet.train (no 'position' or "
                               "'train_config'); move it away to start the run over")
     old, new = flatten(ckpt["train_config"]), config.to_flat_dict()
+    if isinstance(old.get("pretrained"), bool):  # its older spelling: true meant timm's ImageNet weights
+        old["pretrained"] = "imagenet" if old["pretrained"] else ""
     changed = sorted(k for k, v in new.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v)
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
