@@ -9,13 +9,15 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: help install data book sweep bench chromium test test-fast lab sync-notebooks clean
+.PHONY: help install data book publish sweep bench chromium test test-fast test-lab lab sync-notebooks clean
 
 help:
 	@echo "make book  [PROFILE=cpu|smoke|gpu]  execute every notebook with papermill and build book/_build/html"
 	@echo "make test                          run the test suite (includes a smoke-profile book build)"
 	@echo "make sweep [PROFILE=cpu|smoke|gpu]  the ablation sweep (chapter 05 alone): resumes, skips finished runs"
 	@echo "make bench                         speed and memory benchmarks, ratios against their goals"
+	@echo "make publish DIR=folder            copy the built HTML book to a folder for any static host"
+	@echo "make test-lab                      JupyterLab in headless Chromium: run, save, reopen a chapter"
 	@echo "make lab                           JupyterLab with the project's kernel; notebooks/*.py open as notebooks"
 	@echo "make data  [PROFILE=...]           write the synthetic dataset data/synth-PROFILE if missing"
 
@@ -36,6 +38,12 @@ data: install
 book: data
 	$(PY) -m mtanet.book --profile $(PROFILE)
 	@echo "open book/_build/html/index.html"
+
+# A self-contained copy of the book built by `make book` (no page loads anything from the network), for any static
+# host; DIR may be missing, empty or an earlier copy. GitHub Pages: .github/workflows/pages.yml does it on a push.
+publish: install
+	@test -n "$(DIR)" || { echo "usage: make publish DIR=folder" >&2; exit 2; }
+	$(PY) -m mtanet.book --publish "$(DIR)"
 
 # The ablation chapter alone: it runs the sweep (mtanet.sweep.run_sweep), which skips runs with stored results.
 sweep: data
@@ -59,8 +67,16 @@ bench: data
 test-fast: install
 	$(PY) -m pytest -q -m "not book"
 
+# JupyterLab at the project root, so that jupytext finds jupytext.toml (a save writes the paired, git-ignored .ipynb
+# with its outputs), opening in notebooks/. .jupyter/ (on JUPYTER_CONFIG_PATH) opens .py files as notebooks.
+# (Jupyter refuses to run as root without --allow-root: containers and CI run as root.)
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" \
+	  --LabApp.default_url=/lab/tree/notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+# JupyterLab driven in headless Chromium: open a chapter, run it, save, reopen (about a minute)
+test-lab: install chromium
+	$(PY) -m pytest -q tests/test_lab.py
 
 # Regenerate the paired .ipynb from the .py sources (never the other way: the .py files are the truth).
 sync-notebooks: install

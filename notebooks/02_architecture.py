@@ -27,7 +27,7 @@
 # The backbones come from timm {cite:p}`rw2019timm`, built without their pooling and classifier. Nothing here is
 # downloaded: every network in this chapter is randomly initialised unless `weights_path` names a checkpoint.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size (written on first use)
 synth_size: str = "smoke"  # smoke, cpu or gpu: which synthetic set an empty data_root stands for
 backbone: str = "senet18"  # traced stage by stage and shows its SE gates; senet50 is the paper's
@@ -40,7 +40,7 @@ batch_size: int = 6  # real faces traced through the networks
 weights_path: str = ""  # a checkpoint written by mtanet.models.save_checkpoint; empty means random weights
 seed: int = 0  # for the random initialisation and the choice of faces
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -72,6 +72,11 @@ faces = stats.sample_rows(pool, batch_size, seed=seed, au_names=ed.au_names)
 dataset = FrameDataset(faces, root, ed.au_names, image_size=image_size)
 batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
 
+# %% [markdown]
+# The network: the checkpoint named by `weights_path`, or a freshly initialised MTANet with the heads of the data's
+# edition.
+
+# %%
 trained = load_model(weights_path) if weights_path else None
 if trained is not None and trained.config["backbone"] != cbam_backbone:
     backbone = trained.config["backbone"]  # a checkpoint decides which network is traced
@@ -86,6 +91,8 @@ def network(name: str) -> MTANet:
 
 
 model = network(backbone)
+
+# %% tags=["remove-input"]
 display(Markdown(
     f"**Data:** `{root.name}`, ABAW {ed.name} "
     + ("(**synthetic**: SynthAffWild, not real faces)" if is_synthetic else "(real data)")
@@ -108,16 +115,16 @@ display(Markdown(
 #
 # What the two ends of the [0, 1] range become under each preset:
 
-# %%
+# %% tags=["hide-input"]
 norms = im.normalization_table()
 display(norms.rename(columns={"at_0": "x = 0 becomes", "at_1": "x = 1 becomes"}).style.format(
     {"scale": "{:g}", "mean": "{:.4f}", "std": "{:.3f}", "x = 0 becomes": "{:+.2f}", "x = 1 becomes": "{:+.2f}"}))
 print(f"this chapter's networks use: {model.config['input_norm']}")
 
 # %% [markdown]
-# The real batch that is traced through the networks below:
+# The real batch that is traced through the networks below ({numref}`fig-02-faces`):
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, len(batch), figsize=(1.6 * len(batch), 1.9))
 for ax, img, (_, row) in zip(np.atleast_1d(axes), batch, faces.iterrows()):
     ax.imshow(img.permute(1, 2, 0).numpy())
@@ -126,15 +133,21 @@ for ax, img, (_, row) in zip(np.atleast_1d(axes), batch, faces.iterrows()):
 plt.tight_layout()
 plt.show()
 
+# %% [markdown] tags=["figure-caption"]
+# (fig-02-faces)=
+# The batch of validation faces traced through every network of this chapter, one per annotated name, as the model
+# receives them (RGB in [0, 1], before its own normalisation).
+
 # %% [markdown]
 # ## Shapes, parameters and multiply-adds at each stage
 #
 # Forward hooks record the shape that enters and leaves every part of the network on the batch above, and a FLOP
 # counter (`torch.utils.flop_counter`, convolutions and matrix products only) attributes the multiply-accumulates
 # (MACs, per image) to each part. The rows partition the network: their parameters and MACs add up to the whole.
-# Shapes are per image, without the batch dimension.
+# Shapes are per image, without the batch dimension. {numref}`fig-02-shares` shows where the parameters and the
+# multiply-adds sit.
 
-# %%
+# %% tags=["hide-input"]
 stages = im.stage_table(model, batch)
 total_params, total_macs = stages["parameters"].sum(), stages["macs"].sum()
 display(Markdown(f"**{backbone}**, pooling `{model.config['pooling']}`, heads of ABAW {ed.name}: "
@@ -142,7 +155,7 @@ display(Markdown(f"**{backbone}**, pooling `{model.config['pooling']}`, heads of
 display(stages.rename(columns={"input": "input shape", "output": "output shape", "macs": "MACs"})
         .style.format({"parameters": "{:,}", "MACs": "{:,}"}).hide(axis="index"))
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
 share = stages.set_index("part")[["parameters", "macs"]] / [total_params, total_macs] * 100
 for ax, column, label in zip(axes, share.columns, ("parameters", "multiply-adds")):
@@ -150,6 +163,13 @@ for ax, column, label in zip(axes, share.columns, ("parameters", "multiply-adds"
     ax.set(xlabel=f"share of {label} (%)", ylabel="", title=f"Where the {label} are")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-02-shares)=
+# Each part of the traced network as a share of its parameters (left) and of its multiply-adds per image (right),
+# from the table above.
+
+# %% tags=["remove-input"]
 last_stage = stages["part"].iloc[4]
 display(Markdown(
     f"Each stage halves the side of the map and doubles the channels (in the 50-layer networks, 256 to 2048), so "
@@ -174,9 +194,9 @@ print(f"backbone output {tuple(fmap.shape)}, smallest value {fmap.min().item():.
 #
 # Every registered backbone, built with the paper's heads (2, 8 and 7 outputs) and the default neck, at
 # `image_size`. The three networks of the paper's Table I are marked; the 18- and 26-layer ones are small members of
-# the same families, used for tests and quick runs only.
+# the same families, used for tests and quick runs only; {numref}`fig-02-costs` compares them.
 
-# %%
+# %% tags=["hide-input"]
 paper_names = {"resnext50": "ResNeXt-50", "resnext50_cbam": "ResNeXt-50 + CBAM", "senet50": "SENet-50"}
 rows = []
 for name in backbones:
@@ -193,7 +213,7 @@ display(costs[["timm_model", "attention", "paper", "feature_map", "params_backbo
                "params_M", "GMACs"]].style.format({"params_backbone": "{:,}", "params_neck": "{:,}",
                                                    "params_heads": "{:,}", "params_M": "{:.2f}", "GMACs": "{:.3f}"}))
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
 colors = ["tab:red" if name in PAPER_BACKBONES else "tab:gray" for name in costs.index]
 for ax, column, label in zip(axes, ("params_M", "GMACs"),
@@ -205,7 +225,12 @@ axes[1].set_title("Cost of one forward pass")
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% [markdown] tags=["figure-caption"]
+# (fig-02-costs)=
+# Parameters (left) and multiply-adds of one forward pass (right) of every backbone built with the paper's heads;
+# red bars are the three backbones of the paper's Table I.
+
+# %% tags=["remove-input"]
 notes = []
 if {"resnext50", "resnext50_cbam"} <= set(costs.index):
     extra = costs.loc["resnext50_cbam", "params_total"] - costs.loc["resnext50", "params_total"]
@@ -248,7 +273,7 @@ display(Markdown("\n".join(f"- {n}" for n in notes)))
 # do not normalise, so activations, and with them some gates, can grow to the ends of (0, 1).
 # ```
 
-# %%
+# %% tags=["hide-input"]
 is_trained = trained is not None and trained is model
 se_model = network(backbone)  # a copy of the traced network (or the checkpoint), so that the traced one stays as built
 zeroed = im.undo_zero_init_last(se_model)  # timm's seresnet starts each SE behind a zero batch norm: see CBAM below
@@ -274,6 +299,14 @@ else:
     axes[1].legend(fontsize=8)
     plt.tight_layout()
     plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-02-se)=
+# Squeeze-and-excitation gates of every block of the traced backbone on the batch of faces: their spread over images
+# and channels per block (left), and how much they vary from channel to channel and from face to face (right).
+
+# %% tags=["remove-input"]
+if not se_summary.empty:
     ratio = (se_summary["across_channels"] / se_summary["across_images"]).median()
     display(Markdown(
         f"In this {'trained' if is_trained else 'untrained'} network the gates of a block differ "
@@ -292,7 +325,7 @@ else:
 # the random attention modules real features to react to. A trained network has no all-zero batch norm and is left
 # unchanged.
 
-# %%
+# %% tags=["hide-input"]
 cbam = network(cbam_backbone)
 fresh = im.capture_attention(cbam, batch)
 if not any(r.kind == "cbam_spatial" for r in fresh):
@@ -327,6 +360,14 @@ else:
                  "(colour scale per map, blue low to red high; above each map: its range)", y=1.0, fontsize=10)
     plt.tight_layout()
     plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-02-cbam)=
+# CBAM spatial gates of the last block of each stage over each face of the batch (colour scale per map, blue low to
+# red high; above each map, its range).
+
+# %% tags=["remove-input"]
+if any(r.kind == "cbam_spatial" for r in fresh):
     cbam_summary = im.gate_summary(cbam_records)
     display(Markdown(
         f"The spatial gates of the last block of each stage, bilinearly upsampled from their own resolution "
@@ -356,7 +397,7 @@ else:
 #
 # Measured for the traced backbone (C is its number of output channels):
 
-# %%
+# %% tags=["hide-input"]
 necks = im.neck_table(model.backbone.num_features, model.neck.out_features, int(fmap.shape[-1]))
 display(necks.style.format({"parameters": "{:,}"}))
 
@@ -399,7 +440,7 @@ display(Markdown(
 # `tests/test_structure.py` reads every import statement, those inside functions too, and fails on a cycle or on an
 # import that points up. The table is read from the sources when the book is built.
 
-# %%
+# %% tags=["hide-input"]
 from mtanet.book.layout import LAYERS, modules_table  # noqa: E402 - this section's only helper
 
 layout = modules_table()

@@ -12,7 +12,7 @@
 # equations used as references are in `mtanet.book.loss_experiments`, written independently of `mtanet.losses`. The
 # chapter ends with a short run of the package's trainer in which the learned weights of eq. 5 can be seen moving.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size (written on first use)
 synth_size: str = "smoke"  # smoke, cpu or gpu: which synthetic set an empty data_root stands for
 seed: int = 0  # for every random draw in this chapter
@@ -36,7 +36,7 @@ smooth: int = 5  # steps in the running means of the training plots
 device: str = "cpu"  # cpu or cuda
 threads: int = 2  # torch CPU threads
 
-# %%
+# %% tags=["hide-input"]
 import math
 import time
 
@@ -229,9 +229,13 @@ print(f"{len(y_val)} valence labels, mean {y_val.mean():+.3f}, std {y_val.std():
 #   which exceeds the constant's $s_y^2$ whenever $r < 1/2$;
 # - **half amplitude** and **shifted by 0.3**: the labels themselves with a scale or a location error ($r = 1$): CCC
 #   drops through $C_b$ alone.
+#
+# {numref}`fig-03-mse-ccc` shows three of them against the labels, and every score.
 
-# %%
+# %% tags=["hide-input"]
 display(table[["MSE", "Pearson r", "C_b", "CCC", "mean", "std"]].round(4))
+
+# %% tags=["hide-input"]
 show = slice(0, min(250, len(y_val)))
 fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
 axes[0].plot(y_val[show], color="k", lw=1.5, label="label (valence)")
@@ -249,6 +253,12 @@ axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol
 plt.tight_layout()
 plt.show()
 
+# %% [markdown] tags=["figure-caption"]
+# (fig-03-mse-ccc)=
+# Three predictions of the valence labels (left), and MSE (relative to the label variance) against CCC for all five
+# predictors (right): the least-squares line has the lowest MSE and not the highest CCC.
+
+# %%
 const, matched, lsq = (table.loc[k] for k in ("constant mean", "variance-matched z", "least squares on z"))
 assert const["MSE"] < matched["MSE"] and const["CCC"] < matched["CCC"], "MSE and CCC should rank these two apart"
 assert lsq["MSE"] == table["MSE"].drop(["half amplitude", "shifted by 0.3"]).min()
@@ -313,11 +323,13 @@ check("sum of the gradient = -2 rho_c (mean x - mean y) / D",
 #
 # The simulation draws `mc_batches` batches of each size from a fixed predictor $x = 0.6\,y + 0.1 + \varepsilon$,
 # $y \sim \mathcal N(0, 0.35^2)$, $\varepsilon \sim \mathcal N(0, 0.25^2)$, and compares the mean batch CCC with
-# the whole-set value and the expansion.
+# the whole-set value and the expansion ({numref}`fig-03-batch-bias`).
 
 # %%
-bias = X.batch_ccc_bias(mc_sizes, mc_batches, seed=seed)
+bias = X.batch_ccc_bias(mc_sizes, mc_batches, seed=seed, device=None if device == "cpu" else device)  # numpy on cpu
 rho_pop = bias["population"].iloc[0]
+
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 ax = axes[0]
 ax.fill_between(bias["batch_size"], bias["q05"], bias["q95"], color="tab:blue", alpha=0.15,
@@ -339,6 +351,13 @@ ax.set_xticks(mc_sizes, [str(b) for b in mc_sizes])
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-03-batch-bias)=
+# The CCC of batches of one fixed predictor against the batch size (left: mean and 5-95% range of the simulated batch
+# CCCs, the 1/b expansion, the whole-set CCC), and the gap between the whole-set CCC and the mean batch CCC (right).
+
+# %%
 display(bias.set_index("batch_size")[["mean", "sem", "std", "expected", "population"]].round(4).T)
 
 small = bias[bias["batch_size"] <= 32]
@@ -451,7 +470,7 @@ check("softmax approximation is exact at sigma = 1", abs(softmax_table.loc[1.0, 
 #
 # The checks: `UncertaintyWeighting.forward` against eq. 5 in the paper's $\sigma$ form (`X.eq5_total`); its
 # `weights()` against $1/(2\sigma^2)$ and $1/\sigma^2$; its gradient with respect to $s$ at the closed-form
-# $s^\ast$; and plain SGD on $s$ alone, with the losses held fixed, converging to $s^\ast$.
+# $s^\ast$; and plain SGD on $s$ alone, with the losses held fixed, converging to $s^\ast$ ({numref}`fig-03-relax`).
 
 # %%
 weighting = losses.UncertaintyWeighting().double()
@@ -484,6 +503,8 @@ relax = X.relax_log_vars(fixed_losses, steps=relax_steps, lr=relax_lr)
 s_star = {t: X.optimal_log_var(v, X.DEFAULT_KINDS[t]) for t, v in fixed_losses.items()}
 check(f"SGD on s alone ({relax_steps} steps, lr {relax_lr}) reaches s*",
       max(abs(relax[f"s_{t}"].iloc[-1] - s_star[t]) for t in tasks))
+
+# %% tags=["hide-input"]
 colors = dict(zip(tasks, ("tab:blue", "tab:orange", "tab:green")))
 tau = 2 / relax_lr
 fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
@@ -503,6 +524,11 @@ for ax in axes:
     ax.legend(fontsize=8, loc="center right" if ax is axes[0] else "upper right")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-03-relax)=
+# SGD on the uncertainty parameters alone, the three task losses held fixed: each $s_t$ relaxes to its closed-form
+# optimum (left, dashed), and the distance shrinks by the factor $1 - \eta/2$ per step (right).
 
 # %% [markdown]
 # ## 4. The learned weights during training
@@ -534,7 +560,7 @@ assert list(log["stage"]) == ["sum"] * steps_sum + ["uncertainty"] * steps_uncer
 print(f"{len(log)} steps and one validation pass in {time.perf_counter() - started:.1f} s "
       f"({backbone}, {image_size} px, batch {batch_size}, {device})")
 
-# %%
+# %% tags=["hide-input"]
 loss_mean = log[[f"loss_{t}" for t in tasks]].rolling(smooth, min_periods=1).mean()
 stage2 = log["stage"] == "uncertainty"
 switch = steps_sum + 0.5  # the trainer's steps count from 1
@@ -556,6 +582,11 @@ for ax in axes:
     ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-03-training)=
+# The miniature training run: task losses (left), effective weights with their optimum $1/(2L)$ dashed (middle), and
+# $\sigma_t$ (right); left of the dotted line the plain sum, right of it eq. 5.
 
 # %%
 tail = log[stage2].tail(max(1, min(2 * smooth, int(stage2.sum()))))
@@ -586,7 +617,8 @@ for t in tasks:
 # weight grows while $L_{va} < 1$ (a batch CCC above 0), and a classification weight grows only while its loss is
 # below $\frac12$: the AU loss (BCE averaged over AUs, mostly easy negatives) usually is, the expression loss (cross
 # entropy from about $\log 7 \approx 1.95$ down) usually is not. At equilibrium every weighted loss $w_t L_t$ is
-# $\frac12$, whatever the scale of the task's loss; the dashed lines show how closely the weights follow that target.
+# $\frac12$, whatever the scale of the task's loss; the dashed lines of {numref}`fig-03-training` show how closely the
+# weights follow that target.
 #
 # This is also eq. 5's weak point with a CCC loss: $s^\ast = \log L_{va}$ has no lower bound, so as the VA loss
 # approaches 0 (a network that fits its training videos well, or batches of a few near-identical frames) the VA

@@ -13,7 +13,7 @@
 # that training tells it what a real smile looks like, so its numbers on a real face are not expected to be
 # accurate. The last section says how to run the same cells with a checkpoint trained on Aff-Wild2.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 synth_size: str = "smoke"  # smoke, cpu or gpu: which training-chapter run supplies the model
 checkpoint_path: str = ""  # a model checkpoint; empty means the model the training chapter recorded for synth_size
 template: str = "synth"  # alignment template: synth for a model trained on SynthAffWild, arcface for Aff-Wild2
@@ -22,7 +22,7 @@ batch_size: int = 16  # frames per model batch
 threads: int = 2  # CPU threads of torch and onnxruntime
 seed: int = 0  # handheld jitter of the virtual camera and the fallback training
 
-# %%
+# %% tags=["hide-input"]
 import hashlib
 import io
 import json
@@ -93,7 +93,7 @@ display(Markdown(f"**Model:** {model_origin}. Trained at {extras.get('image_size
 # landmarks; a similarity transform maps the landmarks onto a template and cuts the 112x112 crop. Two templates
 # exist (`mtanet.inference.faces.TEMPLATES`): `arcface`, the InsightFace geometry of Aff-Wild2-style crops, and
 # `synth`, where the synthetic renderer puts the same five points (eyes about 9 px higher, a shorter eye-to-mouth
-# distance). The model sees very different crops depending on the choice:
+# distance). The model sees very different crops depending on the choice ({numref}`fig-06-photo`):
 
 # %%
 photo_path = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
@@ -102,6 +102,7 @@ aligners = {name: FaceAligner(template=name, threads=threads) for name in TEMPLA
 found = {name: al(photo)[0] for name, al in aligners.items()}
 face = found["arcface"].face
 
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 1 + 2 * len(found), figsize=(12, 3.2),
                          gridspec_kw={"width_ratios": [1.3] + [1] * (2 * len(found))})
 axes[0].imshow(photo)
@@ -120,6 +121,11 @@ for ax in axes:
     ax.axis("off")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-06-photo)=
+# The detection on the photograph (box, score and the five landmarks), and the crop of each alignment template
+# with the template's points in red, beside the same crop at the resolution the model was trained at.
 
 # %% [markdown]
 # `predict` runs the same steps on a file and returns one row per image. A folder of images works the same way;
@@ -151,9 +157,9 @@ table.round(3)
 # comes back, with a little handheld jitter. The frames are 640x480, H.264, 15 per second. **The face is real, the
 # motion is synthetic**: a rigid warp of a flat picture. The expression never changes, so an ideal model would draw
 # flat lines below, and every wiggle in them is the model reacting to scale, rotation, blur and compression rather
-# than to affect.
+# than to affect. {numref}`fig-06-camera` shows eight of its frames.
 
-# %%
+# %% tags=["hide-input"]
 video_path = work / "grace_hopper_camera.mp4"
 focus = ((face.x0 + face.x1) / 2, (face.y0 + face.y1) / 2)
 cam = write_camera_video(photo, video_path, focus=focus, n_frames=video_frames, seed=seed, margin=-80.0)
@@ -167,6 +173,11 @@ plt.tight_layout()
 plt.show()
 print(f"{video_path.name}: {video_frames} frames, {video_path.stat().st_size / 1e3:.0f} kB; the face centre is "
       f"outside the frame in {int((~cam.focus_in_view).sum())} of them")
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-06-camera)=
+# Eight frames of the virtual-camera video, evenly spaced: the whole picture, the zoom onto the face, the tilts,
+# the face leaving the frame and coming back.
 
 # %% [markdown]
 # `predict_to_csv` streams the video: frames are decoded one at a time, batched through the model, and each batch's
@@ -184,10 +195,10 @@ rows[["frame", "timestamp", "status", "n_faces", "face_score", "valence", "arous
 # %% [markdown]
 # ## Predictions over time
 #
-# Valence and arousal per frame (gaps where no face was found, shaded), the AU probabilities as a heat map (frames
+# {numref}`fig-06-timeline`: valence and arousal per frame (gaps where no face was found, shaded), the AU probabilities as a heat map (frames
 # by AUs, grey where there is no face), and the expression probabilities stacked per frame (they sum to 1).
 
-# %%
+# %% tags=["hide-input"]
 t = rows["timestamp"].to_numpy()
 no_face = rows["status"].ne("ok").to_numpy()
 au = rows[[f"{n}_prob" for n in au_names]].to_numpy()
@@ -216,10 +227,16 @@ axes[2].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
 plt.tight_layout()
 plt.show()
 
-# %% [markdown]
-# The aligned crops the model received, every few frames (detected again here with the same aligner):
+# %% [markdown] tags=["figure-caption"]
+# (fig-06-timeline)=
+# The model's predictions for every frame of the video: valence and arousal (top), AU probabilities (middle) and
+# the stacked expression probabilities (bottom); grey bands mark frames without a detected face.
 
-# %%
+# %% [markdown]
+# The aligned crops the model received, every few frames (detected again here with the same aligner), are in
+# {numref}`fig-06-crops`.
+
+# %% tags=["hide-input"]
 sample = np.linspace(0, video_frames - 1, 12).round().astype(int)
 fig, axes = plt.subplots(1, len(sample), figsize=(15, 1.8))
 for ax, i in zip(axes, sample):
@@ -229,6 +246,11 @@ for ax, i in zip(axes, sample):
     ax.axis("off")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-06-crops)=
+# Twelve aligned crops, evenly spaced over the video, each titled with its frame number and the predicted
+# expression.
 
 # %% [markdown]
 # ## The same video through ONNX
@@ -256,10 +278,11 @@ diff.rename("max abs difference").to_frame().T
 # %% [markdown]
 # ## Scrub the video
 #
-# Drag the slider: the frame, the detector's box and the predictions of that frame. (The figure below the viewer is
-# the first frame with a face, drawn the same way, for readers of the HTML page, where the slider does not run.)
+# Drag the slider: the frame, the detector's box and the predictions of that frame. The slider runs in JupyterLab
+# (`make lab`), where a kernel draws each frame; the HTML page, which has no kernel, shows in its place the first
+# frame with a face drawn the same way ({numref}`fig-06-viewer`).
 
-# %%
+# %% tags=["hide-input"]
 def draw_frame(i: int, width: int = 480) -> Image.Image:
     """Frame ``i`` (0-based) of the video with its box and predictions, ``width`` pixels wide."""
     img = Image.fromarray(render_frame(photo, cam.cx[i], cam.cy[i], cam.scale[i], cam.angle[i]))
@@ -290,11 +313,16 @@ slider = widgets.IntSlider(value=1, min=1, max=video_frames, description="frame"
 slider.observe(lambda change: setattr(viewer, "value", png(draw_frame(change["new"] - 1))), names="value")
 display(widgets.VBox([slider, viewer]))
 
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(6.4, 4.8))
 ax.imshow(draw_frame(int(np.argmax(rows["status"].eq("ok"))), width=640))
 ax.set_title("first frame with a face, as the viewer draws it", fontsize=10)
 ax.axis("off")
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-06-viewer)=
+# The first frame with a face as the viewer draws it: the detector's box and that frame's predictions.
 
 # %% [markdown]
 # ## Using a model trained on Aff-Wild2
@@ -323,7 +351,7 @@ plt.show()
 # `--aligned` skips detection for folders of ready crops, `--all-faces` gives one row per face, and `--smooth K`
 # averages K frames; the columns are described in the prediction schema page of this book.
 
-# %%
+# %% tags=["remove-input"]
 elapsed = time.perf_counter() - chapter_started
 display(Markdown(f"Chapter ran in {elapsed:.0f} s" + (f", of which {fallback_s:.0f} s training the fallback model."
                                                       if fallback_s else ".")))

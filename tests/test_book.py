@@ -202,6 +202,123 @@ def test_the_kernel_runs_in_the_notebooks_folder_and_the_caller_never_changes_fo
     assert Path.cwd() == before
 
 
+def test_paths_become_project_relative_only_at_a_path_boundary() -> None:
+    from mtanet.book.build import path_replacements, sanitise_paths
+
+    swaps = path_replacements(Path("/home/ada/mtanet"), work=Path("/scratch/w"), home=Path("/home/ada"))
+    assert sanitise_paths("run in /home/ada/mtanet/runs/x (see /home/ada/mtanet).", swaps) == "run in runs/x (see .)."
+    assert sanitise_paths("/scratch/w/data/synth-smoke", swaps) == "$MTANET_WORK/data/synth-smoke"
+    assert sanitise_paths("'/home/ada/.cache/torch'", swaps) == "'~/.cache/torch'"
+    assert sanitise_paths("/home/ada/mtanet2/x /scratch/wide", swaps) == "~/mtanet2/x /scratch/wide"
+    assert sanitise_paths("/srv/home/ada/mtanet/x", swaps) == "/srv/home/ada/mtanet/x"  # another folder's path
+
+
+TINY_CHAPTER = """# %% [markdown]
+# # Tiny
+#
+# The line is in {numref}`fig-tiny-line`.
+
+# %% tags=["parameters"]
+n: int = 1  # points
+where: str = ""  # a folder to print
+
+# %%
+import os
+
+print("tiny", n * 7, "in", where, "and", os.getcwd())
+
+# %%
+import matplotlib.pyplot as plt
+
+plt.plot(range(n))
+plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-tiny-line)=
+# A line of `n` points.
+
+# %%
+import ipywidgets
+
+ipywidgets.IntSlider(value=n)
+"""
+
+
+def _tiny_project(tmp_path: Path, chapter: str = TINY_CHAPTER) -> tuple[Path, Path]:
+    project = tmp_path / "project"
+    (project / "notebooks" / "params" / "01_tiny").mkdir(parents=True)
+    source = project / "notebooks" / "01_tiny.py"
+    source.write_text(chapter)
+    (project / "notebooks" / "params" / "01_tiny" / "smoke.yaml").write_text(f"n: 5\nwhere: {project / 'runs'}\n")
+    return project, source
+
+
+def test_a_finished_chapter_shows_relative_paths_captions_no_widget_and_a_provenance_box_that_reproduces_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtanet.book.build import WIDGET_NOTE, finish_chapter
+    from mtanet.runtime import WORK_ENV
+
+    project, source = _tiny_project(tmp_path)
+    monkeypatch.setenv(WORK_ENV, str(tmp_path / "work"))
+    executed = project / "book" / "_build" / "src" / "book" / "chapters" / "01_tiny.ipynb"
+    params = book.parameters_for(source, "smoke")
+    seconds = book.execute(source, executed, params)
+    raw = nbformat.read(executed, as_version=4)
+    assert str(project) in json.dumps([c.get("outputs") for c in raw.cells]), "the fixture prints no absolute path"
+    assert "widgets" in raw.metadata, "nbclient stored no widget state: the widget check below would prove nothing"
+
+    labels = finish_chapter(executed, notebook=source, profile="smoke", parameters=params, seconds=seconds,
+                            root=project)
+    nb = nbformat.read(executed, as_version=4)
+    text = json.dumps(nb)
+    assert str(project) not in text and str(tmp_path) not in text
+    assert "tiny 35 in runs and notebooks" in text  # the parameter and the kernel's folder, relative
+    assert labels == ["fig-tiny-line"]
+    assert not any("figure-caption" in c.metadata.get("tags", []) for c in nb.cells)
+    figure = next(c for c in nb.cells if c.cell_type == "code" and "plt.plot" in c.source)
+    assert figure.metadata["mystnb"]["figure"] == {"name": "fig-tiny-line", "caption": "A line of `n` points."}
+    assert "widgets" not in nb.metadata and "application/vnd.jupyter.widget-view+json" not in text
+    assert WIDGET_NOTE in text
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "hide-input" in injected.metadata["tags"] and 'where = "runs"' in injected.source
+    box = nb.cells[-1]
+    assert box.cell_type == "markdown" and "provenance" in box.source.splitlines()[1]
+    for fact in ("`smoke`", "`n=5`", "Commit:", "torch ", "Hardware:", f"{seconds:.1f} s"):
+        assert fact in box.source, fact
+    command = re.search(r"```bash\n(.*?)\n\s*```", box.source, re.DOTALL).group(1)
+    assert "-f notebooks/params/01_tiny/smoke.yaml" in command
+
+    # the command, run as the box says (from the checkout, the venv's tools first), makes the same page
+    again = command.replace("book/_build/src/book/chapters/01_tiny.ipynb", str(tmp_path / "again.ipynb"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    ran = subprocess.run(["bash", "-c", again], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    streams = ["".join(o.get("text", "")) for c in nbformat.read(tmp_path / "again.ipynb", as_version=4).cells
+               for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    assert any(f"tiny 35 in {project / 'runs'} and {project / 'notebooks'}" in s for s in streams), streams
+
+
+def test_a_caption_needs_its_label_and_a_figure_shown_alone(tmp_path: Path) -> None:
+    from mtanet.book.build import finish_chapter
+
+    project, source = _tiny_project(tmp_path)
+
+    def finished(cells: list) -> None:
+        path = tmp_path / "executed.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+        finish_chapter(path, notebook=source, profile="smoke", parameters={}, seconds=1.0, root=project)
+
+    image = nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    table = nbformat.v4.new_output("display_data", data={"text/html": "<table></table>", "text/plain": "table"})
+    caption = nbformat.v4.new_markdown_cell("(fig-x)=\nA caption.", metadata={"tags": ["figure-caption"]})
+    with pytest.raises(book.NotebookFailed, match="displays 2 outputs"):
+        finished([nbformat.v4.new_code_cell("draw()", outputs=[table, image]), caption])
+    with pytest.raises(book.NotebookFailed, match=r"'\(fig-name\)=' line"):
+        finished([nbformat.v4.new_code_cell("draw()", outputs=[image]),
+                  nbformat.v4.new_markdown_cell("A caption without a label.", metadata={"tags": ["figure-caption"]})])
+    finished([nbformat.v4.new_code_cell("draw()", outputs=[image]), caption])  # the figure alone: accepted
+
+
 def _chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -218,6 +335,78 @@ def _rendered_dom(html: Path) -> str:
             capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+#: Chapters whose plumbing is folded and whose figures are numbered and captioned (the book's convention, see
+#: mtanet.book.build.CAPTION_TAG); each must show at least one of each.
+FOLDED_AND_CAPTIONED = ("02_architecture", "03_losses", "06_real_faces")
+
+
+def _tagged(notebook: Path, tag: str, cell_type: str) -> int:
+    return sum(1 for c in jupytext.read(notebook).cells
+               if c.cell_type == cell_type and tag in c.metadata.get("tags", []))
+
+
+def _check_pages_for_readers(html: Path, tmp_path: Path) -> None:
+    """What a reader of the published book meets, page by page, in Chromium: folded plumbing, numbered captions,
+    a provenance box, no absolute path of the machine that built it, no request to the network (widgets included),
+    and code that fits the page."""
+    from playwright.sync_api import sync_playwright
+
+    from mtanet.book.build import WIDGET_NOTE
+
+    builders = {str(p) for p in (ROOT, ROOT.resolve(), tmp_path, tmp_path.resolve())} | {f"{Path.home()}/"}
+    for page in sorted(html.rglob("*.html")):
+        text = page.read_text()
+        leaked = [p for p in builders if p in text]
+        assert not leaked, f"{page.relative_to(html)} shows the builder's absolute paths {leaked}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        try:
+            view = browser.new_page(viewport={"width": 1280, "height": 900})
+            for nb in NOTEBOOKS:
+                requests: list[str] = []
+
+                def record(request, seen=requests) -> None:
+                    seen.append(request.url)
+
+                view.on("request", record)
+                view.goto((html / "book" / "chapters" / f"{nb.stem}.html").as_uri(), wait_until="load")
+                view.wait_for_timeout(500)
+                view.remove_listener("request", record)
+                remote = [u for u in requests if not u.startswith(("file:", "data:", "blob:", "about:"))]
+                assert not remote, f"{nb.stem}: the page asks the network for {remote[:5]}"
+                dom = view.content()
+                assert "widget-state+json" not in dom and "embed-amd" not in dom, f"{nb.stem}: widget manager loaded"
+                if "ipywidgets" in nb.read_text():
+                    assert WIDGET_NOTE.strip("*").split(":")[0] in view.inner_text("main"), nb.stem
+                box = view.locator("div.admonition.provenance")
+                assert box.count() == 1, f"{nb.stem}: no provenance box"
+                assert box.inner_text().strip().startswith("How this page was made")
+                assert f"-f notebooks/params/{nb.stem}/smoke.yaml" in box.inner_text(), nb.stem
+                # every hide-input cell of the source is folded (papermill's injected parameters too), every
+                # remove-input cell shows its output only, every caption numbers its figure
+                folded = view.locator("div.cell.tag_hide-input details.hide.above-input").count()
+                assert folded == _tagged(nb, "hide-input", "code") + 1, f"{nb.stem}: {folded} folded cells"
+                removed = view.locator("div.cell.tag_remove-input")
+                assert removed.count() == _tagged(nb, "remove-input", "code"), nb.stem
+                assert all(removed.nth(i).locator(".cell_input").count() == 0 for i in range(removed.count()))
+                captions = view.locator("figure figcaption span.caption-number")
+                assert captions.count() == _tagged(nb, "figure-caption", "markdown"), nb.stem
+                numbers = [captions.nth(i).inner_text().strip() for i in range(captions.count())]
+                assert all(re.fullmatch(r"Figure \d+", n) for n in numbers), numbers  # numbered through the book
+                assert [int(n.split()[1]) for n in numbers] == list(range(int(numbers[0].split()[1]), int(
+                    numbers[0].split()[1]) + len(numbers))) if numbers else True, numbers
+                if nb.stem in FOLDED_AND_CAPTIONED:
+                    assert folded > 1 and captions.count() > 0, f"{nb.stem}: no folded cells or no captions"
+                # no code cell and no page scrolls sideways
+                wide = view.evaluate("""() => [...document.querySelectorAll('div.cell_input pre')]
+                    .filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+                    .map(e => e.textContent.slice(0, 60))""")
+                assert not wide, f"{nb.stem}: code wider than the page: {wide[:3]}"
+                assert view.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), nb.stem
+        finally:
+            browser.close()
 
 
 def test_a_chapters_kernel_writes_where_mtanet_work_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,6 +475,7 @@ def test_smoke_book_builds_and_every_chapter_shows_its_figures(tmp_path: Path, m
             assert (page.parent / src).resolve().exists(), f"{nb.stem}: figure {src} does not exist"
         for marker in ("Traceback (most recent call last)", 'class="output traceback', 'class="output stderr'):
             assert marker not in dom, f"{nb.stem}: the page shows an error output ({marker})"
+    _check_pages_for_readers(html, tmp_path)
     # the equations are typeset by the MathJax copied into the book, not fetched from a CDN (CI has no network)
     losses = _rendered_dom(html / "book" / "chapters" / "03_losses.html")
     assert "_static/mathjax/tex-chtml.js" in losses and "<mjx-container" in losses

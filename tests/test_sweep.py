@@ -418,3 +418,100 @@ def test_summary_file_round_trips_and_the_results_folder_follows_the_shared_para
     for options in ({}, {"num_workers": 2}):
         assert a == sweep.results_folder({"synth_size": "cpu", "image_size": 40, "train_options": options}, "small",
                                          root=tmp_path)
+
+
+def _table_without_folders(out: Path) -> pd.DataFrame:
+    return sweep.collect(out).drop(columns=["folder"])
+
+
+@pytest.mark.slow
+def test_a_sweep_sent_to_slurm_through_submitit_gives_the_local_sweeps_results_and_resumes(
+        fake, tmp_path: Path) -> None:
+    """submitit's local cluster stands in for Slurm: the same jobs, each a separate process started by submitit."""
+    pytest.importorskip("submitit")
+    notebook, calls = fake
+    local_out, local_calls = tmp_path / "local", tmp_path / "local-calls.txt"
+    sweep.run_sweep(sweep.plan(["senet", "resnext"], [0], {"calls": str(local_calls)}, family="small"),
+                    local_out, notebook=notebook, log=None)
+
+    runs = sweep.plan(["senet", "resnext"], [0], {"calls": str(calls), "fail_once": "resnext/seed0"}, family="small")
+    out = tmp_path / "slurm"
+    options = {"cluster": "local", "timeout_min": 10, "partition": "not-used-by-the-local-cluster"}
+    lines: list[str] = []
+    before = Path.cwd()
+    with pytest.raises(NotebookFailed, match="killed half way"):
+        sweep.run_sweep(runs, out, notebook=notebook, executor="slurm", slurm=options, log=lines.append)
+    assert Path.cwd() == before
+    assert sorted(_calls(calls)) == ["resnext/seed0", "senet/seed0"]
+    assert sum(line.startswith("  submitted") for line in lines) == 2
+    assert any(line.startswith("  failed resnext/seed0") for line in lines)
+    # the other run finished in its job; the failed one keeps its partial state for the next call
+    assert sweep.collect(out)["row"].tolist() == ["senet"]
+    assert (out / "resnext" / "seed0" / "last.pt").exists()
+    assert not list(out.glob("*/*/best_mean.pt"))
+    assert list((out / "_submitit").glob("*/*_log.err"))  # submitit's job logs, apart from the run folders
+
+    status = sweep.run_sweep(runs, out, notebook=notebook, executor="slurm", slurm=options, log=None)
+    assert _calls(calls)[2:] == ["resnext/seed0"]
+    assert dict(zip(status["run"], status["status"])) == {"senet/seed0": "reused", "resnext/seed0": "ran"}
+    assert status.loc[status["status"] == "ran", "seconds"].notna().all()
+    for name in (sweep.RUN_FILE, sweep.NOTEBOOK_FILE, sweep.KERNEL_LOG_FILE, sweep.METRICS_FILE):
+        assert (out / "resnext" / "seed0" / name).exists(), name
+    assert json.loads((out / "resnext" / "seed0" / "metrics.json").read_text())["resumed_from"] == 2
+    pd.testing.assert_frame_equal(_table_without_folders(out), _table_without_folders(local_out))
+
+    # all done: nothing is submitted, and the local executor reads the same folder as its own
+    assert sweep.run_sweep(runs, out, notebook=notebook, executor="slurm", slurm=options,
+                           log=None)["status"].tolist() == ["reused"] * 2
+    assert sweep.run_sweep(runs, out, notebook=notebook, log=None)["status"].tolist() == ["reused"] * 2
+    assert len(_calls(calls)) == 3
+
+
+@pytest.mark.slow
+def test_the_training_chapter_run_as_a_submitit_job_gives_the_numbers_of_a_local_run(smoke_root: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The real chapter, a few steps, in a job process submitit started (kernel, papermill and trainer there)."""
+    pytest.importorskip("submitit")
+    base = {"data_root": str(smoke_root), "synth_size": "smoke", "device": "cpu", "image_size": 32, "batch_size": 8,
+            "steps_per_epoch": 2, "stage1_epochs": 1, "stage2_epochs": 1, "threads": 1,
+            "train_options": {"feature_dim": 32}}
+    runs = sweep.plan(["senet"], [3], base, family="small")
+    sweep.run_sweep(runs, tmp_path / "local", drop_tags=("report",), log=None)
+    status = sweep.run_sweep(runs, tmp_path / "slurm", drop_tags=("report",), executor="slurm",
+                             slurm={"cluster": "local", "timeout_min": 10}, log=None)
+    assert status["status"].tolist() == ["ran"]
+    local, remote = (json.loads((tmp_path / where / "senet" / "seed3" / sweep.METRICS_FILE).read_text())
+                     for where in ("local", "slurm"))
+    assert remote["config"]["seed"] == 3 and remote["steps"] == local["steps"] == 4
+    assert remote["final"] == local["final"] and remote["history"] == local["history"]
+    pd.testing.assert_frame_equal(_table_without_folders(tmp_path / "slurm").drop(columns=["train_seconds"]),
+                                  _table_without_folders(tmp_path / "local").drop(columns=["train_seconds"]))
+
+
+@pytest.mark.parametrize("executor, options, match", [
+    ("kubernetes", None, r"executor='kubernetes' is not one of \['local', 'slurm'\]"),
+    ("local", {"timeout_min": 10}, "slurm parameters are given but executor='local'"),
+    ("slurm", {"cluster": "local"}, "slurm needs timeout_min"),
+    ("slurm", {"cluster": "local", "timeout_min": 10, "gpus": 1}, "rejected by submitit.*'gpus'"),
+    ("slurm", {"cluster": "pbs", "timeout_min": 10}, "executor='slurm'.*pbs"),
+])
+def test_bad_executor_options_are_refused_before_any_run_starts(fake, tmp_path: Path, executor, options,
+                                                                match) -> None:
+    if executor == "slurm":
+        pytest.importorskip("submitit")
+    notebook, calls = fake
+    runs = sweep.plan(["senet"], [0], {"calls": str(calls)}, family="small")
+    with pytest.raises(ConfigError, match=match):
+        sweep.run_sweep(runs, tmp_path / "results", notebook=notebook, executor=executor, slurm=options, log=None)
+    assert _calls(calls) == [] and not (tmp_path / "results" / "senet").exists()
+
+
+def test_without_submitit_the_slurm_option_is_one_clear_error(fake, tmp_path: Path, monkeypatch) -> None:
+    notebook, calls = fake
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now raises ImportError
+    runs = sweep.plan(["senet"], [0], {"calls": str(calls)}, family="small")
+    with pytest.raises(ConfigError) as caught:
+        sweep.run_sweep(runs, tmp_path / "results", notebook=notebook, executor="slurm",
+                        slurm={"timeout_min": 10}, log=None)
+    assert str(caught.value) == "run_sweep: executor='slurm' needs the submitit package (pip install submitit)"
+    assert _calls(calls) == [] and not (tmp_path / "results").exists()

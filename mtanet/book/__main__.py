@@ -1,7 +1,9 @@
 """``python -m mtanet.book``: execute the chapters for a profile and render the book (what ``make book`` runs).
 
-``--only 05_ablations --no-html`` executes one chapter alone (``make sweep``). A failing cell, a missing parameter
-file or a failed HTML build prints one ``[book] FAILED: ...`` line and exits with code 1.
+``--only 05_ablations --no-html`` executes one chapter alone (``make sweep``). ``--publish DIR`` executes nothing: it
+copies the rendered HTML of the build folder to DIR, a self-contained site for any static host (``make publish``).
+A failing cell, a missing parameter file, a failed HTML build or a folder that cannot be published to prints one
+``[book] FAILED: ...`` line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from mtanet.book.build import PROFILES, build
+from mtanet.book.build import PROFILES, build, publish
 from mtanet.errors import MtanetError, NotebookFailed
+from mtanet.runtime import project_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-dir", type=Path, default=None, help="default: book/_build")
     parser.add_argument("--only", nargs="*", help="notebook stems to execute (default: all)")
     parser.add_argument("--no-html", action="store_true", help="execute only, do not render")
+    parser.add_argument("--publish", type=Path, metavar="DIR",
+                        help="copy the book already rendered in the build folder to DIR (empty, missing, or an "
+                             "earlier copy) for a static host; executes nothing")
     args = parser.parse_args(argv)
     try:
+        if args.publish is not None:
+            html = (args.build_dir or project_root() / "book" / "_build") / "html"
+            print(f"[book] published {publish(html, args.publish)}")
+            return 0
         build(args.profile, build_dir=args.build_dir, only=args.only, html=not args.no_html)
     except (NotebookFailed, MtanetError, RuntimeError, FileNotFoundError) as err:
         print(f"[book] FAILED: {err}", file=sys.stderr)

@@ -14,6 +14,10 @@ where it stopped; the run that was cut off restarts from its own ``last.pt`` (th
 ``resume=True``), and its finished neighbours are not redone. A folder whose ``sweep_run.json`` holds other
 parameters is an error, never silently reused: results of two configurations must not share a row.
 
+Runs execute on this machine (``jobs`` kernels at a time) or, with ``run_sweep(..., executor="slurm", slurm={...})``,
+as one Slurm job array submitted through submitit; each job executes its run into the same folder the same way, so
+both paths leave the same files and either can resume the other's sweep.
+
 Rows (:data:`ROWS`) follow the paper: Table I's three backbones, and the comparisons it discusses without
 tabulating them (sum-only fine-tuning against eq. 5's uncertainty weighting, each single-task network against the
 multi-task one, average pooling against the avg+max neck). Every row changes one thing against ``senet``, the
@@ -45,11 +49,12 @@ import pandas as pd
 from scipy import stats
 
 from mtanet.book.build import execute
-from mtanet.errors import ConfigError, SweepConflict
+from mtanet.errors import ConfigError, NotebookFailed, SweepConflict
 from mtanet.runtime import atomic_path, json_clean, project_root, usable_cores, work_root, write_json
 from mtanet.train import BEST_KEYS, CHECKPOINT, TrainConfig
 
 __all__ = [
+    "EXECUTORS",
     "FAMILIES",
     "HOW_NOT_WHAT",
     "KERNEL_LOG_FILE",
@@ -258,28 +263,53 @@ def _status(run: SweepRun, folder: Path) -> str:
 def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
               notebook: str | os.PathLike[str] | None = None, jobs: int = 1, drop_tags: Sequence[str] = (),
               keep_checkpoints: bool = False, timeout: int | None = None,
-              log: Callable[[str], None] | None = print) -> pd.DataFrame:
+              log: Callable[[str], None] | None = print, executor: str = "local",
+              slurm: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Execute every run that has no stored results; returns one row per run with its status and wall time.
+
+    Runs execute on this machine by default. With ``executor="slurm"`` each run is a task of one Slurm job array
+    submitted through submitit (installed separately: ``pip install submitit``); this process waits for them and
+    returns the same table, and the run folders hold the same files, so resuming, :func:`collect` and a later local
+    sweep over the same folder work alike. The results folder must be on a file system the compute nodes share, and
+    the nodes must run this checkout's Python environment (submitit starts the jobs with this interpreter).
 
     Args:
         runs: from :func:`plan`.
         results_dir: where the run folders live (created).
         notebook: the py:percent notebook to execute; default: the book's training chapter.
         jobs: runs executed at the same time, each in its own kernel; each kernel then gets ``cores // jobs``
-            torch threads unless the parameters set ``threads``.
+            torch threads unless the parameters set ``threads``. With ``executor="slurm"``: the most array tasks
+            running at once (``slurm_array_parallelism``) unless ``slurm`` sets it; each run then gets the cores of
+            its node that Slurm grants it (``cpus_per_task``).
         drop_tags: cells with any of these tags are left out of the executed runs (the training chapter tags its
             figures ``report``; a sweep only needs the scores).
         keep_checkpoints: keep each finished run's ``*.pt`` files (a sweep only needs ``metrics.json``; the
             checkpoints of a 50-layer network take about 100 MB each).
         timeout: seconds one cell may run.
         log: called with one line per started and finished run; ``None`` for silence.
+        executor: ``"local"`` (this machine, ``jobs`` threads each driving a kernel) or ``"slurm"``.
+        slurm: with ``executor="slurm"``, the submitit parameters: ``timeout_min`` (required: minutes one run may
+            take; submitit's default of a few minutes would end most training runs), the generic ones of
+            ``submitit.AutoExecutor`` (``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``name``, ...), Slurm's own
+            with or without their ``slurm_`` prefix (``partition``, ``account``, ``additional_parameters``, ...),
+            ``folder`` (submitit's scripts and job logs; default ``<results_dir>/_submitit/<job id>``) and
+            ``cluster`` (default: Slurm; ``"local"`` runs the same jobs as local processes, for testing).
 
     Raises:
         SweepConflict: a run folder holds another configuration (checked for every run before anything starts).
         mtanet.errors.ConfigError: a run to execute has a parameter the notebook does not declare (a TrainConfig
-            field belongs in ``train_options``).
+            field belongs in ``train_options``); an unknown ``executor``, ``slurm`` parameters without
+            ``executor="slurm"``, invalid submitit parameters, submitit not installed or no Slurm cluster found (all
+            checked before any run starts).
         mtanet.errors.NotebookFailed: a run failed; the runs started before it still finish and keep their results.
+        RuntimeError: a Slurm job ended without a result (time limit, cancelled, node failure); its run folder keeps
+            its partial state and the next call resumes it.
     """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"run_sweep: executor={executor!r} is not one of {list(EXECUTORS)}")
+    if slurm is not None and executor != "slurm":
+        raise ConfigError(f"run_sweep: slurm parameters are given but executor={executor!r}; "
+                          "pass executor='slurm' to submit the runs through submitit")
     notebook = Path(notebook) if notebook else project_root() / "notebooks" / "04_training.py"
     results_dir = Path(results_dir)
     keys = [r.key for r in runs]
@@ -294,37 +324,157 @@ def run_sweep(runs: Sequence[SweepRun], results_dir: str | os.PathLike[str], *,
             if unknown:
                 hint = " (TrainConfig fields go in train_options)" if "train_options" in declared else ""
                 raise ConfigError(f"{run.key}: {notebook.name} declares no parameter {', '.join(unknown)}{hint}")
-    threads = max(1, usable_cores() // max(1, jobs))
     say = log or (lambda _: None)
-    say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run with {jobs} at a time "
-        f"into {results_dir}")
-    wall: dict[str, float] = {}
+    if executor == "slurm":
+        submitter = _slurm_executor(slurm or {}, results_dir, jobs) if todo else None
+        where = f"as a job array on {submitter.cluster}" if submitter is not None else "on Slurm"
+        say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run {where} "
+            f"into {results_dir}")
+        wall = _run_on_slurm(submitter, todo, results_dir, notebook, statuses, timeout=timeout,
+                             drop_tags=tuple(drop_tags), keep_checkpoints=keep_checkpoints, say=say) if todo else {}
+    else:
+        threads = max(1, usable_cores() // max(1, jobs))
+        say(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run with {jobs} at a "
+            f"time into {results_dir}")
+        wall = {}
 
-    def one(run: SweepRun) -> None:
-        folder = run.folder(results_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / RUN_FILE, run.record())
-        parameters = {"threads": threads, **run.parameters, "output_dir": str(folder.resolve())}
-        say(f"  start {run.key} ({'resuming' if statuses[run.key] == 'partial' else 'new'})")
-        wall[run.key] = execute(notebook, folder / NOTEBOOK_FILE, parameters, timeout=timeout,
-                                drop_tags=tuple(drop_tags), kernel_log=folder / KERNEL_LOG_FILE)
-        if not (folder / METRICS_FILE).is_file():
-            raise RuntimeError(f"{folder / NOTEBOOK_FILE}: the notebook ran but wrote no {METRICS_FILE} in "
-                               f"{folder}; it must train into its output_dir parameter")
-        if not keep_checkpoints:  # the trainer's checkpoints only, never another .pt of the folder
-            for name in (CHECKPOINT, *(f"best_{key}.pt" for key in BEST_KEYS)):
-                (folder / name).unlink(missing_ok=True)
-        say(f"  done  {run.key} in {wall[run.key]:.0f} s")
+        def one(run: SweepRun) -> None:
+            folder = _prepare(run, results_dir)
+            say(f"  start {run.key} ({'resuming' if statuses[run.key] == 'partial' else 'new'})")
+            wall[run.key] = _execute_run(notebook, folder, run.parameters, threads=threads, timeout=timeout,
+                                         drop_tags=tuple(drop_tags), keep_checkpoints=keep_checkpoints)
+            say(f"  done  {run.key} in {wall[run.key]:.0f} s")
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(one, r) for r in todo]
-        errors = [f.exception() for f in futures]  # waits for all: a failure does not cancel finished work
-    failed = [e for e in errors if e is not None]
-    if failed:
-        raise failed[0]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(one, r) for r in todo]
+            errors = [f.exception() for f in futures]  # waits for all: a failure does not cancel finished work
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise failed[0]
     return pd.DataFrame([{"run": r.key, "row": r.row, "seed": r.seed,
                           "status": "reused" if statuses[r.key] == "done" else "ran",
                           "seconds": wall.get(r.key)} for r in runs])
+
+
+#: Where :func:`run_sweep` can execute runs.
+EXECUTORS = ("local", "slurm")
+
+
+def _prepare(run: SweepRun, results_dir: Path) -> Path:
+    """The run's folder, created, with its record written before anything runs (what :func:`_status` checks)."""
+    folder = run.folder(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RUN_FILE, run.record())
+    return folder
+
+
+def _execute_run(notebook: Path, folder: Path, parameters: Mapping[str, Any], *, threads: int | None,
+                 timeout: int | None, drop_tags: tuple[str, ...], keep_checkpoints: bool) -> float:
+    """Execute one run's notebook into its folder (in this process's thread, or in a Slurm job); its wall time.
+
+    ``threads=None``: the cores this process may use (a Slurm job's allocation).
+    """
+    parameters = {"threads": threads or usable_cores(), **parameters, "output_dir": str(folder.resolve())}
+    seconds = execute(notebook, folder / NOTEBOOK_FILE, parameters, timeout=timeout, drop_tags=drop_tags,
+                      kernel_log=folder / KERNEL_LOG_FILE)
+    if not (folder / METRICS_FILE).is_file():
+        raise RuntimeError(f"{folder / NOTEBOOK_FILE}: the notebook ran but wrote no {METRICS_FILE} in "
+                           f"{folder}; it must train into its output_dir parameter")
+    if not keep_checkpoints:  # the trainer's checkpoints only, never another .pt of the folder
+        for name in (CHECKPOINT, *(f"best_{key}.pt" for key in BEST_KEYS)):
+            (folder / name).unlink(missing_ok=True)
+    return seconds
+
+
+def _slurm_task(notebook: str, folder: str, parameters: dict[str, Any], timeout: int | None,
+                drop_tags: tuple[str, ...], keep_checkpoints: bool) -> dict[str, Any]:
+    """What one Slurm job runs: :func:`_execute_run`, its failure returned as a value.
+
+    The error comes back as its class name and message, not as submitit's wrapped traceback, so the sweep raises
+    the same :class:`NotebookFailed` as a local run (the traceback is in the run's ``run.ipynb`` and the job log).
+    """
+    try:
+        return {"seconds": _execute_run(Path(notebook), Path(folder), parameters, threads=None, timeout=timeout,
+                                        drop_tags=drop_tags, keep_checkpoints=keep_checkpoints)}
+    except Exception as err:  # noqa: BLE001 - every failure is reported to the sweep, which raises it
+        return {"error": type(err).__name__, "message": str(err)}
+
+
+#: submitit.AutoExecutor's own parameters; any other key of ``slurm`` is Slurm's (prefixed ``slurm_`` if it is not)
+_GENERIC_SUBMITIT = frozenset({"name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node",
+                               "tasks_per_node", "stderr_to_stdout"})
+
+
+def _slurm_executor(slurm: Mapping[str, Any], results_dir: Path, jobs: int) -> Any:
+    """A ``submitit.AutoExecutor`` set up from ``slurm`` (see :func:`run_sweep`); ConfigError on bad parameters."""
+    try:
+        import submitit  # here: only a sweep sent to Slurm needs it, and it is an optional package
+    except ImportError:
+        raise ConfigError("run_sweep: executor='slurm' needs the submitit package (pip install submitit)") from None
+    if not isinstance(slurm, Mapping):
+        raise ConfigError(f"run_sweep: slurm must be a mapping of submitit parameters, got {slurm!r}")
+    options = dict(slurm)
+    folder = Path(options.pop("folder", None) or results_dir / "_submitit" / "%j")
+    cluster = options.pop("cluster", None)
+    if "timeout_min" not in options:
+        raise ConfigError("run_sweep: slurm needs timeout_min (minutes one run may take); submitit's default of a "
+                          "few minutes would end most training runs")
+    parameters = {"name": "mtanet-sweep", "slurm_array_parallelism": max(1, jobs)}
+    for key, value in options.items():
+        generic_or_prefixed = key in _GENERIC_SUBMITIT or key.split("_", 1)[0] in ("slurm", "local", "debug")
+        parameters[key if generic_or_prefixed else f"slurm_{key}"] = value
+    try:
+        submitter = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except (RuntimeError, ValueError) as err:  # no sbatch/srun here, or an unknown cluster name
+        raise ConfigError(f"run_sweep: executor='slurm': {err} (slurm={{'cluster': 'local'}} runs the jobs as "
+                          "local processes)") from None
+    try:
+        submitter.update_parameters(**parameters)
+    except (NameError, ValueError, TypeError) as err:
+        raise ConfigError(f"run_sweep: slurm parameters rejected by submitit: {str(err).splitlines()[0]}") from None
+    return submitter
+
+
+def _run_on_slurm(submitter: Any, todo: Sequence[SweepRun], results_dir: Path, notebook: Path,
+                  statuses: Mapping[str, str], *, timeout: int | None, drop_tags: tuple[str, ...],
+                  keep_checkpoints: bool, say: Callable[[str], None]) -> dict[str, float]:
+    """Submit ``todo`` as one job array, wait for every task, return their wall times; raise the first failure
+    after all have ended (as the local path does: a failure does not cancel the others)."""
+    import submitit.helpers
+
+    folders = [_prepare(run, results_dir) for run in todo]
+    jobs = submitter.map_array(
+        _slurm_task, [str(notebook.resolve())] * len(todo), [str(f.resolve()) for f in folders],
+        [dict(r.parameters) for r in todo], [timeout] * len(todo), [drop_tags] * len(todo),
+        [keep_checkpoints] * len(todo))
+    by_id = {job.job_id: run for job, run in zip(jobs, todo)}
+    for job, run in zip(jobs, todo):
+        say(f"  submitted {run.key} as job {job.job_id} "
+            f"({'resuming' if statuses[run.key] == 'partial' else 'new'})")
+    wall: dict[str, float] = {}
+    failures: list[Exception] = []
+    local = submitter.cluster in ("local", "debug")
+    for job in submitit.helpers.as_completed(jobs, poll_frequency=1 if local else 30):
+        run = by_id[job.job_id]
+        try:
+            outcome = job.result()
+        except Exception as err:  # noqa: BLE001 - the job died: time limit, cancelled, out of memory, node failure
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            failures.append(RuntimeError(f"{run.key}: Slurm job {job.job_id} ended without a result ({first}); "
+                                         f"its log: {job.paths.stderr}; the next sweep resumes this run"))
+            say(f"  lost  {run.key} (job {job.job_id})")
+            continue
+        if "error" in outcome:
+            kind = NotebookFailed if outcome["error"] == "NotebookFailed" else RuntimeError
+            failures.append(kind(outcome["message"]) if kind is NotebookFailed
+                            else kind(f"{run.key}: {outcome['error']}: {outcome['message']}"))
+            say(f"  failed {run.key} (job {job.job_id})")
+            continue
+        wall[run.key] = outcome["seconds"]
+        say(f"  done  {run.key} in {wall[run.key]:.0f} s (job {job.job_id})")
+    if failures:
+        raise failures[0]
+    return wall
 
 
 def _run_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

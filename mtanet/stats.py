@@ -1,0 +1,207 @@
+"""Comparing ablation rows: paired by seed, with intervals, a multiplicity correction and an equivalence rule.
+
+An ablation table compares many rows with one reference row on several scores. Read one difference at a time, the
+chance that *some* difference looks real when none is grows with the number of comparisons (15 comparisons at a 5%
+level each flag at least one about half of the time). :func:`compare` therefore
+
+- pairs each run of a row with the reference's run of the same seed (same initialisation, batches and
+  augmentation draws, so the seed's own luck cancels in the difference);
+- gives the mean paired difference with a two-sided ``1 - alpha`` t interval and the paired t test's p-value;
+- adjusts the p-values with Holm's step-down method over every (row, metric) of the call, which keeps the chance of
+  any false ``better``/``worse`` verdict in the call at most ``alpha``;
+- calls a row ``equivalent`` only when the difference is shown to be small: the two one-sided tests (TOST) at level
+  ``alpha``, i.e. the ``1 - 2*alpha`` t interval (90% for the usual 0.05) lies strictly inside ``(-margin, margin)``.
+  No difference found is not the same as no difference: everything else is ``inconclusive``.
+
+Equivalence verdicts are not adjusted for multiplicity (each TOST is at level ``alpha``); the ``better``/``worse``
+ones are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mtanet.errors import ConfigError
+
+__all__ = ["COLUMNS", "VERDICTS", "compare", "holm"]
+
+#: The columns of :func:`compare`'s table, in order.
+COLUMNS = ("row", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
+           "verdict")
+
+#: The verdicts :func:`compare` gives.
+VERDICTS = ("better", "worse", "equivalent", "inconclusive")
+
+# scores live in [-1, 1]; a spread or mean of paired differences below this is float rounding (two runs stuck on
+# the same trivial predictor differ in the last bits of a sum), not a difference to test
+_ROUNDING = 1e-9
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values, in the input's order: monotone in the sorted p-values, capped at 1.
+
+    NaN entries (comparisons that could not be tested) stay NaN and do not count among the hypotheses.
+    """
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    if tested.size == 0:
+        return out
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m = order.size
+    scaled = (m - np.arange(m)) * p[order]  # the k-th smallest (from 0) times m - k
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out
+
+
+def _paired(diffs: np.ndarray, alpha: float) -> dict[str, float]:
+    """Mean, two-sided ``1-alpha`` and ``1-2*alpha`` t intervals and the paired t test's p of ``diffs``."""
+    n = diffs.size
+    nan = {"diff": float(diffs.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "eq_low": math.nan, "eq_high": math.nan, "p": math.nan}
+    if n < 2:
+        return nan
+    mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
+    mean = 0.0 if abs(mean) < _ROUNDING else mean
+    se = 0.0 if sd < _ROUNDING else sd / math.sqrt(n)
+    df = n - 1
+    if se == 0.0:  # every pair differs by the same amount: no spread, so the difference is exactly known
+        p = 1.0 if mean == 0.0 else 0.0
+        half, eq_half = 0.0, 0.0
+    else:
+        p = float(2.0 * stats.t.sf(abs(mean / se), df))
+        half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
+        eq_half = float(stats.t.ppf(1.0 - alpha, df)) * se
+    return {"diff": mean, "ci_low": mean - half, "ci_high": mean + half, "eq_low": mean - eq_half,
+            "eq_high": mean + eq_half, "p": p}
+
+
+def _check(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin: float, alpha: float,
+           lower_is_better: Collection[str]) -> list[str]:
+    if not isinstance(results, pd.DataFrame):
+        raise ConfigError(f"compare: results must be a pandas DataFrame (columns row, seed and one per metric), "
+                          f"got {type(results).__name__}")
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    lower_is_better = {lower_is_better} if isinstance(lower_is_better, str) else set(lower_is_better)
+    if not metrics:
+        raise ConfigError("compare: metrics is empty; name at least one score column")
+    if len(set(metrics)) != len(metrics):
+        raise ConfigError(f"compare: metrics {metrics} names a column twice")
+    missing = [c for c in ("row", "seed", *metrics) if c not in results.columns]
+    if missing:
+        raise ConfigError(f"compare: results has no column {', '.join(map(repr, missing))} "
+                          f"(it has {list(results.columns)})")
+    if not (0.0 < alpha < 0.5):
+        raise ConfigError(f"compare: alpha must lie in (0, 0.5) (the equivalence interval is 1 - 2*alpha), "
+                          f"got {alpha!r}")
+    if not (margin >= 0.0 and math.isfinite(margin)):
+        raise ConfigError(f"compare: margin must be a finite number >= 0, got {margin!r}")
+    unknown = sorted(set(lower_is_better) - set(metrics))
+    if unknown:
+        raise ConfigError(f"compare: lower_is_better names {unknown}, which are not among metrics {metrics}")
+    if not (results["row"] == reference).any():
+        raise ConfigError(f"compare: the reference row {reference!r} has no runs in results "
+                          f"(rows: {list(dict.fromkeys(results['row']))})")
+    if results["seed"].isna().any():
+        raise ValueError("compare: results has runs without a seed (NaN in column 'seed')")
+    duplicated = results.duplicated(["row", "seed"], keep=False)
+    if duplicated.any():
+        pairs = sorted({f"{r}/seed{s}" for r, s in results.loc[duplicated, ["row", "seed"]].itertuples(index=False)})
+        raise ValueError(f"compare: more than one run per row and seed: {', '.join(pairs)}")
+    for metric in metrics:
+        values = pd.to_numeric(results[metric], errors="coerce").to_numpy(dtype=float)
+        bad_type = results[metric].notna().to_numpy() & np.isnan(values)
+        if bad_type.any():
+            raise ValueError(f"compare: column {metric!r} holds values that are not numbers")
+        if np.isinf(values).any():
+            raise ValueError(f"compare: column {metric!r} holds infinite scores")
+        for row, part in results.assign(_v=values).groupby("row", sort=False)["_v"]:
+            missing_scores = part.isna()
+            # a row with no score at all on a metric was not trained for it (a single-task row): it is left out;
+            # a row scored on some seeds only is a broken result and must not be read as a smaller sample
+            if missing_scores.any() and not missing_scores.all():
+                raise ValueError(f"compare: row {row!r} has NaN {metric!r} scores on "
+                                 f"{int(missing_scores.sum())} of its {part.size} runs")
+            if row == reference and missing_scores.all():
+                raise ValueError(f"compare: the reference row {reference!r} has no {metric!r} scores")
+    return metrics
+
+
+def compare(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin: float = 0.02,
+            alpha: float = 0.05, lower_is_better: Collection[str] = ()) -> pd.DataFrame:
+    """Each row against the reference row, per metric, paired by seed; one table line per (row, metric).
+
+    Args:
+        results: one line per run, with columns ``row``, ``seed`` and one column per metric (e.g.
+            :func:`mtanet.book.sweep.collect`'s table); other columns are ignored.
+        reference: the row every other row is compared with.
+        metrics: the score columns to compare.
+        margin: the largest difference, either way, that counts as no practical difference (scores' own units).
+        alpha: the family-wise error rate of the ``better``/``worse`` verdicts over the whole call, the two-sided
+            level of ``ci_low``/``ci_high`` (``1 - alpha``) and the level of each equivalence test.
+        lower_is_better: metrics where a smaller value is better (every ABAW score is higher-is-better).
+
+    Returns:
+        A DataFrame with columns :data:`COLUMNS`, rows in the order they first appear in ``results`` (reference
+        left out), metrics in the order given:
+
+        - ``n``: seeds present in both the row and the reference (the pairs);
+        - ``unpaired``: seeds of the row or the reference left out because the other has no run of that seed;
+        - ``diff``: mean paired difference, row minus reference;
+        - ``ci_low``, ``ci_high``: the two-sided ``1 - alpha`` t interval of that mean;
+        - ``eq_low``, ``eq_high``: the ``1 - 2*alpha`` t interval the equivalence rule (TOST) reads;
+        - ``p``: two-sided paired t test; ``p_holm``: Holm-adjusted over every line of the call with a p-value;
+        - ``verdict``: ``better``/``worse`` when ``p_holm < alpha`` (by the sign of ``diff``, flipped for
+          ``lower_is_better``), else ``equivalent`` when ``eq_low > -margin`` and ``eq_high < margin``, else
+          ``inconclusive``.
+
+        A line with fewer than 2 pairs has NaN intervals and p-values, is left out of the Holm family, and is
+        ``inconclusive``. A row with no score at all on a metric (a single-task row on another task's score) gets no
+        line for it. Differences and spreads below 1e-9 are float rounding and count as zero.
+
+    Raises:
+        mtanet.errors.ConfigError: not a DataFrame, a missing column, an absent reference row, or alpha, margin or
+            lower_is_better out of range.
+        ValueError: NaN seeds, two runs of the same row and seed, non-numeric or infinite scores, a row scored on
+            some of its runs only, or a reference without scores on a metric.
+    """
+    metrics = _check(results, reference, metrics, margin, alpha, lower_is_better)
+    scores = {m: pd.to_numeric(results[m], errors="coerce").to_numpy(dtype=float) for m in metrics}
+    positions: dict[object, dict[object, int]] = {}  # row -> seed -> position in results
+    for i, (row, seed) in enumerate(zip(results["row"], results["seed"])):
+        positions.setdefault(row, {})[seed] = i
+    ref = positions[reference]
+    lines = []
+    for row, mine in positions.items():
+        if row == reference:
+            continue
+        shared = [s for s in mine if s in ref]
+        unpaired = len(set(mine) ^ set(ref))
+        at_row, at_ref = [mine[s] for s in shared], [ref[s] for s in shared]
+        for metric in metrics:
+            if np.isnan(scores[metric][list(mine.values())]).all():
+                continue
+            diffs = scores[metric][at_row] - scores[metric][at_ref]
+            lines.append({"row": row, "metric": metric, "n": len(shared), "unpaired": unpaired,
+                          **_paired(diffs, alpha)})
+    table = pd.DataFrame(lines, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
+    table["n"] = table["n"].astype(int)
+    table["unpaired"] = table["unpaired"].astype(int)
+    table["p_holm"] = holm(table["p"].to_numpy(float))
+    lower = {lower_is_better} if isinstance(lower_is_better, str) else set(lower_is_better)
+    verdicts = []
+    for line in table.itertuples(index=False):
+        if line.p_holm < alpha:  # False for NaN
+            gain = -line.diff if line.metric in lower else line.diff
+            verdicts.append("better" if gain > 0 else "worse")
+        elif line.eq_low > -margin and line.eq_high < margin:
+            verdicts.append("equivalent")
+        else:
+            verdicts.append("inconclusive")
+    table["verdict"] = verdicts
+    return table[list(COLUMNS)]
