@@ -9,6 +9,7 @@ submission of a test set's listed videos, which have no labels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -42,12 +43,31 @@ from mtanet.runtime import json_clean, resolve_device, usable_cores, write_json
 from mtanet.tasks import EDITIONS, TASKS, Edition
 
 __all__ = ["predict_dataset", "predict_frames", "frames_edition", "score_predictions", "headline", "train_label_stats",
-           "write_submission", "submission_paths", "evaluate", "read_names_list", "listed_frames", "SCORES_FILE"]
+           "write_submission", "submission_paths", "evaluate", "read_names_list", "listed_frames", "held_out_folds",
+           "SCORES_FILE"]
 
 #: The summary :func:`evaluate` writes beside the submission files; its ``files`` lists them.
 SCORES_FILE = "scores.json"
 #: Folders :func:`write_submission` may write (the task folders of every edition).
 _SUBMISSION_FOLDERS = frozenset(d for ed in EDITIONS.values() for d in ed.task_dirs.values())
+
+
+# --------------------------------------------------------------------------------------------------- protocol
+
+
+def held_out_folds(frames: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Split one held-out table into two folds by video: ``select`` (choose checkpoints, thresholds) and ``report``
+    (score once, with those choices).
+
+    For real Aff-Wild2, whose test labels are not public, this is how a score is reported on data nothing was tuned
+    on: the validation videos are split in two. A video goes to ``report`` when the first byte of the SHA-256 of its
+    name is odd, so the folds depend on the names alone (not on their order, the number of videos or a seed) and
+    both people of a two-person video land in the same fold.
+    """
+    videos = frames["video"].drop_duplicates()
+    odd = {v: hashlib.sha256(str(v).encode()).digest()[0] % 2 == 1 for v in videos}
+    report = frames["video"].map(odd).astype(bool).to_numpy()
+    return {"select": frames[~report], "report": frames[report]}
 
 
 # --------------------------------------------------------------------------------------------------- prediction

@@ -221,8 +221,11 @@ def au_score(
     }
 
 
-def tune_au_thresholds(y_true: Any, y_prob: Any, grid: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
-    """Per-AU thresholds that maximise each AU's binary F1 on the given (validation) data.
+def tune_au_thresholds(y_true: Any, y_prob: Any, grid: Sequence[float] | np.ndarray | None = None, *,
+                       objective: str = "f1") -> np.ndarray:
+    """Per-AU thresholds that maximise each AU's binary F1 (``objective="f1"``, the 2022+ score) or each AU's
+    ``0.5 * F1 + 0.5 * accuracy`` (``objective="abaw2020"``: the ABAW 2020/2021 AU score is the mean of that over the
+    AUs, so the per-AU choice maximises the whole score) on the given (validation) data.
 
     Ties (several thresholds reach the same best F1, e.g. an AU with no positive label where every F1 is 0) go to the
     grid value closest to 0.5, so an AU without signal keeps the untuned decision rule.
@@ -242,8 +245,13 @@ def tune_au_thresholds(y_true: Any, y_prob: Any, grid: Sequence[float] | np.ndar
     g = DEFAULT_THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64).ravel()
     if g.size == 0:
         raise ValueError("grid must contain at least one threshold")
-    # (G, K): F1 of every AU at every grid value
-    f1 = np.stack([_f1_per_column(t, _binarise(p, np.full(t.shape[1], th))) for th in g])
+    if objective not in ("f1", "abaw2020"):
+        raise ValueError(f"objective must be 'f1' or 'abaw2020', got {objective!r}")
+    # (G, K): the objective of every AU at every grid value
+    decisions = [_binarise(p, np.full(t.shape[1], th)) for th in g]
+    f1 = np.stack([_f1_per_column(t, b) for b in decisions])
+    if objective == "abaw2020":
+        f1 = 0.5 * f1 + 0.5 * np.stack([(b == t).mean(axis=0) for b in decisions])
     best = f1.max(axis=0)
     dist = np.abs(g - 0.5)[:, None] + np.where(f1 == best, 0.0, np.inf)
     return g[np.argmin(dist, axis=0)].copy()

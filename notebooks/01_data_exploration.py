@@ -17,7 +17,7 @@
 # alignment jitter, clutter and occluders. Models are chosen on validation and every headline score of this book is
 # on the twin's test split, whose annotations sit apart in a `Test_Set` folder per task.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 data_root: str = ""  # an Aff-Wild2 root; empty means the synthetic twin of size synth_size (written on first use)
 synth_size: str = "smoke"  # smoke, cpu or gpu: which synthetic set an empty data_root stands for
 edition: str = ""  # empty means detect it from folder names and headers; or 2020, 2021, 2022
@@ -26,7 +26,7 @@ baseline_max_frames: int = 2000  # labeled frames per task and split for the raw
 baseline_side: int = 32  # the baseline sees grayscale images downsampled to side x side
 seed: int = 0  # for every random choice in this chapter
 
-# %%
+# %% tags=["hide-input"]
 import json
 from dataclasses import replace
 
@@ -37,7 +37,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from mtanet import synth
-from mtanet.book import explore
+from mtanet.book import explore, paper
 from mtanet.data import SPLITS, read_split, stats
 from mtanet.synth import render
 
@@ -92,20 +92,24 @@ else:
 # ## Videos and frames per task and split
 #
 # Task membership is per annotation file, not per video: a person can be annotated for valence-arousal and not for
-# expressions. `labeled_with_image` is what a model can learn from; labeled frames without a face image stay in the
-# table because the ABAW scores count every annotated frame.
+# expressions ({numref}`fig-01-frames`). `labeled_with_image` is what a model can learn from; labeled frames without
+# a face image stay in the table because the ABAW scores count every annotated frame.
 
 # %%
 summary = stats.split_summary(frames, au_names)
 summary
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(7, 3))
 summary["labeled_frames"].unstack("split").plot.barh(ax=ax)
 ax.set_xlabel("labeled frames")
 ax.set_title("Labeled frames per task and split")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-01-frames)=
+# Labelled frames per task and split: what each task has to learn from and to be scored on.
 
 # %% [markdown]
 # ## Label coverage and cross-task overlap
@@ -158,7 +162,13 @@ for ax in axes:
 plt.tight_layout()
 plt.show()
 display((100 * shares).round(1).rename_axis("share of labelled frames (%)"))
-if is_synthetic:
+# The checks below are statements about a set large enough to have a distribution; the smoke set (seconds to write,
+# for tests) is not, and the page says so instead of checking.
+large_enough = int((frames["train"]["expression"] >= 0).sum()) >= 3000
+if is_synthetic and not large_enough:
+    display(Markdown("This synthetic set is too small for its label shares to mean much (the `smoke` size); the "
+                     "checks against Aff-Wild2's shares run on the `cpu` and `gpu` sizes."))
+if is_synthetic and large_enough:
     train_share = shares["train"]
     assert 0.5 < train_share["Neutral"] < 0.75, f"Neutral is {train_share['Neutral']:.0%} of training frames"
     assert train_share["Neutral"] > train_share["Happiness"] > train_share["Anger"], train_share.round(3).to_dict()
@@ -352,9 +362,9 @@ else:
 # Real aligned crops are imperfect: the aligner is off by a few pixels, in scale and in roll; the background shows
 # the room; hands, microphones, sunglasses and hair cover parts of the face; light, blur and compression vary. The
 # twin draws each of these (the grid above shows them mixed as they occur); here one face with one expression under
-# each nuisance alone, drawn by the renderer the generator uses:
+# each nuisance alone, drawn by the renderer the generator uses ({numref}`fig-01-nuisances`):
 
-# %%
+# %% tags=["hide-input"]
 identity = render.random_identity(np.random.default_rng(seed + 11))
 smile = {"AU6": 0.8, "AU12": 0.9, "AU25": 0.5}
 clean = render.Nuisance()
@@ -376,6 +386,10 @@ for ax, (title, nuisance) in zip(axes, variants.items()):
 plt.tight_layout()
 plt.show()
 
+# %% [markdown] tags=["figure-caption"]
+# (fig-01-nuisances)=
+# One synthetic face with one smile under each nuisance of the twin alone; in the data they occur mixed.
+
 # %% [markdown]
 # ## How hard is it? The reference and the floor
 #
@@ -392,7 +406,7 @@ if is_synthetic:
     test_bounds = bounds["test"]
     for task in ("va", "au", "expr"):
         ref, floor = test_bounds["reference_score"][task], test_bounds["floor_score"][task]
-        assert ref > floor + 0.2, f"{task}: the test reference {ref:.3f} is too close to the floor {floor:.3f}"
+        assert ref > floor + 0.2 or not large_enough, f"{task}: the test reference {ref:.3f} is close to the floor"
     display(Markdown(
         "On test, the noise-free labels score "
         + ", ".join(f"{t} **{test_bounds['reference_score'][t]:.3f}**" for t in ("va", "au", "expr"))
@@ -427,9 +441,9 @@ ax.set(ylabel=f"ABAW 2020 score ({held_out})", title="Reference, pixel baseline 
 plt.xticks(rotation=0)
 plt.tight_layout()
 plt.show()
-if is_synthetic:
-    closed = {t: (rows["linear on raw pixels"][t] - bounds[held_out]["floor_score"][t])
-              / (bounds[held_out]["reference_score"][t] - bounds[held_out]["floor_score"][t]) for t in ("va", "au", "expr")}
+if is_synthetic and large_enough:
+    closed = {t: paper.gap_closed(rows["linear on raw pixels"][t], bounds[held_out]["floor_score"][t],
+                                  bounds[held_out]["reference_score"][t]) for t in ("va", "au", "expr")}
     assert max(closed.values()) < 0.5, f"the pixel baseline closes {closed} of the gap: the twin is too easy"
     display(Markdown(
         "The pixel baseline closes "

@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -260,3 +262,19 @@ def test_the_test_split_with_annotations_is_scored_like_validation(checkpoint: P
     assert test["headline"] == val["headline"] and test["headline_all_frames"] == val["headline_all_frames"]
     assert test["files"] == val["files"]
     assert (tmp_path / "eval_test" / "AU_Set" / test["files"][0].split("/")[1]).exists()
+
+
+def test_held_out_folds_split_by_video_stably_and_completely() -> None:
+    from mtanet.evaluate import held_out_folds
+
+    names = [f"{i}-30-640x480" for i in range(1, 41)] + ["7-30-640x480_left", "7-30-640x480_right"]
+    frames = pd.DataFrame({"name": np.repeat(names, 3), "frame": np.tile([1, 2, 3], len(names))})
+    frames["video"] = frames["name"].str.replace(r"_(left|right)$", "", regex=True)
+    folds = held_out_folds(frames)
+    select, report = set(folds["select"]["video"]), set(folds["report"]["video"])
+    assert select and report and not select & report  # both used, no video in both
+    assert len(folds["select"]) + len(folds["report"]) == len(frames)
+    assert set(folds["report"].loc[folds["report"]["video"] == "7-30-640x480", "name"]) in (
+        set(), {"7-30-640x480_left", "7-30-640x480_right"})  # the two people of a video stay together
+    shuffled = held_out_folds(frames.sample(frac=1.0, random_state=3).iloc[: len(frames) // 2])
+    assert set(shuffled["report"]["video"]) <= report  # order and subsets do not move a video to the other fold

@@ -392,3 +392,23 @@ def test_bootstrap_errors(rng):
         M.bootstrap_ci(M.va_score, t, p, g, alpha=1.5)
     with pytest.raises(ValueError, match="n_boot"):
         M.bootstrap_ci(M.va_score, t, p, g, n_boot=0)
+
+
+def test_thresholds_tuned_for_the_abaw2020_score_never_lower_it_on_the_tuning_data() -> None:
+    """F1-tuned thresholds can lower the 2020 AU score (they trade accuracy for F1); score-tuned ones cannot, since
+    the score is a mean over AUs of 0.5 F1 + 0.5 accuracy and 0.5 is on the grid."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 8)) < np.linspace(0.03, 0.4, 8)).astype(int)
+    p = np.clip(0.35 * y + rng.random((400, 8)) * 0.7, 0, 1)
+    at_half = M.au_score(y, p)["score"]
+    tuned = M.tune_au_thresholds(y, p, objective="abaw2020")
+    assert M.au_score(y, p, tuned)["score"] >= at_half
+    for th in np.linspace(0.05, 0.95, 19):  # and no single grid value for any AU does better
+        for j in range(8):
+            other = tuned.copy()
+            other[j] = th
+            assert M.au_score(y, p, other)["score"] <= M.au_score(y, p, tuned)["score"] + 1e-12
+    f1_tuned = M.tune_au_thresholds(y, p)
+    assert M.au_score(y, p, f1_tuned)["f1_mean"] >= M.au_score(y, p, tuned)["f1_mean"]
+    with pytest.raises(ValueError, match="objective"):
+        M.tune_au_thresholds(y, p, objective="auc")

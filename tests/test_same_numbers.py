@@ -1,12 +1,13 @@
-"""The same seed and parameters give the same numbers as before the package was restructured (issue 12).
+"""The same seed and parameters give the same numbers, run after run and commit after commit.
 
-``tests/data/numbers_before_redesign.json`` holds a small two-stage run recorded with the code of commit 71862e4,
-the last before the redesign: the loss rows of its log, its validation scores per epoch, sums of its final weights
-and what ``evaluate`` scored its best checkpoint. The run below uses the same configuration on the same synthetic set
-(written by the current generator, so the twin is checked too). On a machine like the recording's (CPU model, vector extensions,
-torch) every number must be equal; elsewhere CPU kernels differ in the last bits (which grow over 24 steps), so the first log rows
-are compared to 1e-4 and the final scores to 0.05: still far below what a changed learning rate, sampler,
-augmentation or loss would move.
+``tests/data/numbers_before_redesign.json`` holds a small two-stage run: the loss rows of its log, its validation
+scores per epoch, sums of its final weights and what ``evaluate`` scored its best checkpoint. It was first recorded
+with the code of commit 71862e4 (before the package redesign of issue 12) and recorded again when the synthetic twin
+changed (issue 13: SynthAffWild v5), whose data the run trains on; ``recorded_with`` names the commit. The run below
+uses the same configuration on the smoke twin written by the current generator, so the generator is checked too. On
+a machine like the recording's (CPU model, vector extensions, torch) every number must be equal; elsewhere CPU
+kernels differ in the last bits (which grow over 24 steps), so the first log rows are compared to 1e-4 and the final
+scores to 0.05: still far below what a changed learning rate, sampler, augmentation, loss or generator would move.
 """
 
 from __future__ import annotations

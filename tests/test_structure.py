@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtanet"
 #: The layer of each top-level part of the package; an import may only point to the same layer or a lower one.
 LAYERS: dict[str, int] = {
     "mtanet": 0, "tasks": 0, "errors": 0, "runtime": 0,
-    "data": 1, "models": 1, "losses": 1, "metrics": 1,
+    "data": 1, "models": 1, "losses": 1, "metrics": 1, "stats": 1,
     "synth": 2, "evaluate": 2, "inference": 2, "provenance": 2,
     "train": 3,
     "cli": 4, "book": 4, "sweep": 4,

@@ -515,3 +515,23 @@ def test_without_submitit_the_slurm_option_is_one_clear_error(fake, tmp_path: Pa
                         slurm={"timeout_min": 10}, log=None)
     assert str(caught.value) == "run_sweep: executor='slurm' needs the submitit package (pip install submitit)"
     assert _calls(calls) == [] and not (tmp_path / "results").exists()
+
+
+def test_collect_takes_the_held_out_scores_when_the_chapter_wrote_them(fake, tmp_path: Path) -> None:
+    """The sweep reports what the training chapter scored on test (chosen on validation), and says so; a run from
+    before that file existed keeps its last-epoch validation scores, labelled as such."""
+    notebook, calls = fake
+    out = tmp_path / "results"
+    sweep.run_sweep(sweep.plan(["senet", "resnext"], [0], {"calls": str(calls)}, family="small"), out,
+                    notebook=notebook, log=None)
+    before = sweep.collect(out).set_index("row")
+    held = {"va": {"score": 0.123, "ccc_valence": 0.1, "ccc_arousal": 0.146},
+            "au": {"score": 0.456, "f1_mean": 0.2, "accuracy": 0.712},
+            "expr": {"score": 0.321, "f1_macro": 0.25, "accuracy": 0.465}}
+    (out / "senet" / "seed0" / sweep.HELD_OUT_FILE).write_text(json.dumps({"split": "test", "scores": held}))
+    after = sweep.collect(out).set_index("row")
+    assert after.loc["senet", "scored_on"] == "test" and after.loc["resnext", "scored_on"] == "val (last epoch)"
+    assert (after.loc["senet", ["va", "valence", "au", "au_f1", "expr", "expr_accuracy"]].tolist()
+            == [0.123, 0.1, 0.456, 0.2, 0.321, 0.465])
+    assert after.loc["resnext", "va"] == before.loc["resnext", "va"]
+    assert after.loc["senet", "va"] != before.loc["senet", "va"]

@@ -335,7 +335,8 @@ def test_reference_and_floor_per_split(smoke_root: Path) -> None:
         for task in TASKS:
             assert bounds["reference_score"][task] < 1.0, (split, task)  # the annotations are noisy
         assert bounds["floor_score"]["va"] == 0.0  # a constant has CCC 0
-        assert 0.0 < bounds["annotators"]["valence_pairwise_ccc"] < 1.0
+        # raters agree imperfectly (on a split of a few videos the mean can even fall below zero)
+        assert -1.0 < bounds["annotators"]["valence_pairwise_ccc"] < 1.0
 
 
 def test_floor_is_the_best_constant_per_au(smoke_root: Path) -> None:
@@ -376,3 +377,31 @@ def test_smooth_noise_has_its_scale_on_short_and_long_sequences() -> None:
         draws = np.concatenate([_smooth_noise(rng, n, 25, 0.12) for _ in range(200)])
         # reflection at the ends raises the spread of very short sequences a little; never to a large constant
         assert 0.07 < draws.std() < 0.3, n
+
+
+def test_test_labels_never_reach_training_or_selection(smoke_root: Path, tmp_path: Path) -> None:
+    """Training (and the selection of best checkpoints on validation) gives exactly the same run whatever the test
+    annotations hold: here they are replaced by bytes no reader would accept."""
+    from mtanet.data import annotation_fingerprint
+    from mtanet.train import train
+
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(smoke_root, scrambled)
+    test_files = sorted((scrambled / "annotations").glob("*/Test_Set/*.txt"))
+    assert test_files
+    for path in test_files:
+        path.write_bytes(b"\x00not an annotation\xff\n")
+    with pytest.raises(Exception):  # the garbage is real: reading the test split itself fails
+        load_frames(scrambled, "test")
+    assert annotation_fingerprint(scrambled) == annotation_fingerprint(smoke_root)
+
+    def run(root: Path, out: Path) -> tuple[list[dict], dict]:
+        train(dict(data_root=str(root), backbone="seresnet18", image_size=32, batch_size=8, feature_dim=64,
+                   steps_per_epoch=3, stage1_epochs=1, stage2_epochs=1, threads=1, num_workers=0, log_every=1,
+                   eval_batch_size=64, output_dir=str(out), progress=False, device="cpu", seed=0))
+        log = [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "val_seconds")}
+               for line in (out / "log.jsonl").read_text().splitlines()]
+        metrics = json.loads((out / "metrics.json").read_text())
+        return log, {k: metrics[k] for k in ("final", "best")}
+
+    assert run(smoke_root, tmp_path / "a") == run(scrambled, tmp_path / "b")

@@ -15,7 +15,7 @@ __all__ = ["LAYERS", "modules_table"]
 #: list (``tests/test_structure.py`` checks it on every import statement).
 LAYERS: dict[str, tuple[str, ...]] = {
     "1 vocabulary": ("tasks", "errors", "runtime"),
-    "2 leaves": ("data", "models", "losses", "metrics"),
+    "2 leaves": ("data", "models", "losses", "metrics", "stats"),
     "3 composed": ("synth", "evaluate", "inference", "provenance"),
     "4 training": ("train",),
     "5 entry points": ("cli", "book", "sweep"),

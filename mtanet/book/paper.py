@@ -78,7 +78,8 @@ DEPARTURES: list[dict[str, str]] = [
     {"choice": "Augmentation", "paper": "not described", "here": "horizontal flip, small crop, brightness/contrast",
      "why": "standard for aligned faces; flips keep every label valid"},
     {"choice": "Batches", "paper": "not described", "here": "task-balanced: equal shares of frames labelled for each "
-     "task", "why": "most frames carry one or two tasks' labels; a random batch can hold no VA row, and CCC needs rows"},
+     "task", "why": "most frames carry one or two tasks' labels; a random batch can hold no VA row, and CCC needs "
+                    "rows"},
     {"choice": "Schedules and lengths", "paper": "epochs, batch size and schedule not given",
      "here": "set per profile (cpu: cosine, 4 + 1 epochs of 620 steps, batch 32)",
      "why": "the profiles are sized to their machine; the page of each chapter states them"},

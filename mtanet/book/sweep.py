@@ -60,6 +60,7 @@ __all__ = [
     "KERNEL_LOG_FILE",
     "METRICS",
     "METRICS_FILE",
+    "HELD_OUT_FILE",
     "NOTEBOOK_FILE",
     "ROWS",
     "RUN_FILE",
@@ -82,6 +83,9 @@ __all__ = [
 RUN_FILE = "sweep_run.json"
 NOTEBOOK_FILE = "run.ipynb"
 METRICS_FILE = "metrics.json"
+#: Written by the training chapter after training: the scores on held-out data nothing was chosen on (the twin's test
+#: split; a fold of validation on real data), with the checkpoint and AU thresholds chosen on validation.
+HELD_OUT_FILE = "held_out.json"
 KERNEL_LOG_FILE = "kernel.log"
 
 #: Backbone of each Table I design, per family. ``paper``: the paper's networks. ``small``: half-width ResNet-26
@@ -478,6 +482,8 @@ def _run_on_slurm(submitter: Any, todo: Sequence[SweepRun], results_dir: Path, n
 
 
 def _run_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The score columns of one run from a ``final``-like dict of ABAW score records (``metrics.json``'s ``final``,
+    or ``held_out.json``'s ``scores``)."""
     final = metrics.get("final") or {}
     out: dict[str, float] = {}
     if "va" in final:
@@ -491,10 +497,13 @@ def _run_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = None) -> pd.DataFrame:
-    """Every finished run under ``results_dir`` as one table row: row, seed, final validation scores, cost.
+    """Every finished run under ``results_dir`` as one table row: row, seed, scores, where they were scored, cost.
 
-    The scores are the *last* epoch's (``metrics.json``'s ``final``), not the best epoch's, so no run is picked on
-    the validation frames it is scored on. Runs without ``metrics.json`` (unfinished) are left out.
+    The scores are the held-out ones the training chapter wrote (:data:`HELD_OUT_FILE`: the twin's test split, with
+    the checkpoint and thresholds chosen on validation), and ``scored_on`` names that split. A run without that file
+    (made before it existed) gives the *last* epoch's validation scores (``metrics.json``'s ``final``), not the best
+    epoch's, so no run is picked on the frames it is scored on; ``scored_on`` then says ``val (last epoch)``. Runs
+    without ``metrics.json`` (unfinished) are left out.
     """
     wanted = set(rows) if rows is not None else None
     records = []
@@ -507,14 +516,20 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
             continue
         metrics = json.loads((folder / METRICS_FILE).read_text())
         hardware = metrics.get("hardware") or {}
+        held_out = folder / HELD_OUT_FILE
+        if held_out.is_file():
+            scored = json.loads(held_out.read_text())
+            scores, scored_on = _run_metrics({"final": scored["scores"]}), scored["split"]
+        else:
+            scores, scored_on = _run_metrics(metrics), "val (last epoch)"
         records.append({
-            "row": record["row"], "seed": record["seed"], **_run_metrics(metrics),
+            "row": record["row"], "seed": record["seed"], **scores, "scored_on": scored_on,
             "backbone": metrics["config"]["backbone"], "image_size": metrics["config"]["image_size"],
             "steps": metrics.get("steps"), "train_seconds": (metrics.get("wall_time_s") or {}).get("total"),
             "device_name": hardware.get("device_name"), "folder": str(folder),
         })
-    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "backbone", "image_size", "steps",
-               "train_seconds", "device_name", "folder"]
+    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "scored_on", "backbone", "image_size",
+               "steps", "train_seconds", "device_name", "folder"]
     df = pd.DataFrame.from_records(records, columns=columns)
     order = {name: i for i, name in enumerate(ROWS)}
     return df.sort_values(["row", "seed"], key=lambda s: s.map(order) if s.name == "row" else s,

@@ -508,8 +508,9 @@ def read_split(root: str | os.PathLike[str], split: str, *, edition: str | Editi
 
 
 def annotation_fingerprint(root: str | os.PathLike[str], *, edition: str | Edition | None = None) -> str:
-    """SHA-256 of the annotation files the reader reads under ``root`` (both splits): each file's path relative to
-    ``root``, size and content digest, in path order.
+    """SHA-256 of the annotation files training reads under ``root`` (train and validation; never the test split,
+    whose labels must not reach training or selection): each file's path relative to ``root``, size and content
+    digest, in path order.
 
     Two roots have the same fingerprint exactly when they hold the same labels in the same files, wherever they lie:
     a moved or copied root keeps it, an edited, added or removed annotation file changes it. The images are not part
@@ -522,7 +523,7 @@ def annotation_fingerprint(root: str | os.PathLike[str], *, edition: str | Editi
         ed = edition if isinstance(edition, Edition) else EDITIONS[str(edition)]
     files = _scan_annotations(root, ed, SPLITS[0], LoadReport())
     digest = hashlib.sha256()
-    for path in sorted(p for s in SPLITS for t in TASKS for p in files[s][t].values()):
+    for path in sorted(p for s in ("train", "val") for t in TASKS for p in files[s][t].values()):
         data = path.read_bytes()
         digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode() + hashlib.sha256(data).digest())
     return digest.hexdigest()

@@ -119,7 +119,7 @@ class SynthSize:
 #: ``synth_size`` and the book's profiles are names of this registry.
 SIZES: dict[str, SynthSize] = {
     "smoke": SynthSize(videos=15, min_frames=40, max_frames=80, purpose="tests and quick checks (seconds)"),
-    "cpu": SynthSize(videos=100, min_frames=120, max_frames=240, purpose="the default book, on a CPU"),
+    "cpu": SynthSize(videos=130, min_frames=100, max_frames=200, purpose="the default book, on a CPU"),
     "gpu": SynthSize(videos=700, min_frames=300, max_frames=800,
                      purpose="training SENet-50 at 112 px on a GPU"),
 }
@@ -254,17 +254,17 @@ def subject_traits(seed: int, subject: int) -> SubjectTraits:
     prototypes: dict[str, dict[str, float]] = {}
     extras = ("AU4", "AU6", "AU10", "AU20", "AU25", "AU15", "AU1", "AU2")
     for expr, proto in PROTOTYPES.items():
-        own = {a: w * float(rng.uniform(0.6, 1.3)) for a, w in proto.items() if rng.random() > 0.2}
+        own = {a: w * float(rng.uniform(0.8, 1.3)) for a, w in proto.items() if rng.random() > 0.08}
         if expr != "Neutral" and not own:  # keep at least the strongest action of the prototype
             main = max(proto, key=proto.get)
             own = {main: proto[main]}
-        if expr != "Neutral" and rng.random() < 0.35:  # a personal extra action
+        if expr != "Neutral" and rng.random() < 0.25:  # a personal extra action
             extra = str(rng.choice([a for a in extras if a in ACTIONS]))
             own[extra] = max(own.get(extra, 0.0), float(rng.uniform(0.4, 0.9)))
         prototypes[expr] = own
     return SubjectTraits(subject=subject, identity=identity, prototypes=prototypes,
-                         expressivity=float(rng.uniform(0.75, 1.15)), talkativeness=float(rng.uniform(0.0, 0.6)),
-                         mood=(float(rng.normal(0.0, 0.18)), float(rng.normal(0.0, 0.18))),
+                         expressivity=float(rng.uniform(0.85, 1.2)), talkativeness=float(rng.uniform(0.0, 0.6)),
+                         mood=(float(rng.normal(0.0, 0.15)), float(rng.normal(0.0, 0.15))),
                          glasses=bool(rng.random() < 0.08))
 
 
@@ -273,8 +273,9 @@ def plan_videos(seed: int, size: str) -> list[VideoSpec]:
 
     The first nine videos are pinned (split by ``index % 3``, one task each guaranteed) so that even the smoke size
     has every task in every split. The first expression-annotated videos of each split open with an episode of each
-    class (:data:`_FEATURED`, one video each), so every split has every class to score. About one person in five is a subject already seen in an earlier video of the same
-    split (Aff-Wild2 has people in several videos); everyone else is a new subject.
+    class (:data:`_FEATURED`, one video each), so every split has every class to score. About one person in ten is
+    a subject already seen in an earlier video of the same split (Aff-Wild2 has people in several videos); everyone
+    else is a new subject.
     """
     spec = _check_size(size)
     rng = np.random.default_rng([seed, 104729])
@@ -297,7 +298,7 @@ def plan_videos(seed: int, size: str) -> list[VideoSpec]:
         people = []
         for name in names:
             earlier = [s for s in seen[split] if s not in {p[1] for p in people}]
-            if earlier and rng.random() < 0.2:
+            if earlier and rng.random() < 0.1:
                 subject = int(rng.choice(earlier))
             else:
                 subject, next_subject = next_subject, next_subject + 1
@@ -357,9 +358,10 @@ def plan_person(rng: np.random.Generator, name: str, n_frames: int, traits: Subj
     actions[:, col["AU25"]] = np.maximum(actions[:, col["AU25"]], talking * syllables * rng.uniform(0.6, 1.0))
     actions[:, col["AU26"]] = np.maximum(actions[:, col["AU26"]], talking * syllables * rng.uniform(0.2, 0.6))
     # Actions without an expression: brow flashes while talking, polite smiles, frowns of concentration, lip stretch.
-    for action, rate, length, strength in (("AU1", 0.010, (4, 12), (0.5, 1.0)), ("AU2", 0.008, (4, 12), (0.5, 1.0)),
-                                           ("AU12", 0.0025, (15, 60), (0.5, 0.8)), ("AU4", 0.0025, (15, 60), (0.5, 0.8)),
-                                           ("AU20", 0.002, (6, 20), (0.5, 0.9)), ("AU6", 0.002, (10, 30), (0.5, 0.8))):
+    spontaneous = (("AU1", 0.010, (4, 12), (0.5, 1.0)), ("AU2", 0.008, (4, 12), (0.5, 1.0)),
+                   ("AU12", 0.0025, (15, 60), (0.5, 0.8)), ("AU4", 0.0025, (15, 60), (0.5, 0.8)),
+                   ("AU20", 0.002, (6, 20), (0.5, 0.9)), ("AU6", 0.002, (10, 30), (0.5, 0.8)))
+    for action, rate, length, strength in spontaneous:
         gate = talking if action in ("AU1", "AU2") else np.ones(n_frames, dtype=bool)
         for start in np.flatnonzero((rng.random(n_frames) < rate) & gate):
             _add_event(actions[:, col[action]], int(start),
@@ -373,8 +375,14 @@ def plan_person(rng: np.random.Generator, name: str, n_frames: int, traits: Subj
     cue[:, 1] = traits.mood[1] + _smooth_noise(rng, n_frames, 40, 0.15) + 0.25 * gaussian_filter1d(
         talking.astype(float), 10)
     va = np.tanh(1.2 * (va_expr + cue))  # saturates smoothly inside (-1, 1) instead of piling up on the boundary
-    # Arousal widens the eyes (AU5, never annotated).
-    actions[:, col["AU5"]] = np.maximum(actions[:, col["AU5"]], np.clip(0.6 * cue[:, 1], 0, 0.6))
+    # Mood shows the way faces show it: a faint smile or a faint droop of the mouth corners (AU12, AU15 kept below the
+    # intensity an annotator calls present), eyes widened or lidded (AU5, never annotated) and brows lifted with
+    # arousal. The AU labels stay blind to all of it, so valence-arousal holds information they lack.
+    faint = 0.45
+    actions[:, col["AU12"]] = np.maximum(actions[:, col["AU12"]], np.clip(1.2 * cue[:, 0], 0, faint))
+    actions[:, col["AU15"]] = np.maximum(actions[:, col["AU15"]], np.clip(-1.2 * cue[:, 0], 0, faint))
+    actions[:, col["AU5"]] = np.maximum(actions[:, col["AU5"]], np.clip(1.5 * cue[:, 1], 0, 0.8))
+    actions[:, col["AU1"]] = np.maximum(actions[:, col["AU1"]], np.clip(0.8 * cue[:, 1], 0, faint))
     face_present = np.ones(n_frames, dtype=bool)
     for start in np.flatnonzero(rng.random(n_frames) < 0.006):  # the detector loses the face now and then
         face_present[start: start + int(rng.integers(1, 12))] = False
@@ -496,10 +504,10 @@ def _write_video(args: tuple[str, int, VideoSpec]) -> dict[str, Any]:
                  for k, s in (("shift_x", 2.5), ("shift_y", 2.5), ("scale", 0.05), ("roll", 2.0))}
         occluder = int(person_rng.choice([1, 2, 3, 4], p=[0.45, 0.15, 0.1, 0.3]))  # kept for the whole video
         occluded = np.zeros(n_frames, dtype=bool)
-        for start in np.flatnonzero(person_rng.random(n_frames) < 0.008):
+        for start in np.flatnonzero(person_rng.random(n_frames) < 0.005):
             occluded[start: start + int(person_rng.integers(10, 45))] = True
         # Camera and compression stay fixed within a video; pose, gaze and exposure drift smoothly, noise is fresh.
-        camera = random_nuisance(person_rng, strength=0.8)
+        camera = random_nuisance(person_rng, strength=0.7)
         gaze = np.clip(_smooth_noise(person_rng, n_frames, 10, 0.4), -1, 1)
         exposure = _smooth_noise(person_rng, n_frames, 20, 8.0)
         blur = np.clip(camera.blur + _smooth_noise(person_rng, n_frames, 10, 0.4), 0, 2.5)
@@ -518,9 +526,9 @@ def _write_video(args: tuple[str, int, VideoSpec]) -> dict[str, Any]:
                 jpeg_quality=int(quality[t]), shift_x=float(align["shift_x"][t]), shift_y=float(align["shift_y"][t]),
                 scale=float(1.0 + align["scale"][t]), clutter=clutter, clutter_seed=clutter_seed)
             actions = dict(zip(ACTIONS, plan.actions[t]))
-            # The renderer's own VA cues show only the part the AUs do not carry (mood, drift, speech).
-            pixels = render_face(traits.identity, actions, nuisance, float(plan.cue_va[t, 0]),
-                                 float(plan.cue_va[t, 1]))
+            # The renderer's own VA cues (mouth corners, brows, lids) show the whole latent VA: the expression's part,
+            # which the AUs carry too, and the mood, drift and speech, which no annotated AU carries.
+            pixels = render_face(traits.identity, actions, nuisance, float(plan.va[t, 0]), float(plan.va[t, 1]))
             _save_jpeg(pixels, folder / f"{t + 1:05d}.jpg", nuisance.jpeg_quality)
         split_dir = EDITION.split_dirs[video.split]
         for task in video.tasks:
