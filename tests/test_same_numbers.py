@@ -13,6 +13,7 @@ scores to 0.05: still far below what a changed learning rate, sampler, augmentat
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,13 @@ def summarize(out: Path, evaluated: dict) -> dict:
     """The numbers a run's output folder holds, in the recorded form."""
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
-    sums: dict[str, float] = {}
+    parts: dict[str, list[float]] = {}
     for name, tensor in state.items():
         if tensor.is_floating_point():
-            part = ".".join(name.split(".")[:2])
-            sums[part] = sums.get(part, 0.0) + float(tensor.double().abs().sum())
+            parts.setdefault(".".join(name.split(".")[:2]), []).extend(tensor.double().abs().flatten().tolist())
+    # math.fsum is exactly rounded whatever the order, unlike torch's sum, whose reduction order follows the number of
+    # threads: the sums then tell weights apart, never the thread count of the process that summed them
+    sums = {part: math.fsum(values) for part, values in parts.items()}
     return {"log": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in log],
             "weight_abs_sums": sums,
             "evaluate": {k: evaluated[k] for k in ("headline", "headline_all_frames")}}
