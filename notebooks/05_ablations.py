@@ -100,8 +100,10 @@ display(Markdown(f"{(status['status'] == 'ran').sum()} runs executed now, {(stat
 # scored against the annotations) and the floor (the best constant) frame what the networks reach.
 
 # %%
+editions = results["edition"].dropna().unique()
+assert len(editions) <= 1, f"runs scored under two ABAW editions cannot share a column: {list(editions)}"
 display(Markdown("Scored on: " + ", ".join(f"**{k}** ({v} runs)" for k, v in results["scored_on"].value_counts()
-                                              .items()) + "."))
+                                              .items()) + f"; ABAW {editions[0] if len(editions) else '?'} scores."))
 summary = sweep.summarize(results)
 headline = ["valence", "arousal", "va", "au", "expr"]
 measured = sweep.formatted(summary.loc[[r for r in ("resnext", "resnext_cbam", "senet") if r in summary.index]],

@@ -1027,3 +1027,16 @@ def test_the_log_keeps_whole_rows_when_the_disk_fills(tmp_path: Path) -> None:
     log.write({"step": 3})  # the next row starts where the last whole one ended
     log.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 3}]
+
+
+def test_metrics_json_carries_the_provenance_block_of_the_run(smoke_root: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    out = tmp_path / "run"
+    T.train(tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=0, steps_per_epoch=2))
+    block = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert block["runtime"]["engine"] == "torch" and block["runtime"]["device"] == "cpu"
+    digest = hashlib.sha256((out / "last.pt").read_bytes()).hexdigest()
+    assert digest in json.dumps(block["model"]), "the checkpoint's SHA-256 is not the one of last.pt"
+    assert block["au_thresholds"]["source"] == "tuned on validation"
+    assert Path(block["input"]["path"]) == smoke_root.resolve()

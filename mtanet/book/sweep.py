@@ -524,12 +524,13 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
             scores, scored_on = _run_metrics(metrics), "val (last epoch)"
         records.append({
             "row": record["row"], "seed": record["seed"], **scores, "scored_on": scored_on,
+            "edition": (metrics.get("data") or {}).get("edition"),
             "backbone": metrics["config"]["backbone"], "image_size": metrics["config"]["image_size"],
             "steps": metrics.get("steps"), "train_seconds": (metrics.get("wall_time_s") or {}).get("total"),
             "device_name": hardware.get("device_name"), "folder": str(folder),
         })
-    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "scored_on", "backbone", "image_size",
-               "steps", "train_seconds", "device_name", "folder"]
+    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "scored_on", "edition", "backbone",
+               "image_size", "steps", "train_seconds", "device_name", "folder"]
     df = pd.DataFrame.from_records(records, columns=columns)
     order = {name: i for i, name in enumerate(ROWS)}
     return df.sort_values(["row", "seed"], key=lambda s: s.map(order) if s.name == "row" else s,

@@ -80,6 +80,7 @@ from mtanet.train.config import TrainConfig, flatten
 from mtanet.train.distributed import Distributed
 from mtanet.train.optim import lr_factor, make_optimizer
 from mtanet.train.preflight import require_cuda
+from mtanet.provenance import training_provenance
 from mtanet.train.pretrained import load_pretrained_backbone
 from mtanet.train.state import (
     BEST_KEYS,
@@ -645,6 +646,10 @@ class Trainer:
             "versions": versions(),
             "git": git_info(),
             "pretrained": self.pretrained_record,
+            # the same block as beside every predictions CSV and in evaluate's scores.json (mtanet.provenance)
+            "provenance": training_provenance(
+                self.root, str(self.device), au_thresholds=self.au_thresholds, pretrained=self.pretrained_record,
+                checkpoint=(self.out / "last.pt") if (self.out / "last.pt").is_file() else None),
             "hardware": {
                 "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.cuda else cpu_model(),
