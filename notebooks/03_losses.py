@@ -464,9 +464,11 @@ check("softmax approximation is exact at sigma = 1", abs(softmax_table.loc[1.0, 
 # distinction between $c = \frac12$ and $c = 1$ only matters while $s$ is away from its optimum.
 #
 # **How fast $s$ gets there.** With plain SGD at learning rate $\eta$ and curvature $\frac12$, the distance to
-# $s^\ast$ shrinks by a factor $1 - \eta/2$ per step: a time constant of $2/\eta$ steps. At the paper's
-# $\eta = 10^{-4}$ that is 20,000 steps (at 32 frames a batch, 640,000 frames, a large part of an epoch of
-# Aff-Wild2), even for a loss that stays put.
+# $s^\ast$ shrinks by a factor $1 - \eta/2$ per step: a time constant of $2/\eta$ steps, 20,000 at the paper's
+# $\eta = 10^{-4}$. The trainer's SGD has momentum $\beta = 0.9$ (the paper names none); on a quadratic whose
+# $\eta \times$ curvature is this small, heavy-ball momentum multiplies the effective step by $1/(1-\beta) = 10$, so the
+# time constant is $2(1-\beta)/\eta$: about 2,000 steps (64,000 frames at 32 a batch), even for a loss that stays
+# put. The simulation below is plain SGD, whose rate is the simpler one to check.
 #
 # The checks: `UncertaintyWeighting.forward` against eq. 5 in the paper's $\sigma$ form (`X.eq5_total`); its
 # `weights()` against $1/(2\sigma^2)$ and $1/\sigma^2$; its gradient with respect to $s$ at the closed-form
@@ -538,8 +540,8 @@ plt.show()
 # is trained on the training split for `steps_sum` steps with the plain sum of the three losses (Adam at `lr_sum`,
 # weight decay 1e-3; the paper's 1e-3 and 1e-3), then for `steps_uncertainty` steps with eq. 5 (SGD, network at
 # `lr_finetune`, weight decay 5e-3; the paper's 1e-4 and 5e-3). The paper gives one learning rate for the
-# fine-tuning; at 1e-4 the $s_t$ would need about 20,000 steps to move (section 3), so here they get their own,
-# `lr_log_vars`, and no weight decay (which would pull every $s_t$ back to 0, the plain sum).
+# fine-tuning; at 1e-4 the $s_t$ would need about 2,000 steps (with momentum 0.9; section 3) to move, so here they
+# get their own, `lr_log_vars`, and no weight decay (which would pull every $s_t$ back to 0, the plain sum).
 #
 # The trainer counts whole epochs, of one length for both stages, so an epoch here is the greatest common divisor of
 # `steps_sum` and `steps_uncertainty` steps and each stage lasts exactly the steps asked for. Every batch comes from
