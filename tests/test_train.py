@@ -1040,3 +1040,22 @@ def test_metrics_json_carries_the_provenance_block_of_the_run(smoke_root: Path, 
     assert digest in json.dumps(block["model"]), "the checkpoint's SHA-256 is not the one of last.pt"
     assert block["au_thresholds"]["source"] == "tuned on validation"
     assert Path(block["input"]["path"]) == smoke_root.resolve()
+
+
+def test_metrics_json_says_how_far_eq5_is_from_its_stationary_point(smoke_root: Path, tmp_path: Path) -> None:
+    """The learned log-variances, the last stage-2 losses and s* = log(2 c L): a fast lr_log_vars brings s close to
+    s*, the paper's 1e-4 leaves it near its start (0)."""
+    import math
+
+    def record(lr_log_vars: float, out: Path) -> dict:
+        T.train(tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=2, steps_per_epoch=6, lr_log_vars=lr_log_vars))
+        return json.loads((out / "metrics.json").read_text())["uncertainty"]
+
+    slow, fast = record(1e-4, tmp_path / "slow"), record(0.5, tmp_path / "fast")
+    for rec in (slow, fast):
+        for t, factor in (("va", 0.5), ("au", 1.0), ("expr", 1.0)):
+            loss = rec["stage2_last_epoch_loss"][t]
+            assert rec["stationary_log_vars"][t] == pytest.approx(math.log(2 * factor * loss))
+            assert rec["distance"][t] == pytest.approx(rec["log_vars"][t] - rec["stationary_log_vars"][t])
+    assert max(abs(v) for v in slow["log_vars"].values()) < 0.01  # 12 steps at 1e-4: eq. 5 not learned
+    assert sum(abs(v) for v in fast["distance"].values()) < sum(abs(v) for v in slow["distance"].values())

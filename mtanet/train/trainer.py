@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -618,6 +619,26 @@ class Trainer:
             write_json(self.out / METRICS_FILE, metrics)
         return self.dist.from_main(metrics)
 
+    def _uncertainty_record(self) -> dict[str, Any] | None:
+        """Where eq. 5 ended: each task's learned ``s = log sigma^2``, the mean training loss ``L`` of the last
+        stage-2 epoch, the stationary point ``s* = log(2 c L)`` of ``c exp(-s) L + s/2`` for that loss (``c`` = 1/2
+        for regression, 1 for classification) and ``s - s*``: near 0 when stage 2 was long enough for the weights to
+        be learned, near ``-s*`` when the log-variances hardly moved from 0 (the summed loss in disguise)."""
+        weighting = self.weightings.get("uncertainty")
+        if weighting is None or not (self.out / LOG_FILE).is_file():
+            return None
+        rows = [json.loads(line) for line in (self.out / LOG_FILE).read_text().splitlines() if line.strip()]
+        last = next((r for r in reversed(rows) if r.get("kind") == "epoch" and r.get("stage") == 2), None)
+        s = {t: float(weighting.log_vars[i].detach()) for i, t in enumerate(weighting.tasks)}
+        record: dict[str, Any] = {"log_vars": s, "init_log_var": self.config.init_log_var}
+        if last is not None:
+            loss = {t: last.get(f"loss_{t}") for t in weighting.tasks}
+            star = {t: math.log(2 * float(weighting.factors[i]) * loss[t]) if loss[t] and loss[t] > 0 else None
+                    for i, t in enumerate(weighting.tasks)}
+            record.update(stage2_last_epoch_loss=loss, stationary_log_vars=star,
+                          distance={t: None if star[t] is None else s[t] - star[t] for t in weighting.tasks})
+        return record
+
     def _metrics(self, ddp: dict[str, Any] | None) -> dict[str, Any]:
         cfg = self.config
         timing = {**self.timing, "total": self.timing["total"] + time.perf_counter() - self._session_started}
@@ -646,6 +667,7 @@ class Trainer:
             "versions": versions(),
             "git": git_info(),
             "pretrained": self.pretrained_record,
+            "uncertainty": self._uncertainty_record(),
             # the same block as beside every predictions CSV and in evaluate's scores.json (mtanet.provenance)
             "provenance": training_provenance(
                 self.root, str(self.device), au_thresholds=self.au_thresholds, pretrained=self.pretrained_record,
