@@ -28,9 +28,11 @@ from mtanet.data import (
     IMAGE_DIR,
     SPLITS,
     FrameDataset,
+    build_packed_cache,
     detect_edition,
     image_path,
     label_arrays,
+    packed_cache_key,
     read_annotation_file,
     read_split,
     video_of,
@@ -111,7 +113,7 @@ def _au_columns(frames: pd.DataFrame) -> list[str]:
 def predict_frames(model, frames: pd.DataFrame, root: str | os.PathLike[str], *, image_size: int = 112,
                    batch_size: int = 64, device=None, num_workers: int = 0, amp: bool | None = None,
                    channels_last: bool | None = None, packed: np.ndarray | None = None,
-                   progress: bool = False) -> dict[str, np.ndarray]:
+                   cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Batched inference over a frame table.
 
     Args:
@@ -124,6 +126,9 @@ def predict_frames(model, frames: pd.DataFrame, root: str | os.PathLike[str], *,
         num_workers: data loader processes decoding the jpgs.
         amp, channels_last: bfloat16 autocast and channels-last input; ``None``: on when ``device`` is CUDA.
         packed: optional uint8 cache aligned with the image rows (:func:`mtanet.data.build_packed_cache`).
+        cache_dir: a folder for that cache instead: built on the first call for these very images (named by
+            :func:`mtanet.data.packed_cache_key`), reused by every later call, so scoring many checkpoints on one split
+            (a sweep) decodes its jpgs once.
         progress: show a progress bar.
 
     Returns:
@@ -133,6 +138,8 @@ def predict_frames(model, frames: pd.DataFrame, root: str | os.PathLike[str], *,
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cuda = device.type == "cuda"
     dataset = FrameDataset(frames, root, _au_columns(frames), image_size=image_size, packed=packed)
+    if packed is None and cache_dir is not None and len(dataset):
+        dataset.packed = build_packed_cache(dataset, Path(cache_dir) / f"frames-{packed_cache_key(dataset)}.npy")
     pred = predict_dataset(model, dataset, np.arange(len(dataset)), batch_size=batch_size, device=device,
                            num_workers=num_workers, amp=cuda if amp is None else amp,
                            channels_last=cuda if channels_last is None else channels_last, progress=progress)

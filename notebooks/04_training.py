@@ -180,8 +180,9 @@ model = load_model(run_dir / checkpoint).to(device)  # scored on the device that
 
 
 def predict(frames: pd.DataFrame) -> dict:
+    # with a cache folder, each split's jpgs are decoded once for every run that scores it (the sweep's many runs)
     return predict_frames(model, frames, root, image_size=config.image_size, batch_size=128,
-                          num_workers=hardware["num_workers"])
+                          num_workers=hardware["num_workers"], cache_dir=config.cache_dir or None)
 
 
 preds_select, preds = predict(select), predict(report)

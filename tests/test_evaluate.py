@@ -278,3 +278,19 @@ def test_held_out_folds_split_by_video_stably_and_completely() -> None:
         set(), {"7-30-640x480_left", "7-30-640x480_right"})  # the two people of a video stay together
     shuffled = held_out_folds(frames.sample(frac=1.0, random_state=3).iloc[: len(frames) // 2])
     assert set(shuffled["report"]["video"]) <= report  # order and subsets do not move a video to the other fold
+
+
+def test_predict_frames_with_a_cache_folder_decodes_once_and_predicts_the_same(smoke_root: Path,
+                                                                                tmp_path: Path) -> None:
+    model = MTANet("seresnet18_half", num_outputs=EDITIONS["2020"].num_outputs, feature_dim=16).eval()
+    frames = load_frames(smoke_root, "test")
+    plain = E.predict_frames(model, frames, smoke_root, image_size=32)
+    cached = E.predict_frames(model, frames, smoke_root, image_size=32, cache_dir=tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("frames-*.npy"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = E.predict_frames(model, frames, smoke_root, image_size=32, cache_dir=tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    for task in plain:
+        np.testing.assert_allclose(cached[task], plain[task], atol=1e-6, equal_nan=True)
+        np.testing.assert_array_equal(again[task], cached[task])
