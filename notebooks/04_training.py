@@ -177,6 +177,13 @@ else:
     folds = held_out_folds(val)
     select, report, checkpoint, report_name = folds["select"], folds["report"], "last.pt", "validation, report fold"
 model = load_model(run_dir / checkpoint).to(device)  # scored on the device that trained it
+au_names = list(read_split(root, "val").edition.au_names)
+
+
+def labelled(frames: pd.DataFrame) -> pd.DataFrame:
+    """The rows that carry a label of a task this network has: the only ones any score reads."""
+    _, task_masks = label_arrays(frames, au_names)
+    return frames[np.any([task_masks[t] for t in config.tasks], axis=0)]
 
 
 def predict(frames: pd.DataFrame) -> dict:
@@ -185,10 +192,22 @@ def predict(frames: pd.DataFrame) -> dict:
                           num_workers=hardware["num_workers"], cache_dir=config.cache_dir or None)
 
 
-preds_select, preds = predict(select), predict(report)
-au_names = list(read_split(root, "val").edition.au_names)
+select, report = labelled(select), labelled(report)
+preds = predict(report)
 targets, masks = label_arrays(report, au_names)
 has_face = ~np.isnan(next(iter(preds.values()))).any(axis=1)  # rows the face detector found: predicted by every head
+# AU at 0.5 here; the thresholds tuned on validation come in the next cell (the sweep, which reads this file, skips it)
+at_half = {k: v for k, v in score_predictions(report, preds, thresholds=[0.5] * len(au_names)).items()
+           if k != "au_tuned"}
+held_out = {"split": report_name, "checkpoint": checkpoint, "scores": at_half}
+write_json(run_dir / sweep.HELD_OUT_FILE, held_out)
+final = headline(at_half)
+
+# %% [markdown] tags=["report"]
+# The per-AU thresholds, tuned on validation and then applied to the reported split (`au_tuned` below):
+
+# %% tags=["report"]
+preds_select = predict(select)
 thresholds = None
 if "au" in config.tasks:
     select_targets, select_masks = label_arrays(select, au_names)
@@ -197,8 +216,7 @@ if "au" in config.tasks:
 select_scores = score_predictions(select, preds_select, thresholds=thresholds)
 scores = score_predictions(report, preds, thresholds=thresholds)
 final = headline(scores)
-write_json(run_dir / sweep.HELD_OUT_FILE, {"split": report_name, "checkpoint": checkpoint, "scores": scores,
-                                           "selection_scores": select_scores,
+write_json(run_dir / sweep.HELD_OUT_FILE, {**held_out, "scores": scores, "selection_scores": select_scores,
                                            "au_thresholds": None if thresholds is None else thresholds.tolist()})
 display(pd.DataFrame({"selection (validation)": headline(select_scores), f"reported ({report_name})": final})
         .round(3).rename(index={"au": "au (threshold 0.5)", "au_tuned": "au (thresholds from validation)"}))
