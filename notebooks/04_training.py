@@ -188,8 +188,10 @@ def labelled(frames: pd.DataFrame) -> pd.DataFrame:
 
 def predict(frames: pd.DataFrame) -> dict:
     # with a cache folder, each split's jpgs are decoded once for every run that scores it (the sweep's many runs)
-    return predict_frames(model, frames, root, image_size=config.image_size, batch_size=128,
-                          num_workers=hardware["num_workers"], cache_dir=config.cache_dir or None)
+    # loader processes pay off on a GPU; on the CPU with a cache they cost more to start than they save
+    workers = hardware["num_workers"] if str(device).startswith("cuda") else 0
+    return predict_frames(model, frames, root, image_size=config.image_size, batch_size=128, num_workers=workers,
+                          cache_dir=config.cache_dir or None)
 
 
 select, report = labelled(select), labelled(report)
