@@ -43,6 +43,14 @@ print("tiny result", n * 7)
 
 pytestmark = pytest.mark.slow
 
+#: True once the current notebook's kernel has started and answers (JupyterLab's own session state).
+_KERNEL_IDLE = """() => {
+    const widget = window.jupyterapp.shell.currentWidget;
+    const kernel = widget && widget.sessionContext && widget.sessionContext.session
+        && widget.sessionContext.session.kernel;
+    return Boolean(kernel) && kernel.status === "idle" && widget.sessionContext.isReady;
+}"""
+
 
 def _make_lab_command() -> list[str]:
     """The ``jupyter lab`` options of the Makefile's lab target, so the test serves the way ``make lab`` does."""
@@ -120,6 +128,8 @@ def test_a_chapter_opens_as_a_notebook_runs_saves_and_keeps_its_outputs(tmp_path
                 page.wait_for_selector(".myst-admonition:has-text('Rendered by MyST.')", timeout=30_000)
                 assert "{note}" not in page.locator(".jp-NotebookPanel").inner_text()
 
+                # run only once the notebook's kernel is idle: a run-all sent while it still starts can be lost
+                page.wait_for_function(_KERNEL_IDLE, timeout=120_000)
                 page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
                 page.wait_for_selector(".jp-OutputArea-output:has-text('tiny result 35')", timeout=60_000)
                 page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
