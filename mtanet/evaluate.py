@@ -46,7 +46,7 @@ from mtanet.tasks import EDITIONS, TASKS, Edition
 
 __all__ = ["predict_dataset", "predict_frames", "frames_edition", "score_predictions", "headline", "train_label_stats",
            "write_submission", "submission_paths", "evaluate", "read_names_list", "listed_frames", "held_out_folds",
-           "SCORES_FILE"]
+           "video_intervals", "SCORES_FILE"]
 
 #: The summary :func:`evaluate` writes beside the submission files; its ``files`` lists them.
 SCORES_FILE = "scores.json"
@@ -204,6 +204,46 @@ def score_predictions(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
         tuned = metrics.edition_scores(ed, {"au": p}, {"au": y}, au_thresholds=th)["au"]
         out = {**{k: v for k, v in out.items() if k not in ("expr", "mean", "combined")}, "au_tuned": tuned,
                **{k: out[k] for k in ("expr", "mean", "combined") if k in out}}
+    return json_clean(out)
+
+
+def video_intervals(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
+                    thresholds: float | Sequence[float] | np.ndarray = 0.5, n_boot: int = 200, alpha: float = 0.05,
+                    seed: int = 0, edition: str | Edition | None = None) -> dict[str, dict[str, Any]]:
+    """A video-level bootstrap interval of each task's headline score (:func:`mtanet.metrics.bootstrap_ci`).
+
+    Which videos happen to form the evaluation split moves a score about as much as the seed does (frames of one
+    video are strongly correlated, so only whole videos are resampled). The rows scored are those
+    :func:`score_predictions` scores: a label for the task, an image and a prediction.
+
+    Returns:
+        ``{task: {"score", "low", "high", "n_boot", "n_skipped", "videos"}}`` for every task with predictions and
+        labeled rows; ``score`` equals :func:`score_predictions`'s headline (the AU score at ``thresholds``).
+    """
+    ed = edition if edition is not None else frames_edition(frames, preds)
+    au_cols = _au_columns(frames)
+    targets = {"va": frames[["valence", "arousal"]].to_numpy(np.float64),
+               "au": frames[au_cols].to_numpy(np.int64) if au_cols else None,
+               "expr": frames["expression"].to_numpy(np.int64)}
+    _, masks = label_arrays(frames, au_cols)
+    has_image = (frames["image"] != "").to_numpy()
+    names = frames["name"].to_numpy()
+    out: dict[str, dict[str, Any]] = {}
+    for task in TASKS:
+        if task not in preds or targets[task] is None:
+            continue
+        pred = np.asarray(preds[task])
+        predicted = ~np.isnan(pred.reshape(len(pred), -1)).any(axis=1)
+        rows = masks[task] & has_image & predicted
+        if not rows.any():
+            continue
+
+        def score(t: np.ndarray, p: np.ndarray, task: str = task) -> dict[str, Any]:
+            return metrics.edition_scores(ed, {task: p}, {task: t}, au_thresholds=thresholds)[task]
+
+        ci = metrics.bootstrap_ci(score, targets[task][rows], pred[rows], names[rows], n_boot=n_boot, alpha=alpha,
+                                  seed=seed)
+        out[task] = {**ci, "videos": int(len(np.unique(names[rows])))}
     return json_clean(out)
 
 

@@ -31,7 +31,7 @@ from mtanet.errors import ConfigError
 __all__ = ["COLUMNS", "VERDICTS", "compare", "holm"]
 
 #: The columns of :func:`compare`'s table, in order.
-COLUMNS = ("row", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
+COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
            "verdict")
 
 #: The verdicts :func:`compare` gives.
@@ -81,7 +81,22 @@ def _paired(diffs: np.ndarray, alpha: float) -> dict[str, float]:
             "eq_high": mean + eq_half, "p": p}
 
 
-def _check(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin: float, alpha: float,
+def _pairs(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(row, versus)`` pairs: every other row against one reference row, or the pairs given."""
+    if isinstance(reference, str):
+        return [(row, reference) for row in dict.fromkeys(results["row"]) if row != reference]
+    pairs = [tuple(p) for p in reference]
+    bad = [p for p in pairs if len(p) != 2 or p[0] == p[1]]
+    if not pairs or bad:
+        raise ConfigError(f"compare: reference must be a row name or (row, reference row) pairs of two different "
+                          f"rows, got {list(reference)!r}")
+    missing = sorted({p[0] for p in pairs} - set(results["row"]))
+    if missing:
+        raise ConfigError(f"compare: rows {missing} have no runs in results")
+    return pairs  # type: ignore[return-value]
+
+
+def _check(results: pd.DataFrame, references: Collection[str], metrics: Sequence[str], margin: float, alpha: float,
            lower_is_better: Collection[str]) -> list[str]:
     if not isinstance(results, pd.DataFrame):
         raise ConfigError(f"compare: results must be a pandas DataFrame (columns row, seed and one per metric), "
@@ -104,9 +119,10 @@ def _check(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin
     unknown = sorted(set(lower_is_better) - set(metrics))
     if unknown:
         raise ConfigError(f"compare: lower_is_better names {unknown}, which are not among metrics {metrics}")
-    if not (results["row"] == reference).any():
-        raise ConfigError(f"compare: the reference row {reference!r} has no runs in results "
-                          f"(rows: {list(dict.fromkeys(results['row']))})")
+    for ref in references:
+        if not (results["row"] == ref).any():
+            raise ConfigError(f"compare: the reference row {ref!r} has no runs in results "
+                              f"(rows: {list(dict.fromkeys(results['row']))})")
     if results["seed"].isna().any():
         raise ValueError("compare: results has runs without a seed (NaN in column 'seed')")
     duplicated = results.duplicated(["row", "seed"], keep=False)
@@ -127,19 +143,21 @@ def _check(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin
             if missing_scores.any() and not missing_scores.all():
                 raise ValueError(f"compare: row {row!r} has NaN {metric!r} scores on "
                                  f"{int(missing_scores.sum())} of its {part.size} runs")
-            if row == reference and missing_scores.all():
-                raise ValueError(f"compare: the reference row {reference!r} has no {metric!r} scores")
+            if row in references and missing_scores.all():
+                raise ValueError(f"compare: the reference row {row!r} has no {metric!r} scores")
     return metrics
 
 
-def compare(results: pd.DataFrame, reference: str, metrics: Sequence[str], margin: float = 0.02,
-            alpha: float = 0.05, lower_is_better: Collection[str] = ()) -> pd.DataFrame:
-    """Each row against the reference row, per metric, paired by seed; one table line per (row, metric).
+def compare(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]], metrics: Sequence[str],
+            margin: float = 0.02, alpha: float = 0.05, lower_is_better: Collection[str] = ()) -> pd.DataFrame:
+    """Each row against the reference row (or each pair of rows given), per metric, paired by seed; one table line
+    per (row, reference, metric).
 
     Args:
         results: one line per run, with columns ``row``, ``seed`` and one column per metric (e.g.
             :func:`mtanet.book.sweep.collect`'s table); other columns are ignored.
-        reference: the row every other row is compared with.
+        reference: the row every other row is compared with, or ``(row, reference row)`` pairs (a factorial's
+            contrasts); the Holm family is every line of the call either way.
         metrics: the score columns to compare.
         margin: the largest difference, either way, that counts as no practical difference (scores' own units).
         alpha: the family-wise error rate of the ``better``/``worse`` verdicts over the whole call, the two-sided
@@ -148,8 +166,9 @@ def compare(results: pd.DataFrame, reference: str, metrics: Sequence[str], margi
 
     Returns:
         A DataFrame with columns :data:`COLUMNS`, rows in the order they first appear in ``results`` (reference
-        left out), metrics in the order given:
+        left out) or in the order of the pairs, metrics in the order given:
 
+        - ``versus``: the reference row of the line;
         - ``n``: seeds present in both the row and the reference (the pairs);
         - ``unpaired``: seeds of the row or the reference left out because the other has no run of that seed;
         - ``diff``: mean paired difference, row minus reference;
@@ -170,16 +189,17 @@ def compare(results: pd.DataFrame, reference: str, metrics: Sequence[str], margi
         ValueError: NaN seeds, two runs of the same row and seed, non-numeric or infinite scores, a row scored on
             some of its runs only, or a reference without scores on a metric.
     """
-    metrics = _check(results, reference, metrics, margin, alpha, lower_is_better)
+    if not isinstance(results, pd.DataFrame) or "row" not in results.columns:
+        metrics = _check(results, (), metrics, margin, alpha, lower_is_better)  # raises the clear error
+    pairs = _pairs(results, reference)
+    metrics = _check(results, {versus for _, versus in pairs}, metrics, margin, alpha, lower_is_better)
     scores = {m: pd.to_numeric(results[m], errors="coerce").to_numpy(dtype=float) for m in metrics}
     positions: dict[object, dict[object, int]] = {}  # row -> seed -> position in results
     for i, (row, seed) in enumerate(zip(results["row"], results["seed"])):
         positions.setdefault(row, {})[seed] = i
-    ref = positions[reference]
     lines = []
-    for row, mine in positions.items():
-        if row == reference:
-            continue
+    for row, versus in pairs:
+        mine, ref = positions[row], positions[versus]
         shared = [s for s in mine if s in ref]
         unpaired = len(set(mine) ^ set(ref))
         at_row, at_ref = [mine[s] for s in shared], [ref[s] for s in shared]
@@ -187,7 +207,9 @@ def compare(results: pd.DataFrame, reference: str, metrics: Sequence[str], margi
             if np.isnan(scores[metric][list(mine.values())]).all():
                 continue
             diffs = scores[metric][at_row] - scores[metric][at_ref]
-            lines.append({"row": row, "metric": metric, "n": len(shared), "unpaired": unpaired,
+            if np.isnan(scores[metric][list(ref.values())]).all():
+                continue  # a single-task reference row has no score on the other tasks
+            lines.append({"row": row, "versus": versus, "metric": metric, "n": len(shared), "unpaired": unpaired,
                           **_paired(diffs, alpha)})
     table = pd.DataFrame(lines, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
     table["n"] = table["n"].astype(int)

@@ -57,7 +57,7 @@ from sklearn.metrics import confusion_matrix
 from mtanet import synth
 from mtanet.book import paper, record_run, sweep, work_root
 from mtanet.data import label_arrays, read_split
-from mtanet.evaluate import headline, held_out_folds, predict_frames, score_predictions
+from mtanet.evaluate import headline, held_out_folds, predict_frames, score_predictions, video_intervals
 from mtanet.metrics import tune_au_thresholds
 from mtanet.models import load_model
 from mtanet.runtime import write_json
@@ -201,7 +201,9 @@ has_face = ~np.isnan(next(iter(preds.values()))).any(axis=1)  # rows the face de
 # AU at 0.5 here; the thresholds tuned on validation come in the next cell (the sweep, which reads this file, skips it)
 at_half = {k: v for k, v in score_predictions(report, preds, thresholds=[0.5] * len(au_names)).items()
            if k != "au_tuned"}
-held_out = {"split": report_name, "checkpoint": checkpoint, "scores": at_half}
+# which videos happen to be held out moves a score as much as the seed does: a video-level bootstrap interval per task
+held_out = {"split": report_name, "checkpoint": checkpoint, "scores": at_half,
+            "intervals": video_intervals(report, preds, thresholds=0.5, seed=0)}
 write_json(run_dir / sweep.HELD_OUT_FILE, held_out)
 final = headline(at_half)
 
@@ -222,6 +224,9 @@ write_json(run_dir / sweep.HELD_OUT_FILE, {**held_out, "scores": scores, "select
                                            "au_thresholds": None if thresholds is None else thresholds.tolist()})
 display(pd.DataFrame({"selection (validation)": headline(select_scores), f"reported ({report_name})": final})
         .round(3).rename(index={"au": "au (threshold 0.5)", "au_tuned": "au (thresholds from validation)"}))
+display(Markdown(f"95% intervals on {report_name} from resampling its videos (AU at 0.5): " + ", ".join(
+    f"**{t}** {ci['score']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['videos']} videos)"
+    for t, ci in held_out["intervals"].items()) + "."))
 
 # %% tags=["report"]
 if is_synthetic:

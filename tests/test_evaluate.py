@@ -294,3 +294,30 @@ def test_predict_frames_with_a_cache_folder_decodes_once_and_predicts_the_same(s
     for task in plain:
         np.testing.assert_allclose(cached[task], plain[task], atol=1e-6, equal_nan=True)
         np.testing.assert_array_equal(again[task], cached[task])
+
+
+def test_video_intervals_resample_whole_videos_around_the_headline_score(smoke_root: Path) -> None:
+    frames = load_frames(smoke_root, "test")
+    rng = np.random.default_rng(0)
+    n = len(frames)
+    truth_va = frames[["valence", "arousal"]].to_numpy()
+    preds = {"va": np.clip(truth_va + rng.normal(0, 0.3, (n, 2)), -1, 1), "au": rng.uniform(0, 1, (n, 8)),
+             "expr": rng.normal(size=(n, 7))}
+    ci = E.video_intervals(frames, preds, n_boot=50)
+    head = E.headline(E.score_predictions(frames, preds, thresholds=[0.5] * 8))
+    for task in ("va", "au", "expr"):
+        assert ci[task]["score"] == pytest.approx(head[task])
+        assert ci[task]["low"] <= ci[task]["score"] <= ci[task]["high"]
+    labelled = {"va": frames["valence"].between(-1, 1), "expr": frames["expression"] >= 0}
+    for task, rows in labelled.items():
+        assert ci[task]["videos"] == frames.loc[rows & (frames["image"] != ""), "name"].nunique()
+    assert any(ci[t]["videos"] >= 2 and ci[t]["low"] < ci[t]["high"] for t in ci)  # videos drawn: a spread
+    assert E.video_intervals(frames, preds, n_boot=50) == ci  # seeded
+    # one video: every replicate draws that video whole, so the interval collapses on the score (a frame-level
+    # bootstrap would spread)
+    one = frames[frames["name"] == frames.loc[frames["expression"] >= 0, "name"].iloc[0]]
+    alone = E.video_intervals(one, {k: v[one.index.to_numpy()] for k, v in preds.items()}, n_boot=20)
+    assert alone["expr"]["videos"] == 1
+    assert alone["expr"]["low"] == alone["expr"]["high"] == pytest.approx(alone["expr"]["score"])
+    # a task without predictions is left out; rows whose prediction is NaN (no face) are not scored
+    assert set(E.video_intervals(frames, {"expr": preds["expr"]}, n_boot=5)) == {"expr"}

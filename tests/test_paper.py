@@ -1,5 +1,6 @@
 """The published table and the gap-closed reading."""
 
+import pandas as pd
 import pytest
 
 from mtanet.book import paper
@@ -23,3 +24,34 @@ def test_gap_closed() -> None:
     table = paper.against_reference({"va": 0.45, "au": 0.8}, bounds)
     assert table["gap_closed"].tolist() == pytest.approx([0.5, 1.0])
     assert table.loc["au", "floor"] == 0.4 and table.loc["au", "reference"] == 0.8
+
+
+def _verdict(row: str, versus: str, metric: str, verdict: str, diff: float) -> dict:
+    return {"row": row, "versus": versus, "metric": metric, "verdict": verdict, "diff": diff}
+
+
+def test_read_claims_supports_refutes_or_leaves_undecided_from_the_verdicts() -> None:
+    from mtanet.book.paper import CLAIMS, read_claims
+
+    verdicts = pd.DataFrame([
+        _verdict("resnext_cbam", "resnext", "va", "better", 0.05),  # attention helps: with the claim
+        _verdict("resnext_cbam", "resnext", "au", "inconclusive", 0.01),
+        _verdict("sum_only", "senet", "va", "better", 0.04),  # the summed loss better: against eq. 5's claim
+        _verdict("avg_pool", "senet", "va", "equivalent", 0.001),  # equivalent on every score tested
+        _verdict("avg_pool", "senet", "au", "equivalent", -0.002),
+        _verdict("senet", "resnet", "expr", "inconclusive", 0.02),
+        _verdict("va_only", "senet", "va", "worse", -0.06),  # single task worse: with the multi-task claim
+        _verdict("au_only", "senet", "au", "better", 0.03),  # and one against it
+    ])
+    reading = read_claims(verdicts)["reading"]
+    assert list(reading.index) == [c["claim"] for c in CLAIMS]
+    assert reading["attention helps (CBAM on ResNeXt, Table I)"] == "supported"
+    assert reading["fine-tuning with eq. 5 beats the summed loss"] == "refuted"
+    assert reading["the avg + max neck beats average pooling"] == "refuted"
+    assert reading["SE attention helps"] == "undecided"
+    assert reading["one network for three tasks beats one per task"] == "mixed"
+    assert reading["SENet beats ResNeXt + CBAM (Table I's ranking)"] == "not run"
+    # a verdict on a pair the claim does not name is not read (the versus column matters)
+    other = pd.DataFrame([_verdict("resnext_cbam", "senet", "va", "better", 0.05)])
+    assert read_claims(other)["reading"]["attention helps (CBAM on ResNeXt, Table I)"] == "not run"
+    assert read_claims(other)["reading"]["SENet beats ResNeXt + CBAM (Table I's ranking)"] == "refuted"

@@ -194,3 +194,29 @@ def test_a_reference_without_scores_on_a_metric_is_refused() -> None:
                          {"row": "row", "seed": 1, "va": 0.4, "au": 0.3}])
     with pytest.raises(ValueError, match="reference row 'ref' has no 'au' scores"):
         compare(runs, "ref", ["va", "au"])
+
+
+def test_pairs_compare_each_row_with_its_own_reference_in_one_holm_family() -> None:
+    rng = np.random.default_rng(11)
+    runs = _null_sweep(rng, rows=4)
+    runs.loc[runs["row"] == "r3", "va"] += 0.10  # r3 is better than r2, the row it is paired with
+    pairs = [("r1", "r0"), ("r3", "r2"), ("r2", "r0")]
+    table = compare(runs, pairs, METRICS)
+    assert list(zip(table["row"], table["versus"]))[::3] == pairs  # the pairs' order, then the metrics'
+    assert len(table) == 9
+    line = table.set_index(["row", "versus", "metric"]).loc[("r3", "r2", "va")]
+    diffs = (runs[runs["row"] == "r3"]["va"].to_numpy() - runs[runs["row"] == "r2"]["va"].to_numpy())
+    assert line["diff"] == pytest.approx(diffs.mean())
+    assert line["verdict"] == "better"
+    # Holm over all 9 lines: the adjusted p of the smallest p is 9 times it
+    smallest = table["p"].idxmin()
+    assert table.loc[smallest, "p_holm"] == pytest.approx(min(1.0, 9 * table.loc[smallest, "p"]))
+    # the string form is every other row against one reference
+    single = compare(runs, "r0", METRICS)
+    assert set(single["versus"]) == {"r0"} and set(single["row"]) == {"r1", "r2", "r3"}
+    with pytest.raises(ConfigError, match="two different rows"):
+        compare(runs, [("r1", "r1")], METRICS)
+    with pytest.raises(ConfigError, match="no runs"):
+        compare(runs, [("r9", "r0")], METRICS)
+    with pytest.raises(ConfigError, match="reference row 'r8'"):
+        compare(runs, [("r1", "r8")], METRICS)

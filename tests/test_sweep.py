@@ -535,3 +535,47 @@ def test_collect_takes_the_held_out_scores_when_the_chapter_wrote_them(fake, tmp
             == [0.123, 0.1, 0.456, 0.2, 0.321, 0.465])
     assert after.loc["resnext", "va"] == before.loc["resnext", "va"]
     assert after.loc["senet", "va"] != before.loc["senet", "va"]
+
+
+def test_the_factorial_rows_change_one_factor_and_equal_frames_rows_train_a_third_of_the_steps() -> None:
+    names = list(sweep.ROWS)
+    runs = {r.row: dict(r.parameters) for r in sweep.plan(names, [0], {"steps_per_epoch": 30}, family="small")}
+    assert runs["resnet"]["backbone"] == "resnet26_half" and runs["seresnext"]["backbone"] == "seresnext26_half"
+    assert runs["va_only"]["steps_per_epoch"] == 30 and runs["va_only_frames"]["steps_per_epoch"] == 10
+    assert runs["fixed_weights"]["train_options"] == {"init_log_var": 0.0, "lr_log_vars": 0.0}
+    assert runs["avgmax_add"]["pooling"] == "avgmax_add"
+    # every contrast's two rows differ in their parameters (no contrast compares a row with itself)
+    for c in sweep.CONTRASTS:
+        assert c.row in sweep.ROWS and c.versus in sweep.ROWS and runs[c.row] != runs[c.versus], c
+    # the small family's designs differ only in their block: their timm arguments share depth and widths
+    small = [BACKBONES[b] for b in sweep.FAMILIES["small"].values()]
+    assert {(b["model_name"], b["channels"], b["stem_width"]) for b in small} == {("resnet26", (32, 64, 128, 256),
+                                                                                   32)}
+    assert len({repr(b) for b in small}) == 5
+    # only contrasts whose two rows ran, plus the user's rows against senet
+    chosen = sweep.contrasts(["senet", "resnext", "resnext_cbam", "sum_only"], extra=["lr3"])
+    assert [(c.row, c.versus) for c in chosen] == [("resnext_cbam", "senet"), ("resnext", "senet"),
+                                                   ("resnext_cbam", "resnext"), ("sum_only", "senet"),
+                                                   ("lr3", "senet")]
+
+
+def test_reproducibility_pairs_runs_of_the_same_experiment_only() -> None:
+    config = {"backbone": "seresnet26_half", "image_size": 48, "data_root": "/here", "threads": 2}
+    reference = pd.DataFrame([
+        {"row": "senet", "seed": s, "va": v, "va_low": v - 0.05, "va_high": v + 0.05, "config": config,
+         "data_sha256": "abc"} for s, v in ((0, 0.30), (1, 0.34), (2, 0.38))])
+    here = pd.DataFrame([
+        {"row": "senet", "seed": 0, "va": 0.33, "config": {**config, "data_root": "/there", "threads": 1},
+         "data_sha256": "abc"},  # same experiment on another machine: compared
+        {"row": "senet", "seed": 1, "va": 0.50, "config": {**config, "image_size": 64}, "data_sha256": "abc"},
+        {"row": "senet", "seed": 2, "va": 0.38, "config": config, "data_sha256": "other data"},
+        {"row": "resnext", "seed": 0, "va": 0.2, "config": config, "data_sha256": "abc"}])
+    table = sweep.reproducibility(here, reference, metrics=["va"])
+    assert len(table) == 1
+    line = table.iloc[0]
+    assert (line["row"], line["seed"]) == ("senet", 0)
+    assert line["diff"] == pytest.approx(0.03) and line["in_video_interval"] and line["in_seed_range"]
+    assert line["reference_seeds"] == 3
+    far = sweep.reproducibility(here.assign(va=0.10).iloc[:1], reference, metrics=["va"]).iloc[0]
+    assert not far["in_video_interval"] and not far["in_seed_range"]
+    assert sweep.same_settings(config, {**config, "cache_dir": "x"}) and not sweep.same_settings(config, None)

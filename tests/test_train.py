@@ -1048,7 +1048,8 @@ def test_metrics_json_says_how_far_eq5_is_from_its_stationary_point(smoke_root: 
     import math
 
     def record(lr_log_vars: float, out: Path) -> dict:
-        T.train(tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=2, steps_per_epoch=6, lr_log_vars=lr_log_vars))
+        T.train(tiny(smoke_root, out, stage1_epochs=1, stage2_epochs=2, steps_per_epoch=6, lr_log_vars=lr_log_vars,
+                     init_log_var=0.0))
         return json.loads((out / "metrics.json").read_text())["uncertainty"]
 
     slow, fast = record(1e-4, tmp_path / "slow"), record(0.5, tmp_path / "fast")
@@ -1059,3 +1060,43 @@ def test_metrics_json_says_how_far_eq5_is_from_its_stationary_point(smoke_root: 
             assert rec["distance"][t] == pytest.approx(rec["log_vars"][t] - rec["stationary_log_vars"][t])
     assert max(abs(v) for v in slow["log_vars"].values()) < 0.01  # 12 steps at 1e-4: eq. 5 not learned
     assert sum(abs(v) for v in fast["distance"].values()) < sum(abs(v) for v in slow["distance"].values())
+
+
+def test_eq5_starts_at_the_stationary_point_of_the_stage1_losses_and_a_resume_keeps_it(
+        smoke_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """init_log_var="stationary" (the default): stage 2 starts each s at log(2 c L) for the mean training loss of
+    the last stage-1 epoch, so eq. 5 is at its optimum at once, and ends nearer s* than a start at 0. A run stopped at
+    the stage boundary and resumed starts from the same s (the stage-1 losses travel in the checkpoint)."""
+    import math
+
+    cfg = tiny(smoke_root, tmp_path / "whole", stage1_epochs=1, stage2_epochs=1, steps_per_epoch=6)
+    T.train(cfg)
+    stage1 = next(r for r in read_log(tmp_path / "whole") if r["kind"] == "epoch" and r["stage"] == 1)
+    rec = json.loads((tmp_path / "whole" / "metrics.json").read_text())["uncertainty"]
+    for t, factor in (("va", 0.5), ("au", 1.0), ("expr", 1.0)):
+        assert rec["start_log_vars"][t] == pytest.approx(math.log(2 * factor * stage1[f"loss_{t}"]), abs=1e-6)
+    first_stage2 = next(r for r in read_log(tmp_path / "whole") if r["kind"] == "step" and r["stage"] == 2)
+    assert first_stage2["w_expr"] == pytest.approx(1 / (2 * stage1["loss_expr"]), rel=1e-3)
+
+    T.train({**cfg, "output_dir": str(tmp_path / "zero"), "init_log_var": 0.0})
+    zero = json.loads((tmp_path / "zero" / "metrics.json").read_text())["uncertainty"]
+    assert zero["start_log_vars"] == {"va": 0.0, "au": 0.0, "expr": 0.0}
+    assert sum(map(abs, rec["distance"].values())) < 0.5 * sum(map(abs, zero["distance"].values()))
+
+    # stopped right after stage 1's last checkpoint, before stage 2 begins, then resumed
+    real_start = T.Trainer._start_stage
+
+    def crash_at_stage2(self, stage, state=None):
+        if stage == 2 and state is None:
+            raise KeyboardInterrupt("stopped at the stage boundary")
+        real_start(self, stage, state)
+
+    cut = {**cfg, "output_dir": str(tmp_path / "cut")}
+    monkeypatch.setattr(T.Trainer, "_start_stage", crash_at_stage2)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cut)
+    monkeypatch.setattr(T.Trainer, "_start_stage", real_start)
+    T.train({**cut, "resume": True})
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())["uncertainty"]
+    assert resumed["start_log_vars"] == rec["start_log_vars"]
+    assert resumed["log_vars"] == rec["log_vars"]

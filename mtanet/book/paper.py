@@ -75,6 +75,12 @@ DEPARTURES: list[dict[str, str]] = [
     {"choice": "Eq. 5 parameterisation", "paper": "log sigma per task", "here": "s = log sigma^2 per task, weights "
      "exp(-s)/2 (VA) and exp(-s) (AU, EXPR), penalty s/2",
      "why": "the same objective, numerically stable (Kendall et al.)"},
+    {"choice": "Start of eq. 5's log-variances", "paper": "not given",
+     "here": "at the start of stage 2, s* = log(2 c L) for each task's mean training loss L over the last stage-1 "
+             "epoch (`init_log_var=\"stationary\"`; 0 on request)",
+     "why": "at the paper's stage-2 rate (SGD 1e-4, momentum 0.9) s relaxes with a time constant of about 2,000 "
+            "steps, so from 0 it hardly moves in any budget here and stage 2 would be the fixed weights (0.5, 1, 1); "
+            "started at s* it is at eq. 5's optimum for the losses it inherits and follows them"},
     {"choice": "Augmentation", "paper": "not described", "here": "horizontal flip, small crop, brightness/contrast",
      "why": "standard for aligned faces; flips keep every label valid"},
     {"choice": "Batches", "paper": "not described", "here": "task-balanced: equal shares of frames labelled for each "
@@ -100,3 +106,55 @@ DEPARTURES: list[dict[str, str]] = [
 def departures() -> pd.DataFrame:
     """:data:`DEPARTURES` as a table indexed by the choice."""
     return pd.DataFrame(DEPARTURES).set_index("choice")
+
+
+#: The paper's claims that an ablation can test, each as contrasts of :data:`mtanet.book.sweep.CONTRASTS` (row,
+#: versus) with the sign the claim predicts for ``row - versus`` (+1: row better) and the scores it is about.
+CLAIMS: list[dict[str, object]] = [
+    {"claim": "attention helps (CBAM on ResNeXt, Table I)", "contrasts": [("resnext_cbam", "resnext", +1)],
+     "metrics": ("va", "au", "expr")},
+    {"claim": "SE attention helps", "contrasts": [("senet", "resnet", +1), ("seresnext", "resnext", +1)],
+     "metrics": ("va", "au", "expr")},
+    {"claim": "SENet beats ResNeXt + CBAM (Table I's ranking)", "contrasts": [("resnext_cbam", "senet", -1)],
+     "metrics": ("va", "au", "expr")},
+    {"claim": "fine-tuning with eq. 5 beats the summed loss", "contrasts": [("sum_only", "senet", -1)],
+     "metrics": ("va", "au", "expr")},
+    {"claim": "one network for three tasks beats one per task",
+     "contrasts": [(f"{t}_only{k}", "senet", -1) for t in ("va", "au", "expr") for k in ("", "_frames")],
+     "metrics": ("va", "au", "expr")},
+    {"claim": "the avg + max neck beats average pooling", "contrasts": [("avg_pool", "senet", -1)],
+     "metrics": ("va", "au", "expr")},
+]
+
+
+def read_claims(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Each of :data:`CLAIMS` read from :func:`mtanet.stats.compare`'s table (with ``versus``): **supported** when
+    at least one of its comparisons goes the claimed way significantly and none goes against it; **refuted** when
+    one goes against it significantly, or every comparison is ``equivalent`` (no difference within the margin);
+    **mixed** when significant verdicts go both ways; **undecided** when everything tested is inconclusive;
+    **not run** when none of its rows were compared. ``evidence`` lists the verdicts it read."""
+    lines = []
+    for claim in CLAIMS:
+        found = []
+        for row, versus, sign in claim["contrasts"]:  # type: ignore[union-attr]
+            part = verdicts[(verdicts["row"] == row) & (verdicts["versus"] == versus)
+                            & verdicts["metric"].isin(claim["metrics"])]  # type: ignore[arg-type]
+            for line in part.itertuples(index=False):
+                agrees = {"better": sign > 0, "worse": sign < 0}.get(line.verdict)
+                found.append((f"{row} vs {versus}, {line.metric}: {line.verdict} ({line.diff:+.3f})", line.verdict,
+                              agrees))
+        kinds = [v for _, v, _ in found]
+        with_claim = any(a is True for _, _, a in found)
+        against = any(a is False for _, _, a in found)
+        if not found:
+            reading = "not run"
+        elif with_claim and against:
+            reading = "mixed"
+        elif against or all(k == "equivalent" for k in kinds):
+            reading = "refuted"
+        elif with_claim:
+            reading = "supported"
+        else:
+            reading = "undecided"
+        lines.append({"claim": claim["claim"], "reading": reading, "evidence": "; ".join(e for e, _, _ in found)})
+    return pd.DataFrame(lines).set_index("claim")

@@ -63,6 +63,12 @@ __all__ = [
     "HELD_OUT_FILE",
     "NOTEBOOK_FILE",
     "ROWS",
+    "CONTRASTS",
+    "Contrast",
+    "TABLE_I_ROWS",
+    "contrasts",
+    "reproducibility",
+    "same_settings",
     "RUN_FILE",
     "SWEEP_OWNED",
     "Row",
@@ -90,9 +96,15 @@ KERNEL_LOG_FILE = "kernel.log"
 
 #: Backbone of each Table I design, per family. ``paper``: the paper's networks. ``small``: half-width ResNet-26
 #: bottleneck networks with the same block designs (SE, ResNeXt with 32 groups, ResNeXt + CBAM), for CPU budgets.
+#: Besides Table I's three designs, the two that make a 2 x 2 factorial of attention (none, SE) and cardinality (1,
+#: 32) with CBAM beside SE: ``resnet`` and ``seresnext``. In the ``paper`` family ``se`` is the paper's SENet-50,
+#: whose VGGFace2 port also puts the stride on the first 1x1 convolution (the others on the 3x3); the ``small`` family
+#: differs only in the block.
 FAMILIES: dict[str, dict[str, str]] = {
-    "paper": {"se": "senet50", "resnext": "resnext50", "resnext_cbam": "resnext50_cbam"},
-    "small": {"se": "seresnet26_half", "resnext": "resnext26_half", "resnext_cbam": "resnext26_half_cbam"},
+    "paper": {"resnet": "resnet50", "se": "senet50", "resnext": "resnext50", "seresnext": "seresnext50",
+              "resnext_cbam": "resnext50_cbam"},
+    "small": {"resnet": "resnet26_half", "se": "seresnet26_half", "resnext": "resnext26_half",
+              "seresnext": "seresnext26_half", "resnext_cbam": "resnext26_half_cbam"},
 }
 
 
@@ -110,19 +122,82 @@ class Row:
     #: :class:`mtanet.train.TrainConfig` fields this row sets beyond the notebook's parameters (any field, e.g.
     #: ``{"stage2_lr": 3e-4}``); they reach the notebook's ``train_options`` parameter and win over its own settings
     train_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: share of the sweep's steps per epoch this row trains (a single-task row at 1/3 sees as many frames of its
+    #: task as the three-task network, whose batches give each task a third)
+    step_share: float = 1.0
 
 
-#: The rows, in table order. ``senet`` is the paper's full configuration and the reference of every comparison.
+#: The rows, in table order. ``senet`` is the paper's full configuration; :data:`CONTRASTS` says which rows are
+#: compared and what each comparison answers.
 ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("senet", "SENet (paper's MTANet)", "backbone (Table I)", {"backbone": "se"}),
-    Row("resnext", "ResNeXt", "backbone (Table I)", {"backbone": "resnext"}),
-    Row("resnext_cbam", "ResNeXt + CBAM", "backbone (Table I)", {"backbone": "resnext_cbam"}),
+    Row("senet", "SE-ResNet (paper's MTANet)", "backbone", {"backbone": "se"}),
+    Row("resnet", "ResNet (no attention)", "backbone", {"backbone": "resnet"}),
+    Row("resnext", "ResNeXt", "backbone", {"backbone": "resnext"}),
+    Row("seresnext", "SE-ResNeXt", "backbone", {"backbone": "seresnext"}),
+    Row("resnext_cbam", "ResNeXt + CBAM", "backbone", {"backbone": "resnext_cbam"}),
     Row("sum_only", "summed loss in both stages", "loss weighting", {"backbone": "se", "stage2_weighting": "sum"}),
-    Row("va_only", "valence-arousal only", "single task", {"backbone": "se", "tasks": ["va"]}, ("va",)),
-    Row("au_only", "action units only", "single task", {"backbone": "se", "tasks": ["au"]}, ("au",)),
-    Row("expr_only", "expressions only", "single task", {"backbone": "se", "tasks": ["expr"]}, ("expr",)),
+    Row("fixed_weights", "eq. 5 with s fixed at 0: weights (0.5, 1, 1)", "loss weighting", {"backbone": "se"},
+        train_options={"init_log_var": 0.0, "lr_log_vars": 0.0}),
+    Row("va_only", "valence-arousal only, equal steps", "single task", {"backbone": "se", "tasks": ["va"]}, ("va",)),
+    Row("au_only", "action units only, equal steps", "single task", {"backbone": "se", "tasks": ["au"]}, ("au",)),
+    Row("expr_only", "expressions only, equal steps", "single task", {"backbone": "se", "tasks": ["expr"]},
+        ("expr",)),
+    Row("va_only_frames", "valence-arousal only, equal frames", "single task", {"backbone": "se", "tasks": ["va"]},
+        ("va",), step_share=1 / 3),
+    Row("au_only_frames", "action units only, equal frames", "single task", {"backbone": "se", "tasks": ["au"]},
+        ("au",), step_share=1 / 3),
+    Row("expr_only_frames", "expressions only, equal frames", "single task", {"backbone": "se", "tasks": ["expr"]},
+        ("expr",), step_share=1 / 3),
     Row("avg_pool", "average pooling only", "neck", {"backbone": "se", "pooling": "avg"}),
+    Row("avgmax_add", "avg + max added, not concatenated", "neck", {"backbone": "se", "pooling": "avgmax_add"}),
 )}
+
+#: The paper's Table I rows, in its order.
+TABLE_I_ROWS: tuple[str, ...] = ("resnext", "resnext_cbam", "senet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """One comparison: ``row`` minus ``versus``, two rows that differ in the factor ``question`` names."""
+
+    row: str
+    versus: str
+    question: str
+
+
+_STEPS = "at equal steps (the single-task network sees 3x the frames of its task)"
+_FRAMES = "at equal frames of its task (a third of the steps)"
+
+#: Every comparison the chapter reads, each isolating one factor (the first two are the paper's Table I reading,
+#: where two factors change at once: the table says so beside them).
+CONTRASTS: tuple[Contrast, ...] = (
+    Contrast("resnext_cbam", "senet", "Table I as printed: ResNeXt + CBAM vs SENet (cardinality and attention "
+                                      "type change together)"),
+    Contrast("resnext", "senet", "Table I as printed: ResNeXt vs SENet (cardinality 32 without attention vs SE at "
+                                 "cardinality 1: two factors)"),
+    Contrast("senet", "resnet", "SE attention at cardinality 1"),
+    Contrast("seresnext", "resnext", "SE attention at cardinality 32"),
+    Contrast("resnext_cbam", "resnext", "CBAM attention at cardinality 32"),
+    Contrast("resnext_cbam", "seresnext", "CBAM vs SE attention at cardinality 32"),
+    Contrast("resnext", "resnet", "cardinality 32 vs 1, no attention"),
+    Contrast("sum_only", "senet", "the plain sum in stage 2 vs eq. 5 learned"),
+    Contrast("fixed_weights", "senet", "eq. 5's starting weights (0.5, 1, 1) held fixed vs learned"),
+    *(Contrast(f"{t}_only", "senet", f"one network for {t} vs one for three, {_STEPS}") for t in ("va", "au", "expr")),
+    *(Contrast(f"{t}_only_frames", "senet", f"one network for {t} vs one for three, {_FRAMES}")
+      for t in ("va", "au", "expr")),
+    Contrast("avg_pool", "senet", "average pooling only vs the neck's avg + max"),
+    Contrast("avgmax_add", "senet", "avg and max added vs concatenated"),
+)
+
+
+def contrasts(rows: Iterable[str], extra: Iterable[str] = ()) -> list[Contrast]:
+    """The :data:`CONTRASTS` whose two rows are both among ``rows``, and ``row`` vs ``senet`` for each of ``extra``
+    (rows of the user's own, e.g. the notebook's ``extra_rows``)."""
+    present = set(rows) | set(extra)
+    chosen = [c for c in CONTRASTS if c.row in present and c.versus in present]
+    chosen += [Contrast(r, "senet", "training options changed against senet") for r in extra if "senet" in present]
+    return chosen
+
 
 #: The columns :func:`collect` reads from each run's final validation scores, per task.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -227,6 +302,8 @@ def plan(rows: Iterable[str | Row], seeds: Iterable[int], base: Mapping[str, Any
         changes["backbone"] = FAMILIES[family][changes["backbone"]]
         options = {**shared_options, **row.train_options}
         _check_train_options(options, f"row {row.name!r}")
+        if row.step_share != 1.0 and shared.get("steps_per_epoch"):
+            changes["steps_per_epoch"] = max(1, round(shared["steps_per_epoch"] * row.step_share))
         for seed in seeds:
             # no train_options key when there are none: the records and folders of earlier sweeps stay valid
             runs.append(SweepRun(row.name, seed, {**shared, **changes, "seed": seed,
@@ -517,20 +594,35 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
         metrics = json.loads((folder / METRICS_FILE).read_text())
         hardware = metrics.get("hardware") or {}
         held_out = folder / HELD_OUT_FILE
+        intervals: dict[str, float] = {}
         if held_out.is_file():
             scored = json.loads(held_out.read_text())
             scores, scored_on = _run_metrics({"final": scored["scores"]}), scored["split"]
+            for task, ci in (scored.get("intervals") or {}).items():
+                intervals.update({f"{task}_low": ci["low"], f"{task}_high": ci["high"]})
         else:
             scores, scored_on = _run_metrics(metrics), "val (last epoch)"
+        uncertainty = metrics.get("uncertainty") or {}
+        learned = {f"s_{t}": v for t, v in (uncertainty.get("log_vars") or {}).items()}
+        learned.update({f"s_star_{t}": v for t, v in (uncertainty.get("stationary_log_vars") or {}).items()})
+        provenance = metrics.get("provenance") or {}
         records.append({
-            "row": record["row"], "seed": record["seed"], **scores, "scored_on": scored_on,
+            "row": record["row"], "seed": record["seed"], **scores, **intervals, "scored_on": scored_on,
             "edition": (metrics.get("data") or {}).get("edition"),
             "backbone": metrics["config"]["backbone"], "image_size": metrics["config"]["image_size"],
             "steps": metrics.get("steps"), "train_seconds": (metrics.get("wall_time_s") or {}).get("total"),
-            "device_name": hardware.get("device_name"), "folder": str(folder),
+            "device_name": hardware.get("device_name"), **learned,
+            "data_sha256": (metrics.get("data") or {}).get("annotations_sha256"),
+            "commit": (metrics.get("git") or provenance.get("mtanet") or {}).get("commit"),
+            "versions": metrics.get("versions") or provenance.get("versions"), "config": metrics["config"],
+            "hardware": hardware or None,
+            "folder": str(folder),
         })
-    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms], "scored_on", "edition", "backbone",
-               "image_size", "steps", "train_seconds", "device_name", "folder"]
+    columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms],
+               *[f"{t}_{end}" for t in METRICS for end in ("low", "high")], "scored_on", "edition", "backbone",
+               "image_size", "steps", "train_seconds", "device_name",
+               *[f"{kind}_{t}" for kind in ("s", "s_star") for t in METRICS], "data_sha256", "commit", "versions",
+               "config", "hardware", "folder"]
     df = pd.DataFrame.from_records(records, columns=columns)
     order = {name: i for i, name in enumerate(ROWS)}
     return df.sort_values(["row", "seed"], key=lambda s: s.map(order) if s.name == "row" else s,
@@ -615,6 +707,48 @@ def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike
                       sort_keys=True, default=str)
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     return Path(root or work_root()) / "runs" / "sweep" / f"{base.get('synth_size', 'data')}-{family}-{digest}"
+
+
+#: TrainConfig fields that say where and how a run executed, not what it computed: two runs that differ only in
+#: these are the same experiment (the reproducibility check compares such runs across machines).
+_EXECUTION_FIELDS = frozenset({"data_root", "output_dir", "cache_dir", "threads", "num_workers", "progress",
+                               "device", "resume", "eval_batch_size", "log_every", "checkpoint_every"})
+
+
+def same_settings(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Whether two runs' ``config`` dicts (``metrics.json``) describe the same experiment, execution fields aside."""
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return False
+    keys = (set(a) | set(b)) - _EXECUTION_FIELDS
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def reproducibility(runs: pd.DataFrame, reference: pd.DataFrame,
+                    metrics: Sequence[str] = ("va", "au", "expr")) -> pd.DataFrame:
+    """Each run of ``runs`` beside the reference sweep's run of the same row and seed, when both ran the same
+    experiment (:func:`same_settings`, same annotations): the two scores, their difference, and whether this run's
+    score lies inside the reference run's video-bootstrap interval and inside the range of the reference row's
+    seeds. Runs without such a twin in the reference are left out (an empty table: nothing comparable ran)."""
+    lines = []
+    by_key = {(r["row"], int(r["seed"])): r for r in reference.to_dict("records")}
+    for run in runs.to_dict("records"):
+        ref = by_key.get((run["row"], int(run["seed"])))
+        if ref is None or not same_settings(run.get("config"), ref.get("config")) \
+                or run.get("data_sha256") != ref.get("data_sha256"):
+            continue
+        seeds = reference[reference["row"] == run["row"]]
+        for m in metrics:
+            here, there = run.get(m), ref.get(m)
+            if here is None or there is None or pd.isna(here) or pd.isna(there):
+                continue
+            low, high = ref.get(f"{m}_low"), ref.get(f"{m}_high")
+            lines.append({"row": run["row"], "seed": int(run["seed"]), "metric": m, "here": float(here),
+                          "reference": float(there), "diff": float(here) - float(there),
+                          "in_video_interval": bool(low is not None and not pd.isna(low) and low <= here <= high),
+                          "in_seed_range": bool(seeds[m].min() <= here <= seeds[m].max()),
+                          "reference_seeds": int(seeds[m].notna().sum())})
+    return pd.DataFrame(lines, columns=["row", "seed", "metric", "here", "reference", "diff", "in_video_interval",
+                                        "in_seed_range", "reference_seeds"])
 
 
 def write_summary(runs: pd.DataFrame, path: str | os.PathLike[str], **meta: Any) -> Path:

@@ -51,7 +51,9 @@ BACKBONES: dict[str, dict[str, Any]] = {
     # The three backbones of the paper's Table I (ABAW2020.md section 5).
     "senet50": dict(model_name="legacy_seresnet50"),  # SE-ResNet-50 with the VGGFace2 port's layout (the paper's)
     "seresnet50": dict(model_name="seresnet50"),  # timm's modern SE-ResNet-50 (stride on the 3x3 conv)
+    "resnet50": dict(model_name="resnet50"),  # no attention, cardinality 1: the factorial's baseline
     "resnext50": dict(model_name="resnext50_32x4d"),
+    "seresnext50": dict(model_name="seresnext50_32x4d"),
     "resnext50_cbam": dict(model_name="resnext50_32x4d", block_args=dict(attn_layer="cbam")),
     # Small members of the same families, for CPU tests and smoke runs; not used in the paper.
     "senet18": dict(model_name="legacy_seresnet18"),
@@ -64,7 +66,9 @@ BACKBONES: dict[str, dict[str, Any]] = {
     # Table I's three designs at depth 26 and half width (ResNet-26: bottleneck blocks 2-2-2-2, planes 32-64-128-256,
     # 1024-d output), identical but for the block: SE, ResNeXt 32 groups, ResNeXt + CBAM. The ablation chapter's
     # CPU family: about 4x cheaper than the full-width ResNet-26.
+    "resnet26_half": dict(**_RESNET26_HALF),
     "seresnet26_half": dict(**_RESNET26_HALF, block_args=dict(attn_layer="se")),
+    "seresnext26_half": dict(**_RESNET26_HALF, cardinality=32, base_width=4, block_args=dict(attn_layer="se")),
     "resnext26_half": dict(**_RESNET26_HALF, cardinality=32, base_width=4),
     "resnext26_half_cbam": dict(**_RESNET26_HALF, cardinality=32, base_width=4, block_args=dict(attn_layer="cbam")),
 }

@@ -43,6 +43,13 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def _stationary_word(value: Any) -> Any:
+    """``init_log_var``: the word ``stationary`` in any case, or a number (strings of numbers included)."""
+    if isinstance(value, str) and value.strip().lower() == "stationary":
+        return "stationary"
+    return value
+
+
 def _pretrained_spec(value: Any) -> Any:
     """``pretrained``: booleans (its older spelling) and their words read as ``"imagenet"`` or ``""``."""
     if value is None or value is False:
@@ -148,7 +155,12 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0.0, description="SGD momentum (not given by the paper)")
     lr_log_vars: MaybeFloat = Field(None, description="learning rate of the uncertainty log-variances; None: the "
                                                       "stage's rate")
-    init_log_var: float = Field(0.0, description="initial s = log sigma^2 of every task")
+    init_log_var: Annotated[float | Literal["stationary"], BeforeValidator(_stationary_word)] = Field(
+        "stationary", description="where eq. 5's s = log sigma^2 starts: stationary (at the start of stage 2, each "
+                                  "task's s* = log(2 c L) for its mean training loss L over the last stage-1 epoch, "
+                                  "so that stage 2 starts at eq. 5's optimum for the losses it inherits; 0 when no "
+                                  "stage-1 epoch with the plain sum came before) or a number for every task (0: "
+                                  "the weights 0.5, 1, 1)")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant (the paper names no "
                                                                                "schedule) or cosine, per stage")
     warmup_steps: Annotated[Count, Field(ge=0, description="linear warm-up steps at the start of each stage")] = 0

@@ -74,7 +74,8 @@ from mtanet.data.augment import finish_on_device
 from mtanet.data.loading import FrameLoader, KeyedBatches, KeyedFrames, collate_batched
 from mtanet.errors import CheckpointError, ConfigError, DataFormatError, NonFiniteLossError
 from mtanet.evaluate import headline, predict_dataset, score_predictions, train_label_stats
-from mtanet.losses import GlobalBatch, au_positive_weights, expression_class_weights, make_weighting, task_losses
+from mtanet.losses import (GlobalBatch, UncertaintyWeighting, au_positive_weights, expression_class_weights,
+                           make_weighting, task_losses)
 from mtanet.models import MTANet, load_vggface2_senet50, save_checkpoint
 from mtanet.runtime import cpu_model, git_info, json_clean, resolve_device, usable_cores, versions, write_json
 from mtanet.train.config import TrainConfig, flatten
@@ -184,6 +185,9 @@ class Trainer:
 
         # position in the run and what it has measured so far; a checkpoint overrides all of it
         self.epoch, self.batches_done, self.step, self.opt_stage = 0, 0, 0, None
+        # mean training losses of the last stage-1 epoch and the s they set (init_log_var="stationary")
+        self.stage1_losses: dict[str, float | None] | None = None
+        self.stationary_start: dict[str, float] | None = None
         self.optimizer = None
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
@@ -330,8 +334,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         # one weighting object per kind, shared by the stages that use it (eq. 5's s carries over)
         self.weightings = {
-            kind: make_weighting(kind, cfg.tasks, **({"init_log_var": cfg.init_log_var} if kind == "uncertainty"
-                                                     else {})).to(self.device)
+            kind: make_weighting(kind, cfg.tasks, **({"init_log_var": self._fixed_init_log_var()}
+                                                     if kind == "uncertainty" else {})).to(self.device)
             for kind in sorted({s.weighting for s in cfg.stages})}
         net = self.dist.wrap(self.model, self.device)
         self.net = torch.compile(net) if cfg.compile else net
@@ -345,8 +349,34 @@ class Trainer:
     def _weighting(self, stage: int):
         return self.weightings[self.config.stages[stage - 1].weighting]
 
+    def _fixed_init_log_var(self) -> float:
+        """The start of every ``s``: the configured number, or 0 until :meth:`_start_at_stationary_point` moves it."""
+        value = self.config.init_log_var
+        return 0.0 if value == "stationary" else float(value)
+
+    def _start_at_stationary_point(self, stage: int) -> None:
+        """``init_log_var="stationary"``: as stage ``stage`` begins with eq. 5 after the plain sum, set each task's
+        ``s`` to ``s* = log(2 c L)`` for its mean training loss ``L`` over the last epoch of the stage before (the
+        global batch's mean, the same on every rank). With the paper's stage-2 rate (1e-4, momentum 0.9: a time
+        constant of about 2,000 steps, see chapter 03) ``s`` would hardly leave 0, the plain sum's weights; started
+        at ``s*`` it is at eq. 5's optimum for the losses stage 2 inherits and follows them from there."""
+        if self.config.init_log_var != "stationary" or stage < 2 or self.stage1_losses is None:
+            return
+        weighting = self._weighting(stage)
+        if not isinstance(weighting, UncertaintyWeighting) or \
+                self.config.stages[stage - 2].weighting == "uncertainty":
+            return
+        with torch.no_grad():
+            for i, t in enumerate(weighting.tasks):
+                loss = self.stage1_losses.get(f"loss_{t}")
+                if loss is not None and loss > 0:
+                    weighting.log_vars[i] = math.log(2 * float(weighting.factors[i]) * loss)
+        self.stationary_start = {t: float(weighting.log_vars[i].detach()) for i, t in enumerate(weighting.tasks)}
+
     def _start_stage(self, stage: int, state: Mapping[str, Any] | None = None) -> None:
         cfg = self.config
+        if state is None:  # a fresh start of the stage (a resumed one restores s with the checkpoint)
+            self._start_at_stationary_point(stage)
         self.optimizer = make_optimizer(cfg.stages[stage - 1], self.model, self._weighting(stage),
                                         momentum=cfg.momentum, lr_log_vars=cfg.lr_log_vars,
                                         fused=self.guard_on_device)
@@ -507,6 +537,8 @@ class Trainer:
         self.dist.sync_buffers(self.model)
         train_losses = self._mean_losses(self.acc_epoch)
         self.acc_epoch.zero_()
+        if stage == 1:
+            self.stage1_losses = train_losses
         every, last = self.config.val_every, epoch + 1 == self.config.total_epochs
         validate = last or (every > 0 and (epoch + 1) % every == 0)
         started = time.perf_counter()
@@ -578,6 +610,7 @@ class Trainer:
                              "epoch": [epoch for _, _, epoch in per_rank], "window_steps": self.window_steps},
             "log_offset": self.log.offset,
             "history": self.history, "best": self.best, "last_val": self.last_val,
+            "stage1_losses": self.stage1_losses, "stationary_start": self.stationary_start,
             "timing": timing, "images_trained": self.images_trained, "pretrained": self.pretrained_record,
         })
 
@@ -602,6 +635,7 @@ class Trainer:
         self.acc_epoch.copy_(epoch)
         self.window_steps = ckpt["accumulators"]["window_steps"]
         self.history, self.best, self.last_val = list(ckpt["history"]), dict(ckpt["best"]), ckpt["last_val"]
+        self.stage1_losses, self.stationary_start = ckpt.get("stage1_losses"), ckpt.get("stationary_start")
         self.au_thresholds = ckpt["au_thresholds"]
         self.timing = dict(ckpt["timing"])
         self.images_trained = ckpt["images_trained"]
@@ -630,7 +664,9 @@ class Trainer:
         rows = [json.loads(line) for line in (self.out / LOG_FILE).read_text().splitlines() if line.strip()]
         last = next((r for r in reversed(rows) if r.get("kind") == "epoch" and r.get("stage") == 2), None)
         s = {t: float(weighting.log_vars[i].detach()) for i, t in enumerate(weighting.tasks)}
-        record: dict[str, Any] = {"log_vars": s, "init_log_var": self.config.init_log_var}
+        record: dict[str, Any] = {"log_vars": s, "init_log_var": self.config.init_log_var,
+                                  "start_log_vars": self.stationary_start or
+                                  {t: self._fixed_init_log_var() for t in weighting.tasks}}
         if last is not None:
             loss = {t: last.get(f"loss_{t}") for t in weighting.tasks}
             star = {t: math.log(2 * float(weighting.factors[i]) * loss[t]) if loss[t] and loss[t] > 0 else None
