@@ -9,12 +9,13 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: help install data book publish sweep bench chromium test test-fast test-lab lab sync-notebooks clean
+.PHONY: help install data book publish sweep reference-sweep bench chromium test test-fast test-lab lab sync-notebooks clean
 
 help:
 	@echo "make book  [PROFILE=cpu|smoke|gpu]  execute every notebook with papermill and build book/_build/html"
 	@echo "make test                          run the test suite (includes a smoke-profile book build)"
 	@echo "make sweep [PROFILE=cpu|smoke|gpu]  the ablation sweep (chapter 05 alone): resumes, skips finished runs"
+	@echo "make reference-sweep [HOURS=3]      the committed ablation sweep (hours; resumes; writes book/results/)"
 	@echo "make bench                         speed and memory benchmarks, ratios against their goals"
 	@echo "make publish DIR=folder            copy the built HTML book to a folder for any static host"
 	@echo "make test-lab                      JupyterLab in headless Chromium: run, save, reopen a chapter"
@@ -48,6 +49,13 @@ publish: install
 # The ablation chapter alone: it runs the sweep (mtanet.sweep.run_sweep), which skips runs with stored results.
 sweep: data
 	$(PY) -m mtanet.book --profile $(PROFILE) --only 05_ablations --no-html
+
+# The reference sweep chapter 05's verdicts rest on (notebooks/params/05_ablations/reference.yaml): seed by seed,
+# book/results/ablations-reference.json rewritten after every run; stop it any time, commit the file, start again.
+HOURS ?= 0
+reference-sweep:
+	$(MAKE) data PROFILE=cpu
+	$(PY) -m mtanet.book.reference --hours $(HOURS)
 
 # Chromium renders the built pages in the book test; installed here (as root, as in CI) when missing.
 chromium:

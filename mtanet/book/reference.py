@@ -1,0 +1,123 @@
+"""The committed reference sweep: ``python -m mtanet.book.reference`` (``make reference-sweep``).
+
+The ablation chapter's verdicts rest on a sweep too long for a book build (hours on 2 cores), run once, resumably,
+and committed as one small JSON file (``book/results/ablations-reference.json``): one record per run with its row,
+seed, configuration, scores on the twin's test split and their video-level intervals, the learned log-variances of
+eq. 5, wall time, commit, package versions and hardware (:func:`mtanet.book.sweep.collect`'s columns).
+
+Its settings live in ``notebooks/params/05_ablations/reference.yaml``: the chapter's parameters (shared by every
+run) plus ``rows``, ``seeds`` and ``jobs``. The `cpu` profile of the chapter uses the same shared settings, so its
+runs repeat reference runs exactly (the reproducibility check on the page).
+
+Runs go seed by seed (every row's seed 0, then every row's seed 1, ...), so that a sweep stopped at any point holds
+complete pairs for the comparisons, and the JSON is rewritten after every finished run: stop it at any time (kill
+included), commit the file, and start it again later to go on (finished runs are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mtanet import synth
+from mtanet.book import sweep
+from mtanet.errors import MtanetError, NotebookFailed
+from mtanet.runtime import project_root, work_root
+
+__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "export", "run_reference", "main"]
+
+#: The reference sweep's parameters, relative to the checkout.
+SETTINGS = Path("notebooks") / "params" / "05_ablations" / "reference.yaml"
+#: The committed result, relative to the checkout.
+OUTPUT = Path("book") / "results" / "ablations-reference.json"
+#: Keys of the settings file that are not parameters of the training chapter.
+_MACHINE_PATHS = ("data_root", "output_dir", "cache_dir")
+_SWEEP_KEYS = ("rows", "seeds", "jobs", "family", "reference", "results_dir", "extra_rows", "margin")
+
+
+def settings(path: str | Path | None = None) -> dict[str, Any]:
+    """The settings file as a mapping (see :data:`SETTINGS`)."""
+    from mtanet.train.config import read_yaml_mapping
+
+    return dict(read_yaml_mapping(Path(path) if path else project_root() / SETTINGS))
+
+
+def shared_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """What every run of the sweep shares: the settings without the sweep's own keys, the data root resolved."""
+    shared = {k: v for k, v in values.items() if k not in _SWEEP_KEYS}
+    shared["data_root"] = str(synth.resolve_data_root(shared.pop("data_root", ""), shared.get("synth_size", "cpu")))
+    shared.setdefault("train_options", {})
+    return shared
+
+
+def plan_reference(values: dict[str, Any], rows: Sequence[str] | None = None) -> tuple[list[sweep.SweepRun], Path]:
+    """The runs, seed by seed, and the results folder (the one chapter 05 would use for the same settings)."""
+    shared = shared_parameters(values)
+    family = values.get("family", "small")
+    chosen = list(rows or values["rows"])
+    runs = [run for seed in values["seeds"] for run in sweep.plan(chosen, [seed], shared, family=family)]
+    return runs, sweep.results_folder(shared, family)
+
+
+def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
+    """Write the finished runs of ``results_dir`` to ``output``; returns how many runs it holds."""
+    runs = sweep.collect(results_dir, values["rows"])
+    # the record is committed: no path of the machine that ran it (same_settings ignores these fields anyway)
+    runs["config"] = [{k: v for k, v in (c or {}).items() if k not in _MACHINE_PATHS} for c in runs["config"]]
+    shared = shared_parameters(values)
+    bounds_file = Path(shared["data_root"]) / synth.CEILING_FILE
+    bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None
+    shared_shown = {k: v for k, v in shared.items() if k != "data_root"}
+    sweep.write_summary(runs, output, shared=shared_shown, family=values.get("family", "small"),
+                        rows=list(values["rows"]), seeds=list(values["seeds"]), bounds=bounds,
+                        written=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    return len(runs)
+
+
+def run_reference(values: dict[str, Any], output: Path, *, rows: Sequence[str] | None = None, hours: float = 0.0,
+                  notebook: Path | None = None, log: Any = print) -> int:
+    """Run the reference sweep's unfinished runs, ``jobs`` at a time, seed by seed, rewriting ``output`` after each
+    group that ran; start none after ``hours`` (0: no limit). Returns the number of finished runs in ``output``."""
+    runs, results_dir = plan_reference(values, rows)
+    jobs = max(1, int(values.get("jobs", 1)))
+    shown = results_dir.relative_to(work_root()) if results_dir.is_relative_to(work_root()) else results_dir
+    log(f"reference sweep: {len(runs)} runs, {jobs} at a time, into {shown}; results -> {output}")
+    started = time.monotonic()
+    for first in range(0, len(runs), jobs):
+        if hours and time.monotonic() - started > hours * 3600:
+            log(f"reference sweep: stopped after {hours} h; run it again to go on")
+            break
+        status = sweep.run_sweep(runs[first:first + jobs], results_dir, notebook=notebook, jobs=jobs,
+                                 drop_tags=("report",), log=log)
+        if (status["status"] == "ran").any():
+            log(f"  {export(values, results_dir, output)} runs in {output.name}")
+    finished = export(values, results_dir, output)
+    log(f"reference sweep: {finished} finished runs in {output}")
+    return finished
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtanet.book.reference", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", type=Path, default=None, help=f"default: {SETTINGS}")
+    parser.add_argument("--output", type=Path, default=None, help=f"default: {OUTPUT}")
+    parser.add_argument("--rows", nargs="*", help="only these rows (default: the settings' rows, in their order)")
+    parser.add_argument("--hours", type=float, default=0.0,
+                        help="start no run after this many hours (0: no limit); a started run finishes")
+    args = parser.parse_args(argv)
+    try:
+        run_reference(settings(args.settings), args.output or project_root() / OUTPUT, rows=args.rows,
+                      hours=args.hours, log=lambda line: print(line, flush=True))
+    except (MtanetError, NotebookFailed, sweep.SweepConflict, FileNotFoundError, ValueError) as err:
+        print(f"mtanet: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

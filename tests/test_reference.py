@@ -1,0 +1,118 @@
+"""The committed reference sweep's runner (mtanet.book.reference): its settings, its order, its file, its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtanet.book import reference, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in for the training chapter with the parameters the reference passes: writes metrics.json and
+# held_out.json as the chapter does (scores a function of backbone and seed), and logs each execution.
+FAKE = '''# %% tags=["parameters"]
+data_root: str = ""
+synth_size: str = ""
+image_size: int = 0
+steps_per_epoch: int = 0
+output_dir: str = ""
+seed: int = 0
+backbone: str = ""
+stage2_weighting: str = "uncertainty"
+tasks: list = ["va", "au", "expr"]
+threads: int = 0
+cache_dir: str = ""
+calls: str = ""
+train_options: dict = {}
+
+# %%
+import json
+from pathlib import Path
+
+out = Path(output_dir)
+with open(calls, "a") as log:
+    log.write(f"{out.parent.name}/{out.name}\\n")
+bonus = {"seresnet26_half": 0.05, "resnet26_half": 0.0}[backbone] + (0.02 if stage2_weighting == "sum" else 0.0)
+scores = {"va": {"score": 0.3 + bonus + 0.01 * seed, "ccc_valence": 0.3, "ccc_arousal": 0.3},
+          "au": {"score": 0.5 + 0.01 * seed, "f1_mean": 0.3, "accuracy": 0.9},
+          "expr": {"score": 0.4, "f1_macro": 0.4, "accuracy": 0.7}}
+intervals = {t: {"score": s["score"], "low": s["score"] - 0.05, "high": s["score"] + 0.05} for t, s in scores.items()}
+(out / "held_out.json").write_text(json.dumps({"split": "test", "scores": scores, "intervals": intervals}))
+(out / "metrics.json").write_text(json.dumps({
+    "final": scores, "steps": 3,
+    "config": {"backbone": backbone, "image_size": image_size, "seed": seed, "data_root": data_root,
+               "output_dir": output_dir},
+    "wall_time_s": {"total": 60.0}, "hardware": {"device_name": "test cpu"}, "git": {"commit": "abc123"},
+    "versions": {"torch": "x"}, "data": {"annotations_sha256": "d1"},
+    "uncertainty": {"log_vars": {"va": -1.0, "au": -0.5, "expr": 0.1},
+                    "stationary_log_vars": {"va": -1.1, "au": -0.5, "expr": 0.0}}}))
+'''
+
+
+def _shared(path: Path) -> dict:
+    values = yaml.safe_load(path.read_text())
+    return {k: v for k, v in values.items() if k not in ("rows", "seeds", "jobs")}
+
+
+def test_the_cpu_profile_reruns_reference_experiments_with_exactly_its_settings() -> None:
+    params = ROOT / "notebooks" / "params" / "05_ablations"
+    assert _shared(params / "cpu.yaml") == _shared(params / "reference.yaml")
+    values = yaml.safe_load((params / "reference.yaml").read_text())
+    cpu = yaml.safe_load((params / "cpu.yaml").read_text())
+    assert set(cpu["rows"]) <= set(values["rows"]) and set(cpu["seeds"]) <= set(values["seeds"])
+    assert len(values["seeds"]) >= 5 and set(values["rows"]) <= set(sweep.ROWS)
+
+
+def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resumes(smoke_root: Path,
+                                                                                    tmp_path: Path) -> None:
+    notebook = tmp_path / "fake.py"
+    notebook.write_text(FAKE)
+    calls = tmp_path / "calls.txt"
+    values = {"data_root": str(smoke_root), "synth_size": "smoke", "family": "small", "image_size": 32,
+              "steps_per_epoch": 3, "rows": ["senet", "resnet", "sum_only"], "seeds": [0, 1], "jobs": 1,
+              "calls": str(calls), "results_dir": "ignored"}
+    output = tmp_path / "results" / "reference.json"
+    written = []
+    real_export = reference.export
+
+    def watched(*args, **kwargs):
+        n = real_export(*args, **kwargs)
+        written.append(n)
+        return n
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "work"))
+        mp.setattr(reference, "export", watched)
+        assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 6
+        # every row's seed 0 before any seed 1: a sweep stopped half way holds complete pairs
+        assert calls.read_text().split() == ["senet/seed0", "resnet/seed0", "sum_only/seed0", "senet/seed1",
+                                             "resnet/seed1", "sum_only/seed1"]
+        assert written[:6] == [1, 2, 3, 4, 5, 6]  # rewritten after every run
+        data = json.loads(output.read_text())
+        assert len(data["runs"]) == 6
+        run = data["runs"][0]
+        for key in ("row", "seed", "va", "va_low", "va_high", "s_va", "s_star_va", "commit", "versions", "config",
+                    "hardware", "train_seconds", "data_sha256"):
+            assert key in run, key
+        assert "folder" not in run and data["meta"]["rows"] == values["rows"]
+        assert data["meta"]["bounds"] == json.loads((smoke_root / "synth_ceiling.json").read_text())["splits"]["test"]
+        assert str(smoke_root) not in output.read_text()  # no path of the machine that ran it
+        # a second start runs nothing and keeps the file
+        assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 6
+        assert len(calls.read_text().split()) == 6
+        # the runs read back into the table chapter 05 compares
+        runs, meta = sweep.read_summary(output)
+        assert set(runs["row"]) == {"senet", "resnet", "sum_only"} and meta["family"] == "small"
+
+
+def test_the_reference_command_gives_one_line_for_a_bad_settings_file(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rows: [senet\n")
+    assert reference.main(["--settings", str(bad), "--output", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mtanet: error:") and "bad.yaml" in err[0]
+    assert not (tmp_path / "out.json").exists()
