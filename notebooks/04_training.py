@@ -140,7 +140,12 @@ plt.show()
 # ## What stage 2 learns: the task weights
 #
 # Eq. 5 gives each task a weight $1/(2\sigma^2)$ (valence-arousal) or $1/\sigma^2$ (AU, expression) and a penalty
-# $\log\sigma$. The effective weights logged during stage 2:
+# $\log\sigma$. At the paper's stage-2 rate the log-variances $s = \log\sigma^2$ relax with a time constant of
+# about 2,000 steps (chapter 03), so started at 0 they would hardly move and stage 2 would keep the weights
+# $(0.5, 1, 1)$. Here each $s$ starts at the stationary point $s^\ast = \log(2cL)$ for its task's mean training loss
+# over the last stage-1 epoch (`init_log_var="stationary"`, one of the departures listed at the end), and eq. 5 moves
+# it from there. The effective weights logged during stage 2, and where $s$ ended against $s^\ast$ for the last
+# stage-2 epoch's loss:
 
 # %% tags=["report"]
 weights = steps[steps["stage"] == 2]
@@ -153,6 +158,11 @@ if len(weights):
     plt.tight_layout()
     plt.show()
     display(weights[["step"] + [f"w_{t}" for t in config.tasks]].iloc[[0, -1]].set_index("step").round(4))
+    learned = result.get("uncertainty") or {}
+    if learned.get("distance"):
+        display(pd.DataFrame({"start": learned.get("start_log_vars"), "end": learned["log_vars"],
+                              "s* (last epoch's loss)": learned["stationary_log_vars"],
+                              "end - s*": learned["distance"]}).T.round(3))
 else:
     display(Markdown("Stage 2 did not run (`stage2_epochs` = 0)."))
 

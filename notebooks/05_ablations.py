@@ -288,7 +288,7 @@ every.index = [label.get(r, r) for r in every.index]
 display(Markdown("Scored on: " + ", ".join(f"**{k}** ({v} runs)" for k, v in results["scored_on"].value_counts()
                                               .items()) + f"; ABAW {editions[0] if len(editions) else '?'} scores."))
 display(every)
-sweep.write_summary(results, out / "summary.json", shared=shared, family=family, rows=names, seeds=seeds)
+_ = sweep.write_summary(results, out / "summary.json", shared=shared, family=family, rows=names, seeds=seeds)
 
 # %% [markdown]
 # ### Does it repeat the reference?
