@@ -196,18 +196,22 @@ if have_reference:
 # 90% interval lies inside plus or minus the margin (two one-sided tests), otherwise **inconclusive**.
 
 # %% tags=["hide-input"]
+ref_verdicts = None
 if have_reference:
-    chosen = sweep.contrasts(ref_rows)
-    ref_verdicts = compare(ref_runs, [(c.row, c.versus) for c in chosen], HEADLINE, margin=margin, alpha=0.05) \
-        if chosen and ref_runs.groupby("row")["seed"].nunique().min() >= 2 else None
-    if ref_verdicts is not None and len(ref_verdicts):
+    # a contrast is read once both its rows have at least two seeds (a sweep stopped half way has fewer)
+    enough = set(seeds_per_row[seeds_per_row >= 2].index)
+    chosen = [c for c in sweep.contrasts(ref_rows) if {c.row, c.versus} <= enough]
+    waiting = [f"{c.row} vs {c.versus}" for c in sweep.contrasts(ref_rows) if c not in chosen]
+    if chosen:
+        ref_verdicts = compare(ref_runs, [(c.row, c.versus) for c in chosen], HEADLINE, margin=margin, alpha=0.05)
         display(verdict_table(ref_verdicts))
         counts = ref_verdicts["verdict"].value_counts()
         display(Markdown(f"Of {len(ref_verdicts)} comparisons (margin {margin}): "
-                         + ", ".join(f"{n} {k}" for k, n in counts.items()) + "."))
+                         + ", ".join(f"{n} {k}" for k, n in counts.items()) + "."
+                         + (f" Not yet compared (a row with fewer than two seeds): {', '.join(waiting)}."
+                            if waiting else "")))
     else:
-        display(Markdown("The reference has fewer than two seeds of some row, or no two rows a contrast names: no "
-                         "comparison."))
+        display(Markdown("No contrast of the reference has two rows with two seeds or more: no comparison yet."))
 
 # %% [markdown]
 # ### The paper's claims, read from these verdicts
@@ -217,7 +221,7 @@ if have_reference:
 # when all are inconclusive, and **not run** when the reference lacks its rows.
 
 # %% tags=["hide-input"]
-if have_reference and ref_verdicts is not None:
+if ref_verdicts is not None:
     claims = paper.read_claims(ref_verdicts)
     display(claims)
     display(Markdown("On this twin, at the reference's size: " + "; ".join(
