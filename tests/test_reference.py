@@ -116,3 +116,9 @@ def test_the_reference_command_gives_one_line_for_a_bad_settings_file(tmp_path: 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mtanet: error:") and "bad.yaml" in err[0]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_gpu_profile_is_the_full_factorial_at_the_papers_size_with_five_seeds() -> None:
+    gpu = yaml.safe_load((ROOT / "notebooks" / "params" / "05_ablations" / "gpu.yaml").read_text())
+    assert gpu["rows"] == list(sweep.ROWS) and len(gpu["seeds"]) >= 5
+    assert gpu["family"] == "paper" and gpu["image_size"] == 112
