@@ -228,6 +228,8 @@ if ref_verdicts is not None:
         f"{reading}: {', '.join(claims.index[claims['reading'] == reading])}"
         for reading in ("supported", "refuted", "mixed", "undecided", "not run")
         if (claims["reading"] == reading).any()) + "."))
+else:
+    display(Markdown("No verdicts yet, so no claim is read."))
 
 # %% [markdown]
 # ### Eq. 5, learned
