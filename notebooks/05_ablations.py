@@ -140,7 +140,7 @@ else:
 #
 # Mean and standard deviation over seeds of each row's scores on test, and the median width of the runs' own
 # video-level intervals: which test videos happen to be drawn moves a score about as much as the seed does, and
-# the seeds' spread does not show that.
+# the seeds' spread does not show that ({numref}`fig-05-reference` shows every run with its interval).
 
 # %% tags=["hide-input"]
 if have_reference:
@@ -162,11 +162,6 @@ if have_reference:
             "(floor " + ", ".join(f"{t} {split_bounds['floor_score'][t]:.3f}" for t in HEADLINE) + "; reference "
             + ", ".join(f"{t} {split_bounds['reference_score'][t]:.3f}" for t in HEADLINE) + ")."))
 
-# %% [markdown] tags=["figure-caption"]
-# (fig-05-reference)=
-# The reference sweep's scores on test: one dot per seed with its video-level 95% interval, per row; the dashed line
-# is the noise-free labels' score, the dotted one the best constant's.
-
 # %% tags=["hide-input"]
 if have_reference:
     order = [r for r in sweep.ROWS if r in ref_rows] + [r for r in ref_rows if r not in sweep.ROWS]
@@ -186,6 +181,11 @@ if have_reference:
     axes[0].invert_yaxis()
     plt.tight_layout()
     plt.show()
+
+# %% [markdown] tags=["figure-caption"]
+# (fig-05-reference)=
+# The reference sweep's scores on test: one dot per seed with its video-level 95% interval, per row; the dashed line
+# is the noise-free labels' score, the dotted one the best constant's.
 
 # %% [markdown]
 # ### Which differences the seeds support
