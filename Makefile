@@ -55,7 +55,7 @@ sweep: data
 HOURS ?= 0
 reference-sweep:
 	$(MAKE) data PROFILE=cpu
-	$(PY) -m mtanet.book.reference --hours $(HOURS)
+	$(PY) -m mtanet.book --reference-sweep --hours $(HOURS)
 
 # Chromium renders the built pages in the book test; installed here (as root, as in CI) when missing.
 chromium:

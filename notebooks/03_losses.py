@@ -541,7 +541,9 @@ plt.show()
 # weight decay 1e-3; the paper's 1e-3 and 1e-3), then for `steps_uncertainty` steps with eq. 5 (SGD, network at
 # `lr_finetune`, weight decay 5e-3; the paper's 1e-4 and 5e-3). The paper gives one learning rate for the
 # fine-tuning; at 1e-4 the $s_t$ would need about 2,000 steps (with momentum 0.9; section 3) to move, so here they
-# get their own, `lr_log_vars`, and no weight decay (which would pull every $s_t$ back to 0, the plain sum).
+# get their own, `lr_log_vars`, and no weight decay (which would pull every $s_t$ back to 0, the plain sum). They
+# start at 0 here, so that they can be seen relaxing towards $s^\ast$; the training chapter starts them at $s^\ast$
+# of the stage-1 losses instead (`init_log_var="stationary"`).
 #
 # The trainer counts whole epochs, of one length for both stages, so an epoch here is the greatest common divisor of
 # `steps_sum` and `steps_uncertainty` steps and each stage lasts exactly the steps asked for. Every batch comes from

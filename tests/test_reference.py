@@ -112,7 +112,9 @@ def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resu
 def test_the_reference_command_gives_one_line_for_a_bad_settings_file(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("rows: [senet\n")
-    assert reference.main(["--settings", str(bad), "--output", str(tmp_path / "out.json")]) == 2
+    from mtanet.book.__main__ import main
+
+    assert main(["--reference-sweep", "--settings", str(bad), "--output", str(tmp_path / "out.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mtanet: error:") and "bad.yaml" in err[0]
     assert not (tmp_path / "out.json").exists()

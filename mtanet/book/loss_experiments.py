@@ -343,7 +343,8 @@ def weighting_demo_config(root: str | os.PathLike[str], output_dir: str | os.Pat
 
     Stage 1 is ``steps_sum`` steps of the plain sum (Adam, ``lr_sum``, weight decay 1e-3 as in the paper), stage 2
     ``steps_uncertainty`` steps of eq. 5 (SGD, network ``lr_finetune``, weight decay 5e-3 as in the paper;
-    the log-variances ``s`` at ``lr_log_vars`` without weight decay). The trainer counts whole epochs and both stages
+    the log-variances ``s`` at ``lr_log_vars`` without weight decay, starting at 0 so that they are seen relaxing
+    towards ``s*``; the trainer's default starts them at ``s*``). The trainer counts whole epochs and both stages
     share one epoch length, so an epoch is ``gcd(steps_sum, steps_uncertainty)`` steps and each stage lasts exactly
     the steps asked for. No augmentation (the demo shows the weighting, not the data), a step row of ``log.jsonl``
     at every step, validation only after the last epoch, resume checkpoints at epoch ends only, no progress bars.
@@ -368,7 +369,8 @@ def weighting_demo_config(root: str | os.PathLike[str], output_dir: str | os.Pat
         "stage1_lr": lr_sum, "stage1_weight_decay": 1e-3,
         "stage2_epochs": steps_uncertainty // epoch, "stage2_weighting": "uncertainty", "stage2_optimizer": "sgd",
         "stage2_lr": lr_finetune, "stage2_weight_decay": 5e-3, "lr_log_vars": lr_log_vars, "momentum": momentum,
-        "augment": False, "val_every": 0, "log_every": 1, "checkpoint_every": 0, "progress": False,
+        # s starts at 0 (the weights 0.5, 1, 1), not at the trainer's default s*: the demo shows eq. 5 relaxing to s*
+        "init_log_var": 0.0, "augment": False, "val_every": 0, "log_every": 1, "checkpoint_every": 0, "progress": False,
         "seed": seed, "device": device, "threads": threads, **config})
 
 

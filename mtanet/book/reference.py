@@ -1,4 +1,4 @@
-"""The committed reference sweep: ``python -m mtanet.book.reference`` (``make reference-sweep``).
+"""The committed reference sweep: ``python -m mtanet.book --reference-sweep`` (``make reference-sweep``).
 
 The ablation chapter's verdicts rest on a sweep too long for a book build (hours on 2 cores), run once, resumably,
 and committed as one small JSON file (``book/results/ablations-reference.json``): one record per run with its row,
@@ -16,10 +16,8 @@ included), commit the file, and start it again later to go on (finished runs are
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +25,9 @@ from typing import Any
 
 from mtanet import synth
 from mtanet.book import sweep
-from mtanet.errors import MtanetError, NotebookFailed
 from mtanet.runtime import project_root, work_root
 
-__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "export", "run_reference", "main"]
+__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "export", "run_reference"]
 
 #: The reference sweep's parameters, relative to the checkout.
 SETTINGS = Path("notebooks") / "params" / "05_ablations" / "reference.yaml"
@@ -100,24 +97,3 @@ def run_reference(values: dict[str, Any], output: Path, *, rows: Sequence[str] |
     finished = export(values, results_dir, output)
     log(f"reference sweep: {finished} finished runs in {output}")
     return finished
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtanet.book.reference", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", type=Path, default=None, help=f"default: {SETTINGS}")
-    parser.add_argument("--output", type=Path, default=None, help=f"default: {OUTPUT}")
-    parser.add_argument("--rows", nargs="*", help="only these rows (default: the settings' rows, in their order)")
-    parser.add_argument("--hours", type=float, default=0.0,
-                        help="start no run after this many hours (0: no limit); a started run finishes")
-    args = parser.parse_args(argv)
-    try:
-        run_reference(settings(args.settings), args.output or project_root() / OUTPUT, rows=args.rows,
-                      hours=args.hours, log=lambda line: print(line, flush=True))
-    except (MtanetError, NotebookFailed, sweep.SweepConflict, FileNotFoundError, ValueError) as err:
-        print(f"mtanet: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

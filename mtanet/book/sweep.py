@@ -614,7 +614,9 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
             "device_name": hardware.get("device_name"), **learned,
             "data_sha256": (metrics.get("data") or {}).get("annotations_sha256"),
             "commit": (metrics.get("git") or provenance.get("mtanet") or {}).get("commit"),
-            "versions": metrics.get("versions") or provenance.get("versions"), "config": metrics["config"],
+            "versions": metrics.get("versions") or provenance.get("versions"),
+            # the run's folder is the column "folder"; without it, two runs of one experiment have equal configs
+            "config": {k: v for k, v in metrics["config"].items() if k != "output_dir"},
             "hardware": hardware or None,
             "folder": str(folder),
         })
