@@ -169,6 +169,15 @@ def frames_edition(frames: pd.DataFrame, preds: Mapping[str, np.ndarray] | None 
     return "2022" if n_expr == len(EDITIONS["2022"].expr_names) else "2021"
 
 
+def _score_targets(frames: pd.DataFrame) -> dict[str, np.ndarray | None]:
+    """Each task's labels as the scores read them (sentinels kept: the score functions know them); ``au`` is None
+    for a table without AU columns."""
+    au_cols = _au_columns(frames)
+    return {"va": frames[["valence", "arousal"]].to_numpy(np.float64),
+            "au": frames[au_cols].to_numpy(np.int64) if au_cols else None,
+            "expr": frames["expression"].to_numpy(np.int64)}
+
+
 def score_predictions(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
                       thresholds: Sequence[float] | np.ndarray | None = None,
                       require_image: bool = True, edition: str | Edition | None = None) -> dict[str, Any]:
@@ -192,10 +201,7 @@ def score_predictions(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
     """
     ed = edition if edition is not None else frames_edition(frames, preds)
     keep = (frames["image"] != "").to_numpy() if require_image else np.ones(len(frames), dtype=bool)
-    au_cols = _au_columns(frames)
-    targets = {"va": frames[["valence", "arousal"]].to_numpy(np.float64),
-               "au": frames[au_cols].to_numpy(np.int64) if au_cols else None,
-               "expr": frames["expression"].to_numpy(np.int64)}
+    targets = _score_targets(frames)
     masks = {t: keep for t in TASKS}
     out = metrics.edition_scores(ed, preds, targets, masks, au_thresholds=0.5)
     if "au" in out:
@@ -221,11 +227,8 @@ def video_intervals(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
         labeled rows; ``score`` equals :func:`score_predictions`'s headline (the AU score at ``thresholds``).
     """
     ed = edition if edition is not None else frames_edition(frames, preds)
-    au_cols = _au_columns(frames)
-    targets = {"va": frames[["valence", "arousal"]].to_numpy(np.float64),
-               "au": frames[au_cols].to_numpy(np.int64) if au_cols else None,
-               "expr": frames["expression"].to_numpy(np.int64)}
-    _, masks = label_arrays(frames, au_cols)
+    targets = _score_targets(frames)
+    _, masks = label_arrays(frames, _au_columns(frames))
     has_image = (frames["image"] != "").to_numpy()
     names = frames["name"].to_numpy()
     out: dict[str, dict[str, Any]] = {}
