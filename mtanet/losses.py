@@ -19,7 +19,9 @@ averaged gradients equal one process's on the same global batch (tested on CPU w
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from mtanet.tasks import LABEL_SENTINEL, TASKS
 
 __all__ = ["GlobalBatch", "va_valid_rows", "ccc_per_dim", "ccc_from_sums", "ccc_loss", "masked_cross_entropy",
-           "masked_bce", "task_losses", "LossWeighting", "SumWeighting", "UncertaintyWeighting", "make_weighting",
+           "masked_bce", "task_losses", "LossWeighting", "SumWeighting", "UncertaintyWeighting", "stationary_log_var",
+           "make_weighting",
            "expression_class_weights", "au_positive_weights"]
 
 
@@ -350,6 +353,15 @@ class SumWeighting(LossWeighting):
         return {t: 1.0 for t in self.tasks}
 
 
+def stationary_log_var(loss: Any, kind: str) -> Any:
+    """The ``s`` that minimises ``c e^{-s} L + s/2`` for a fixed loss ``L``: ``log L`` (regression, ``c = 1/2``) or
+    ``log 2L`` (classification, ``c = 1``). Works on floats and numpy arrays."""
+    if kind not in UncertaintyWeighting._FACTORS:
+        raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
+    factor = 2.0 * UncertaintyWeighting._FACTORS[kind]
+    return np.log(factor * np.asarray(loss, dtype=np.float64)) if np.ndim(loss) else math.log(factor * float(loss))
+
+
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic uncertainty weighting (Kendall et al. 2018; paper eq. 5).
 
@@ -410,6 +422,12 @@ class UncertaintyWeighting(LossWeighting):
     def sigmas(self) -> dict[str, float]:
         """``sigma_t = exp(s_t / 2)`` of each task."""
         return {t: float(torch.exp(0.5 * self.log_vars[i])) for i, t in enumerate(self.tasks)}
+
+    def stationary_log_vars(self, losses: Mapping[str, float | None]) -> dict[str, float | None]:
+        """Each task's ``s* = log(2 c L)``, where the total is lowest for the fixed loss ``L`` given (``None`` for a
+        task whose loss is missing or not positive)."""
+        return {t: stationary_log_var(losses[t], self.kinds[t]) if losses.get(t) and losses[t] > 0 else None
+                for t in self.tasks}
 
 
 _WEIGHTINGS: dict[str, type[LossWeighting]] = {"sum": SumWeighting, "uncertainty": UncertaintyWeighting}

@@ -96,8 +96,9 @@ def _pairs(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]]) ->
     return pairs  # type: ignore[return-value]
 
 
-def _check(results: pd.DataFrame, references: Collection[str], metrics: Sequence[str], margin: float, alpha: float,
+def _check(results: pd.DataFrame, metrics: Sequence[str], margin: float, alpha: float,
            lower_is_better: Collection[str]) -> list[str]:
+    """The table's shape and values and the call's options; returns ``metrics`` as a list."""
     if not isinstance(results, pd.DataFrame):
         raise ConfigError(f"compare: results must be a pandas DataFrame (columns row, seed and one per metric), "
                           f"got {type(results).__name__}")
@@ -119,10 +120,6 @@ def _check(results: pd.DataFrame, references: Collection[str], metrics: Sequence
     unknown = sorted(set(lower_is_better) - set(metrics))
     if unknown:
         raise ConfigError(f"compare: lower_is_better names {unknown}, which are not among metrics {metrics}")
-    for ref in references:
-        if not (results["row"] == ref).any():
-            raise ConfigError(f"compare: the reference row {ref!r} has no runs in results "
-                              f"(rows: {list(dict.fromkeys(results['row']))})")
     if results["seed"].isna().any():
         raise ValueError("compare: results has runs without a seed (NaN in column 'seed')")
     duplicated = results.duplicated(["row", "seed"], keep=False)
@@ -143,9 +140,19 @@ def _check(results: pd.DataFrame, references: Collection[str], metrics: Sequence
             if missing_scores.any() and not missing_scores.all():
                 raise ValueError(f"compare: row {row!r} has NaN {metric!r} scores on "
                                  f"{int(missing_scores.sum())} of its {part.size} runs")
-            if row in references and missing_scores.all():
-                raise ValueError(f"compare: the reference row {row!r} has no {metric!r} scores")
     return metrics
+
+
+def _check_references(results: pd.DataFrame, references: Collection[str], metrics: Sequence[str]) -> None:
+    """Every reference row has runs, and a score on every metric."""
+    for ref in references:
+        runs = results[results["row"] == ref]
+        if runs.empty:
+            raise ConfigError(f"compare: the reference row {ref!r} has no runs in results "
+                              f"(rows: {list(dict.fromkeys(results['row']))})")
+        for metric in metrics:
+            if pd.to_numeric(runs[metric], errors="coerce").isna().all():
+                raise ValueError(f"compare: the reference row {ref!r} has no {metric!r} scores")
 
 
 def compare(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]], metrics: Sequence[str],
@@ -189,10 +196,9 @@ def compare(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]], m
         ValueError: NaN seeds, two runs of the same row and seed, non-numeric or infinite scores, a row scored on
             some of its runs only, or a reference without scores on a metric.
     """
-    if not isinstance(results, pd.DataFrame) or "row" not in results.columns:
-        metrics = _check(results, (), metrics, margin, alpha, lower_is_better)  # raises the clear error
+    metrics = _check(results, metrics, margin, alpha, lower_is_better)
     pairs = _pairs(results, reference)
-    metrics = _check(results, {versus for _, versus in pairs}, metrics, margin, alpha, lower_is_better)
+    _check_references(results, {versus for _, versus in pairs}, metrics)
     scores = {m: pd.to_numeric(results[m], errors="coerce").to_numpy(dtype=float) for m in metrics}
     positions: dict[object, dict[object, int]] = {}  # row -> seed -> position in results
     for i, (row, seed) in enumerate(zip(results["row"], results["seed"])):

@@ -37,6 +37,7 @@ threads: int = 0  # torch CPU threads; 0 means all cores
 num_workers: int = -1  # loader processes; -1 means the trainer default for the device
 output_dir: str = ""  # run folder; empty means runs/book/04_training-PROFILE-HASH under the checkout or $MTANET_WORK
 seed: int = 0  # initialisation, batches, augmentation
+held_out_checkpoint: str = ""  # model scored on held-out data; empty: best_mean.pt on the twin, last.pt on real data
 train_options: dict = {}  # any other TrainConfig fields, e.g. {"stage2_lr": 3e-4}; applied last, so they win
 videos_to_plot: int = 3  # held-out videos shown over time
 
@@ -174,8 +175,10 @@ else:
 # choices are then applied once to the twin's **test** split: people the network never saw, whose labels played no
 # part in training or selection. On real Aff-Wild2, whose test labels are not public, the validation videos are split
 # by name into two folds (`mtanet.evaluate.held_out_folds`); the last checkpoint is used (no selection), the thresholds
-# are tuned on the `select` fold and the scores are reported on the `report` fold. The scores go to the run folder
-# as `held_out.json`, which the ablation sweep reads.
+# are tuned on the `select` fold and the scores are reported on the `report` fold. The ablation sweep scores
+# `last.pt` (`held_out_checkpoint`): it compares whole recipes, and a best epoch that falls in stage 1 would make,
+# say, eq. 5 and the summed loss the very same model. The scores go to the run folder as `held_out.json`, which the
+# sweep reads.
 
 # %%
 device = hardware["device"]
@@ -186,6 +189,10 @@ if len(test_split):
 else:
     folds = held_out_folds(val)
     select, report, checkpoint, report_name = folds["select"], folds["report"], "last.pt", "validation, report fold"
+checkpoint = held_out_checkpoint or checkpoint
+if not (run_dir / checkpoint).is_file():
+    raise FileNotFoundError(f"held_out_checkpoint {checkpoint!r}: no such checkpoint in {run_dir} (the trainer writes "
+                            "last.pt and best_<score>.pt)")
 model = load_model(run_dir / checkpoint).to(device)  # scored on the device that trained it
 au_names = list(read_split(root, "val").edition.au_names)
 

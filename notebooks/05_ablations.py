@@ -11,9 +11,11 @@
 #
 # Every run is the training chapter executed by papermill with the row's parameters (`mtanet.sweep.run_sweep`), into
 # its own folder holding the executed notebook, the trainer's `metrics.json` and the held-out scores (`held_out.json`:
-# checkpoint and AU thresholds chosen on validation, scores on the twin's test split, each with a video-level
-# bootstrap interval). The tables below are read from those files, never typed in. A run with stored results is
-# skipped, so an interrupted sweep resumes where it stopped.
+# AU thresholds chosen on validation, scores on the twin's test split, each with a video-level bootstrap interval).
+# Every run is scored with its last checkpoint (`last.pt`), not its best validation epoch: the rows compare whole
+# recipes, and a best epoch that falls in stage 1 would make eq. 5 and the summed loss one and the same model; the
+# chapter refuses to compare runs scored otherwise. The tables below are read from those files, never typed in. A run
+# with stored results is skipped, so an interrupted sweep resumes where it stopped.
 #
 # The chapter has two parts. The **reference sweep** is committed (`book/results/ablations-reference.json`, one
 # record per run): sized to run for hours on a 2-core machine, it is what the verdicts below rest on. The **sweep of
@@ -203,6 +205,7 @@ if have_reference:
     chosen = [c for c in sweep.contrasts(ref_rows) if {c.row, c.versus} <= enough]
     waiting = [f"{c.row} vs {c.versus}" for c in sweep.contrasts(ref_rows) if c not in chosen]
     if chosen:
+        sweep.check_scored_at_end(ref_runs, {r for c in chosen for r in (c.row, c.versus)})
         ref_verdicts = compare(ref_runs, [(c.row, c.versus) for c in chosen], HEADLINE, margin=margin, alpha=0.05)
         display(verdict_table(ref_verdicts))
         counts = ref_verdicts["verdict"].value_counts()
@@ -330,6 +333,7 @@ else:
 # %% tags=["hide-input"]
 own_contrasts = sweep.contrasts(names, extra=list(extra_rows))
 if own_contrasts and results.groupby("row")["seed"].nunique().min() >= 2:
+    sweep.check_scored_at_end(results, {r for c in own_contrasts for r in (c.row, c.versus)})
     own = compare(results, [(c.row, c.versus) for c in own_contrasts], HEADLINE, margin=margin, alpha=0.05)
     display(verdict_table(own))
     display(Markdown(f"Of {len(own)} comparisons: "

@@ -387,3 +387,18 @@ def test_end_to_end_backward_reaches_heads_and_log_vars(gen):
     for t in ("va", "au", "expr"):
         assert torch.all(torch.isfinite(pred[t].grad)) and pred[t].grad.abs().sum() > 0
     assert torch.all(torch.isfinite(w.log_vars.grad)) and w.log_vars.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, c", [("regression", 0.5), ("classification", 1.0)])
+def test_the_stationary_log_variance_is_where_eq5s_gradient_in_s_vanishes(kind: str, c: float) -> None:
+    """``s* = log(2 c L)`` is the minimum of ``c e^{-s} L + s/2`` over ``s`` (the trainer starts and measures eq. 5
+    there); a task without a positive loss has none."""
+    weighting = L.UncertaintyWeighting(["va", "au"], kinds={"va": kind, "au": kind})
+    star = weighting.stationary_log_vars({"va": 0.37, "au": None})
+    assert star["au"] is None and star["va"] == pytest.approx(math.log(2 * c * 0.37))
+    s = torch.tensor(star["va"], dtype=torch.float64, requires_grad=True)
+    (c * torch.exp(-s) * 0.37 + 0.5 * s).backward()
+    assert abs(float(s.grad)) < 1e-12
+    np.testing.assert_allclose(L.stationary_log_var(np.array([0.37, 1.2]), kind), np.log(2 * c * np.array([0.37, 1.2])))
+    with pytest.raises(ValueError, match="ordinal"):
+        L.stationary_log_var(1.0, "ordinal")

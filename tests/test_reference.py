@@ -21,6 +21,7 @@ image_size: int = 0
 steps_per_epoch: int = 0
 output_dir: str = ""
 seed: int = 0
+held_out_checkpoint: str = ""
 backbone: str = ""
 stage2_weighting: str = "uncertainty"
 tasks: list = ["va", "au", "expr"]
@@ -41,7 +42,8 @@ scores = {"va": {"score": 0.3 + bonus + 0.01 * seed, "ccc_valence": 0.3, "ccc_ar
           "au": {"score": 0.5 + 0.01 * seed, "f1_mean": 0.3, "accuracy": 0.9},
           "expr": {"score": 0.4, "f1_macro": 0.4, "accuracy": 0.7}}
 intervals = {t: {"score": s["score"], "low": s["score"] - 0.05, "high": s["score"] + 0.05} for t, s in scores.items()}
-(out / "held_out.json").write_text(json.dumps({"split": "test", "scores": scores, "intervals": intervals}))
+(out / "held_out.json").write_text(json.dumps({"split": "test", "checkpoint": held_out_checkpoint, "scores": scores,
+                                              "intervals": intervals}))
 (out / "metrics.json").write_text(json.dumps({
     "final": scores, "steps": 3,
     "config": {"backbone": backbone, "image_size": image_size, "seed": seed, "data_root": data_root,
@@ -99,6 +101,7 @@ def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resu
                     "hardware", "train_seconds", "data_sha256"):
             assert key in run, key
         assert "folder" not in run and data["meta"]["rows"] == values["rows"]
+        assert {r["checkpoint"] for r in data["runs"]} == {"last.pt"}  # whole recipes: every run scored at its end
         assert data["meta"]["bounds"] == json.loads((smoke_root / "synth_ceiling.json").read_text())["splits"]["test"]
         assert str(smoke_root) not in output.read_text()  # no path of the machine that ran it
         # a second start runs nothing and keeps the file

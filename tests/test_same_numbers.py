@@ -3,7 +3,7 @@
 ``tests/data/numbers_before_redesign.json`` holds a small two-stage run: the loss rows of its log, its validation
 scores per epoch, sums of its final weights and what ``evaluate`` scored its best checkpoint. It was first recorded
 with the code of commit 71862e4 (before the package redesign of issue 12) and recorded again when the synthetic twin
-changed (issue 13: SynthAffWild v5), whose data the run trains on; ``recorded_with`` names the commit. Its config
+changed (issue 13: SynthAffWild v5, then v6, whose eyes show arousal below zero), whose data the run trains on; ``recorded_with`` names the commit. Its config
 names ``init_log_var: 0.0``, the start of eq. 5's log-variances when it was recorded (the default is now
 ``"stationary"``, tested in tests/test_train.py). The run below
 uses the same configuration on the smoke twin written by the current generator, so the generator is checked too. On

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAINING = '''# %% tags=["parameters"]
 output_dir: str = ""
 seed: int = 0
+held_out_checkpoint: str = ""
 backbone: str = ""
 tasks: list = ["va", "au", "expr"]
 calls: str = ""
@@ -105,9 +106,15 @@ def test_plan_resolves_each_design_to_its_family_and_changes_one_thing() -> None
     assert [r.key for r in runs] == ["senet/seed0", "senet/seed1", "resnext_cbam/seed0", "resnext_cbam/seed1",
                                      "va_only/seed0", "va_only/seed1", "avg_pool/seed0", "avg_pool/seed1"]
     by_key = {r.key: dict(r.parameters) for r in runs}
-    assert by_key["senet/seed1"] == {"image_size": 40, "backbone": "seresnet26_half", "seed": 1}
+    end = {"held_out_checkpoint": "last.pt"}  # every run is scored at its end, whatever its best epoch was
+    assert by_key["senet/seed1"] == {**end, "image_size": 40, "backbone": "seresnet26_half", "seed": 1}
     assert by_key["resnext_cbam/seed0"]["backbone"] == "resnext26_half_cbam"
-    assert by_key["va_only/seed0"] == {"image_size": 40, "backbone": "seresnet26_half", "tasks": ["va"], "seed": 0}
+    assert by_key["va_only/seed0"] == {**end, "image_size": 40, "backbone": "seresnet26_half", "tasks": ["va"],
+                                       "seed": 0}
+    chosen = sweep.plan(["senet"], [0], {"held_out_checkpoint": "best_mean.pt"}, family="small")
+    assert chosen[0].parameters["held_out_checkpoint"] == "best_mean.pt"  # the shared parameters may choose
+    assert (sweep.results_folder({"held_out_checkpoint": "best_mean.pt"}, "small")
+            != sweep.results_folder({}, "small") == sweep.results_folder({"held_out_checkpoint": "last.pt"}, "small"))
     assert by_key["avg_pool/seed0"]["pooling"] == "avg"
     paper = sweep.plan(["senet", "resnext", "resnext_cbam"], [0], {}, family="paper")
     assert [r.parameters["backbone"] for r in paper] == ["senet50", "resnext50", "resnext50_cbam"]
@@ -528,9 +535,11 @@ def test_collect_takes_the_held_out_scores_when_the_chapter_wrote_them(fake, tmp
     held = {"va": {"score": 0.123, "ccc_valence": 0.1, "ccc_arousal": 0.146},
             "au": {"score": 0.456, "f1_mean": 0.2, "accuracy": 0.712},
             "expr": {"score": 0.321, "f1_macro": 0.25, "accuracy": 0.465}}
-    (out / "senet" / "seed0" / sweep.HELD_OUT_FILE).write_text(json.dumps({"split": "test", "scores": held}))
+    (out / "senet" / "seed0" / sweep.HELD_OUT_FILE).write_text(json.dumps({"split": "test", "checkpoint": "last.pt",
+                                                                          "scores": held}))
     after = sweep.collect(out).set_index("row")
     assert after.loc["senet", "scored_on"] == "test" and after.loc["resnext", "scored_on"] == "val (last epoch)"
+    assert after.loc["senet", "checkpoint"] == "last.pt" and pd.isna(after.loc["resnext", "checkpoint"])
     assert (after.loc["senet", ["va", "valence", "au", "au_f1", "expr", "expr_accuracy"]].tolist()
             == [0.123, 0.1, 0.456, 0.2, 0.321, 0.465])
     assert after.loc["resnext", "va"] == before.loc["resnext", "va"]
@@ -578,4 +587,24 @@ def test_reproducibility_pairs_runs_of_the_same_experiment_only() -> None:
     assert line["reference_seeds"] == 3
     far = sweep.reproducibility(here.assign(va=0.10).iloc[:1], reference, metrics=["va"]).iloc[0]
     assert not far["in_video_interval"] and not far["in_seed_range"]
+    # a one-seed reference row and a rerun that differs from it in the last bits: inside the range, not beside it
+    rerun = sweep.reproducibility(here.assign(va=0.30 + 4e-11).iloc[:1], reference.iloc[:1], metrics=["va"]).iloc[0]
+    assert rerun["in_seed_range"] and rerun["reference_seeds"] == 1
+    assert not sweep.reproducibility(here.assign(va=0.3001).iloc[:1], reference.iloc[:1],
+                                     metrics=["va"]).iloc[0]["in_seed_range"]
     assert sweep.same_settings(config, {**config, "cache_dir": "x"}) and not sweep.same_settings(config, None)
+
+
+def test_only_runs_scored_at_their_end_are_compared() -> None:
+    """A best epoch may fall in stage 1, where rows that differ in stage 2 only are one model: such runs, and runs
+    that recorded no checkpoint, are refused by name; rows outside the comparison are not looked at."""
+    runs = pd.DataFrame([{"row": "senet", "seed": 0, "checkpoint": "last.pt"},
+                         {"row": "sum_only", "seed": 0, "checkpoint": "last.pt"},
+                         {"row": "sum_only", "seed": 1, "checkpoint": "best_mean.pt"},
+                         {"row": "resnext", "seed": 0, "checkpoint": None}])
+    sweep.check_scored_at_end(runs, ["senet"])
+    with pytest.raises(ValueError, match=r"sum_only/seed1 \(best_mean.pt\)") as caught:
+        sweep.check_scored_at_end(runs, ["senet", "sum_only"])
+    assert "senet" not in str(caught.value).split(":")[1].split(";")[0]
+    with pytest.raises(ValueError, match=r"resnext/seed0 \(none recorded\)"):
+        sweep.check_scored_at_end(runs, ["resnext", "senet"])

@@ -405,3 +405,20 @@ def test_test_labels_never_reach_training_or_selection(smoke_root: Path, tmp_pat
         return log, {k: metrics[k] for k in ("final", "best")}
 
     assert run(smoke_root, tmp_path / "a") == run(scrambled, tmp_path / "b")
+
+
+def test_a_new_generator_changes_the_fingerprint_that_guards_resumed_runs(smoke_root: Path, tmp_path: Path) -> None:
+    """Same labels, other images: the twin's generator version (and size, seed) is part of the data fingerprint, so a
+    run trained on an older twin is neither resumed nor reused; a broken manifest is named, never skipped."""
+    from mtanet.data import annotation_fingerprint
+    from mtanet.errors import DataFormatError
+
+    copy = tmp_path / "twin"
+    shutil.copytree(smoke_root, copy, ignore=shutil.ignore_patterns("*.jpg"))
+    assert annotation_fingerprint(copy) == annotation_fingerprint(smoke_root)  # images are not part of it
+    manifest = json.loads((copy / synth.MANIFEST_FILE).read_text())
+    (copy / synth.MANIFEST_FILE).write_text(json.dumps({**manifest, "generator_version": manifest["generator_version"] - 1}))
+    assert annotation_fingerprint(copy) != annotation_fingerprint(smoke_root)
+    (copy / synth.MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(DataFormatError, match=synth.MANIFEST_FILE):
+        annotation_fingerprint(copy)

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mtanet.errors import ConfigError
-from mtanet.losses import UncertaintyWeighting
+from mtanet.losses import UncertaintyWeighting, stationary_log_var
 from mtanet.metrics import ccc
 from mtanet.tasks import LABEL_SENTINEL
 from mtanet.train import LOG_FILE, TrainConfig, train
@@ -116,13 +116,9 @@ def eq5_total(losses: Mapping[str, float], log_vars: Mapping[str, float],
     return total
 
 
-def optimal_log_var(loss: Any, kind: str) -> Any:
-    """The ``s`` that minimises ``c e^{-s} L + s/2`` for a fixed loss ``L``: ``log L`` (regression, ``c = 1/2``) or
-    ``log 2L`` (classification, ``c = 1``). Works on floats and numpy arrays."""
-    if kind not in ("regression", "classification"):
-        raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
-    factor = 1.0 if kind == "regression" else 2.0
-    return np.log(factor * np.asarray(loss, dtype=np.float64)) if np.ndim(loss) else math.log(factor * float(loss))
+#: The ``s`` that minimises ``c e^{-s} L + s/2`` for a fixed loss ``L`` (the trainer's start and end of eq. 5 use it
+#: too): ``optimal_log_var(L, "regression")`` is ``log L``, ``"classification"`` gives ``log 2L``.
+optimal_log_var = stationary_log_var
 
 
 def scaled_softmax_nll(logits: Tensor, target: Tensor, sigma: float) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -147,6 +148,7 @@ def detect_edition(root: str | os.PathLike[str]) -> Edition:
 
 # --------------------------------------------------------------------------------------------------- parsing
 
+_SYNTH_MANIFEST = "synth_manifest.json"  # mtanet.synth.MANIFEST_FILE, named here: synth imports data, not the reverse
 _INT_RE = re.compile(r"^-?\d+$")
 
 
@@ -514,7 +516,9 @@ def annotation_fingerprint(root: str | os.PathLike[str], *, edition: str | Editi
 
     Two roots have the same fingerprint exactly when they hold the same labels in the same files, wherever they lie:
     a moved or copied root keeps it, an edited, added or removed annotation file changes it. The images are not part
-    of it (see :func:`mtanet.data.packed_cache_key` for those).
+    of it (see :func:`mtanet.data.packed_cache_key` for those), except on the synthetic twin, whose manifest's
+    generator version, size and seed join the digest: a new generator draws new images over the same labels, and a run
+    trained on the old ones must not be resumed or reused as if nothing changed.
     """
     root = Path(root)
     if edition is None:
@@ -526,6 +530,15 @@ def annotation_fingerprint(root: str | os.PathLike[str], *, edition: str | Editi
     for path in sorted(p for s in ("train", "val") for t in TASKS for p in files[s][t].values()):
         data = path.read_bytes()
         digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode() + hashlib.sha256(data).digest())
+    manifest = root / _SYNTH_MANIFEST
+    if manifest.is_file():
+        try:
+            made = json.loads(manifest.read_text())
+            drawn_by = {k: made[k] for k in ("generator_version", "size", "seed")}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataFormatError(manifest, None, f"not a synthetic-twin manifest ({exc}); regenerate the twin or "
+                                                  "remove the file") from None
+        digest.update(json.dumps(drawn_by, sort_keys=True).encode())
     return digest.hexdigest()
 
 

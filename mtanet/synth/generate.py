@@ -102,7 +102,7 @@ EDITION = EDITIONS["2020"]
 CEILING_FILE = "synth_ceiling.json"
 MANIFEST_FILE = "synth_manifest.json"
 LATENT_DIR = "synth_latent"  # noise-free labels per name; not part of the Aff-Wild2 layout, the reader ignores it
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,8 +376,9 @@ def plan_person(rng: np.random.Generator, name: str, n_frames: int, traits: Subj
         talking.astype(float), 10)
     va = np.tanh(1.2 * (va_expr + cue))  # saturates smoothly inside (-1, 1) instead of piling up on the boundary
     # Mood shows the way faces show it: a faint smile or a faint droop of the mouth corners (AU12, AU15 kept below the
-    # intensity an annotator calls present), eyes widened or lidded (AU5, never annotated) and brows lifted with
-    # arousal. The AU labels stay blind to all of it, so valence-arousal holds information they lack.
+    # intensity an annotator calls present), eyes widened (AU5, never annotated) or lidded (the renderer, for arousal
+    # below zero) and brows lifted with arousal. The AU labels stay blind to all of it, so valence-arousal holds
+    # information they lack.
     faint = 0.45
     actions[:, col["AU12"]] = np.maximum(actions[:, col["AU12"]], np.clip(1.2 * cue[:, 0], 0, faint))
     actions[:, col["AU15"]] = np.maximum(actions[:, col["AU15"]], np.clip(-1.2 * cue[:, 0], 0, faint))

@@ -489,7 +489,10 @@ def _build(idt: Identity, actions: Mapping[str, float], nz: Nuisance, valence: f
             sc.line([(_HX + s * 2.6, y0 - 12.0), (_HX + s * 1.7, y0 - 7.5), (_HX + s * 1.9, y0 - 4.0)], col, 1.0)
 
     # ---- eyes ------------------------------------------------------------------------------------------------------
-    eu = 3.5 * idt.eye_size * (1.0 + 0.65 * a5 + 0.18 * aro - 0.25 * a6 - 0.12 * a4)
+    # Low arousal lids the eyes as visibly as high arousal widens them (AU5): without it, a calm or tired resting
+    # state would differ from a neutral one by less than people's eye sizes differ (v6; v5 lidded by 0.18 * arousal).
+    lidded = 0.5 * max(0.0, -aro)
+    eu = 3.5 * idt.eye_size * max(0.15, 1.0 + 0.65 * a5 + 0.18 * aro - lidded - 0.25 * a6 - 0.12 * a4)
     el = 2.5 * idt.eye_size * (1.0 - 0.6 * a6 + 0.05 * aro)
     ir = 3.8 * idt.eye_size
     eu0 = 3.5 * idt.eye_size

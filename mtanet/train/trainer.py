@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import random
 import time
@@ -366,11 +365,11 @@ class Trainer:
         if not isinstance(weighting, UncertaintyWeighting) or \
                 self.config.stages[stage - 2].weighting == "uncertainty":
             return
+        start = weighting.stationary_log_vars({t: self.stage1_losses.get(f"loss_{t}") for t in weighting.tasks})
         with torch.no_grad():
             for i, t in enumerate(weighting.tasks):
-                loss = self.stage1_losses.get(f"loss_{t}")
-                if loss is not None and loss > 0:
-                    weighting.log_vars[i] = math.log(2 * float(weighting.factors[i]) * loss)
+                if start[t] is not None:
+                    weighting.log_vars[i] = start[t]
         self.stationary_start = {t: float(weighting.log_vars[i].detach()) for i, t in enumerate(weighting.tasks)}
 
     def _start_stage(self, stage: int, state: Mapping[str, Any] | None = None) -> None:
@@ -669,8 +668,7 @@ class Trainer:
                                   {t: self._fixed_init_log_var() for t in weighting.tasks}}
         if last is not None:
             loss = {t: last.get(f"loss_{t}") for t in weighting.tasks}
-            star = {t: math.log(2 * float(weighting.factors[i]) * loss[t]) if loss[t] and loss[t] > 0 else None
-                    for i, t in enumerate(weighting.tasks)}
+            star = weighting.stationary_log_vars(loss)
             record.update(stage2_last_epoch_loss=loss, stationary_log_vars=star,
                           distance={t: None if star[t] is None else s[t] - star[t] for t in weighting.tasks})
         return record
