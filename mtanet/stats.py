@@ -28,7 +28,7 @@ from scipy import stats
 
 from mtanet.errors import ConfigError
 
-__all__ = ["COLUMNS", "VERDICTS", "compare", "holm"]
+__all__ = ["COLUMNS", "VERDICTS", "above_floor", "compare", "holm"]
 
 #: The columns of :func:`compare`'s table, in order.
 COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
@@ -233,3 +233,48 @@ def compare(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]], m
             verdicts.append("inconclusive")
     table["verdict"] = verdicts
     return table[list(COLUMNS)]
+
+
+def above_floor(results: pd.DataFrame, floors: dict[str, float], metrics: Sequence[str],
+                alpha: float = 0.05) -> pd.DataFrame:
+    """Whether each row's networks learned a task at all: its seeds' mean score against the task's floor (the score
+    of the best constant), one line per (row, metric).
+
+    Columns: ``row``, ``metric``, ``n`` (seeds with a score), ``mean``, ``floor``, ``ci_low``/``ci_high`` (two-sided
+    ``1 - alpha`` t interval of the mean over seeds), ``p`` (one-sided t test of mean > floor), ``p_holm`` (Holm over
+    every line of the call) and ``learned``: True when ``p_holm < alpha``, False otherwise, None with fewer than two
+    seeds (nothing to test). A verdict between two rows on a task neither learned compares noise.
+
+    Raises:
+        mtanet.errors.ConfigError: a metric without a floor, or a column ``results`` lacks.
+    """
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    missing = [c for c in ("row", *metrics) if c not in results.columns]
+    if missing:
+        raise ConfigError(f"above_floor: results has no column {', '.join(map(repr, missing))}")
+    no_floor = [m for m in metrics if m not in floors]
+    if no_floor:
+        raise ConfigError(f"above_floor: no floor given for {no_floor}")
+    lines = []
+    for row, part in results.groupby("row", sort=False):
+        for metric in metrics:
+            values = pd.to_numeric(part[metric], errors="coerce").dropna().to_numpy(dtype=float)
+            if values.size == 0:
+                continue  # a row not trained for this task
+            line = {"row": row, "metric": metric, "n": int(values.size), "mean": float(values.mean()),
+                    "floor": float(floors[metric]), "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+            if values.size >= 2:
+                se = float(values.std(ddof=1)) / math.sqrt(values.size)
+                df = values.size - 1
+                if se < _ROUNDING:
+                    line["p"] = 0.0 if line["mean"] > line["floor"] else 1.0
+                    line["ci_low"] = line["ci_high"] = line["mean"]
+                else:
+                    half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
+                    line.update(ci_low=line["mean"] - half, ci_high=line["mean"] + half,
+                                p=float(stats.t.sf((line["mean"] - line["floor"]) / se, df)))
+            lines.append(line)
+    table = pd.DataFrame(lines, columns=["row", "metric", "n", "mean", "floor", "ci_low", "ci_high", "p"])
+    table["p_holm"] = holm(table["p"].to_numpy(dtype=float))
+    table["learned"] = [None if np.isnan(p) else bool(p < alpha) for p in table["p_holm"]]
+    return table

@@ -52,7 +52,7 @@ from IPython.display import Markdown, display
 
 from mtanet import synth
 from mtanet.book import paper, project_root, sweep, work_root
-from mtanet.stats import compare
+from mtanet.stats import above_floor, compare
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -164,6 +164,26 @@ if have_reference:
             "(floor " + ", ".join(f"{t} {split_bounds['floor_score'][t]:.3f}" for t in HEADLINE) + "; reference "
             + ", ".join(f"{t} {split_bounds['reference_score'][t]:.3f}" for t in HEADLINE) + ")."))
 
+# %% [markdown]
+# A comparison only means something on a task both rows learned. Whether each row's seeds score above the floor
+# (`mtanet.stats.above_floor`: one-sided t test of the mean over seeds, Holm over every row and task):
+
+# %% tags=["hide-input"]
+learned_tasks = None
+if have_reference and split_bounds is not None:
+    learned_tasks = above_floor(ref_runs, split_bounds["floor_score"], HEADLINE)
+    shown = learned_tasks.assign(row=[label.get(r, r) for r in learned_tasks["row"]])
+    display(shown.pivot(index="row", columns="metric", values="learned")
+            .reindex(index=list(dict.fromkeys(shown["row"])), columns=HEADLINE))
+    floor_level = learned_tasks[learned_tasks["learned"] == False]  # noqa: E712 (None: too few seeds to test)
+    by_task = floor_level.groupby("metric")["row"].apply(list)
+    display(Markdown(
+        "Every row is above the floor on every task it was tested on." if floor_level.empty else
+        "Not distinguishable from the floor: " + "; ".join(
+            f"**{t}** in {len(by_task[t])} of {int((learned_tasks['metric'] == t).sum())} rows "
+            f"({', '.join(by_task[t])})" for t in HEADLINE if t in by_task)
+        + ". Verdicts on such a task compare networks that did not learn it: they say nothing about the designs."))
+
 # %% tags=["hide-input"]
 if have_reference:
     order = [r for r in sweep.ROWS if r in ref_rows] + [r for r in ref_rows if r not in sweep.ROWS]
@@ -221,15 +241,16 @@ if have_reference:
 #
 # A claim is **supported** when one of its comparisons goes its way after the correction and none goes against it,
 # **refuted** when one goes against it or every one is equivalent, **mixed** when they go both ways, **undecided**
-# when all are inconclusive, and **not run** when the reference lacks its rows.
+# when all are inconclusive, and **not run** when the reference lacks its rows. A comparison on a task that one of
+# its rows did not learn (the table above) is set aside, and a claim left with none reads **not learned**.
 
 # %% tags=["hide-input"]
 if ref_verdicts is not None:
-    claims = paper.read_claims(ref_verdicts)
+    claims = paper.read_claims(ref_verdicts, learned=learned_tasks)
     display(claims)
     display(Markdown("On this twin, at the reference's size: " + "; ".join(
         f"{reading}: {', '.join(claims.index[claims['reading'] == reading])}"
-        for reading in ("supported", "refuted", "mixed", "undecided", "not run")
+        for reading in ("supported", "refuted", "mixed", "undecided", "not learned", "not run")
         if (claims["reading"] == reading).any()) + "."))
 else:
     display(Markdown("No verdicts yet, so no claim is read."))

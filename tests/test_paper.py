@@ -55,3 +55,25 @@ def test_read_claims_supports_refutes_or_leaves_undecided_from_the_verdicts() ->
     other = pd.DataFrame([_verdict("resnext_cbam", "senet", "va", "better", 0.05)])
     assert read_claims(other)["reading"]["attention helps (CBAM on ResNeXt, Table I)"] == "not run"
     assert read_claims(other)["reading"]["SENet beats ResNeXt + CBAM (Table I's ranking)"] == "refuted"
+
+
+def test_a_comparison_on_a_task_a_row_did_not_learn_is_set_aside() -> None:
+    """Two networks at the floor are 'equivalent' without saying anything: with the learned table, such a verdict is
+    not read, so the avg+max claim is not refuted by it; a claim left with nothing reads 'not learned'."""
+    from mtanet.book.paper import read_claims
+
+    verdicts = pd.DataFrame([
+        _verdict("avg_pool", "senet", "va", "equivalent", 0.001),  # both at the floor on VA
+        _verdict("avg_pool", "senet", "au", "better", 0.03),  # learned: read, against the claim
+        _verdict("sum_only", "senet", "va", "equivalent", 0.0),  # only VA compared, and VA not learned
+    ])
+    learned = pd.DataFrame([{"row": r, "metric": m, "learned": ok} for r, m, ok in (
+        ("senet", "va", False), ("senet", "au", True), ("avg_pool", "va", False), ("avg_pool", "au", True),
+        ("sum_only", "va", None))])
+    plain = read_claims(verdicts)
+    assert plain.loc["fine-tuning with eq. 5 beats the summed loss", "reading"] == "refuted"
+    read = read_claims(verdicts, learned=learned)
+    assert read.loc["fine-tuning with eq. 5 beats the summed loss", "reading"] == "not learned"
+    assert read.loc["the avg + max neck beats average pooling", "reading"] == "refuted"
+    assert "avg_pool vs senet, va: not learned" in read.loc["the avg + max neck beats average pooling", "evidence"]
+    assert read.loc["SE attention helps", "reading"] == "not run"

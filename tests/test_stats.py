@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mtanet.errors import ConfigError
-from mtanet.stats import COLUMNS, compare, holm
+from mtanet.stats import COLUMNS, above_floor, compare, holm
 
 METRICS = ["va", "au", "expr"]
 
@@ -220,3 +220,25 @@ def test_pairs_compare_each_row_with_its_own_reference_in_one_holm_family() -> N
         compare(runs, [("r9", "r0")], METRICS)
     with pytest.raises(ConfigError, match="reference row 'r8'"):
         compare(runs, [("r1", "r8")], METRICS)
+
+
+def test_above_floor_finds_learned_tasks_and_not_a_floor_level_row() -> None:
+    """A row clearly above the floor is learned; one scattered around it is not (and its interval covers it); a row
+    with one seed is not tested; a row without a task's scores gives no line for it."""
+    rng = np.random.default_rng(0)
+    runs = pd.DataFrame(
+        [{"row": "good", "seed": s, "va": 0.30 + 0.01 * rng.standard_normal(), "au": 0.6} for s in range(5)]
+        + [{"row": "noise", "seed": s, "va": 0.05 * rng.standard_normal(), "au": 0.42 + 0.01 * rng.standard_normal()}
+           for s in range(5)]
+        + [{"row": "one", "seed": 0, "va": 0.5, "au": 0.7}]
+        + [{"row": "au_only", "seed": s, "va": np.nan, "au": 0.6 + 0.01 * s} for s in range(3)])
+    table = above_floor(runs, {"va": 0.0, "au": 0.42}, ["va", "au"]).set_index(["row", "metric"])
+    assert table.loc[("good", "va"), "learned"] is True and table.loc[("good", "au"), "learned"] is True
+    assert table.loc[("noise", "va"), "learned"] is False and table.loc[("noise", "au"), "learned"] is False
+    assert table.loc[("noise", "va"), "ci_low"] < 0.0 < table.loc[("noise", "va"), "ci_high"]
+    assert table.loc[("one", "va"), "learned"] is None and table.loc[("one", "va"), "n"] == 1
+    assert ("au_only", "va") not in table.index and table.loc[("au_only", "au"), "learned"] is True
+    # Holm over every tested line: the adjusted p is never below the raw one
+    assert (table["p_holm"].dropna() >= table["p"].dropna() - 1e-15).all()
+    with pytest.raises(ConfigError, match="no floor given for"):
+        above_floor(runs, {"va": 0.0}, ["va", "au"])

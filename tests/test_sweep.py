@@ -608,3 +608,5 @@ def test_only_runs_scored_at_their_end_are_compared() -> None:
     assert "senet" not in str(caught.value).split(":")[1].split(";")[0]
     with pytest.raises(ValueError, match=r"resnext/seed0 \(none recorded\)"):
         sweep.check_scored_at_end(runs, ["resnext", "senet"])
+    with pytest.raises(ValueError, match=r"senet/seed0 \(none recorded\)"):  # a record from before the column
+        sweep.check_scored_at_end(runs.drop(columns="checkpoint"), ["senet"])

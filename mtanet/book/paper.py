@@ -127,19 +127,29 @@ CLAIMS: list[dict[str, object]] = [
 ]
 
 
-def read_claims(verdicts: pd.DataFrame) -> pd.DataFrame:
+def read_claims(verdicts: pd.DataFrame, learned: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each of :data:`CLAIMS` read from :func:`mtanet.stats.compare`'s table (with ``versus``): **supported** when
     at least one of its comparisons goes the claimed way significantly and none goes against it; **refuted** when
     one goes against it significantly, or every comparison is ``equivalent`` (no difference within the margin);
     **mixed** when significant verdicts go both ways; **undecided** when everything tested is inconclusive;
-    **not run** when none of its rows were compared. ``evidence`` lists the verdicts it read."""
+    **not run** when none of its rows were compared. ``evidence`` lists the verdicts it read.
+
+    With ``learned`` (:func:`mtanet.stats.above_floor`'s table), a comparison on a task that either row did not learn
+    (``learned`` False) is set aside: two networks at the floor are "equivalent" without saying anything about the
+    designs. A claim whose every comparison was set aside reads **not learned**."""
+    floor_level = set()
+    if learned is not None:
+        floor_level = {(r, m) for r, m, ok in zip(learned["row"], learned["metric"], learned["learned"]) if ok is False}
     lines = []
     for claim in CLAIMS:
-        found = []
+        found, set_aside = [], []
         for row, versus, sign in claim["contrasts"]:  # type: ignore[union-attr]
             part = verdicts[(verdicts["row"] == row) & (verdicts["versus"] == versus)
                             & verdicts["metric"].isin(claim["metrics"])]  # type: ignore[arg-type]
             for line in part.itertuples(index=False):
+                if (row, line.metric) in floor_level or (versus, line.metric) in floor_level:
+                    set_aside.append(f"{row} vs {versus}, {line.metric}: not learned")
+                    continue
                 agrees = {"better": sign > 0, "worse": sign < 0}.get(line.verdict)
                 found.append((f"{row} vs {versus}, {line.metric}: {line.verdict} ({line.diff:+.3f})", line.verdict,
                               agrees))
@@ -147,7 +157,7 @@ def read_claims(verdicts: pd.DataFrame) -> pd.DataFrame:
         with_claim = any(a is True for _, _, a in found)
         against = any(a is False for _, _, a in found)
         if not found:
-            reading = "not run"
+            reading = "not learned" if set_aside else "not run"
         elif with_claim and against:
             reading = "mixed"
         elif against or all(k == "equivalent" for k in kinds):
@@ -156,5 +166,6 @@ def read_claims(verdicts: pd.DataFrame) -> pd.DataFrame:
             reading = "supported"
         else:
             reading = "undecided"
-        lines.append({"claim": claim["claim"], "reading": reading, "evidence": "; ".join(e for e, _, _ in found)})
+        lines.append({"claim": claim["claim"], "reading": reading,
+                      "evidence": "; ".join([e for e, _, _ in found] + set_aside)})
     return pd.DataFrame(lines).set_index("claim")

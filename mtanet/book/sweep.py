@@ -236,7 +236,8 @@ def check_scored_at_end(runs: pd.DataFrame, rows: Iterable[str]) -> None:
             that differ only in stage 2 are one model) or on none recorded (a run older than the record).
     """
     chosen = runs[runs["row"].isin(set(rows))]
-    scored_on = chosen["checkpoint"].where(chosen["checkpoint"].notna(), "none recorded")
+    recorded = chosen["checkpoint"] if "checkpoint" in chosen else pd.Series(None, index=chosen.index, dtype=object)
+    scored_on = recorded.where(recorded.notna(), "none recorded")
     odd = chosen.assign(checkpoint=scored_on)[scored_on != SCORED_CHECKPOINT]
     if len(odd):
         named = ", ".join(f"{r.row}/seed{r.seed} ({r.checkpoint})" for r in odd.itertuples())
