@@ -44,6 +44,8 @@ train_options: dict = {}  # TrainConfig fields set in every run, e.g. {"warmup_s
 extra_rows: dict = {}  # more rows: name -> TrainConfig fields changed against senet, e.g. {"lr": {"stage2_lr": 3e-4}}
 
 # %% tags=["hide-input"]
+import json
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -70,13 +72,21 @@ label = {name: row.label for name, row in designs.items()}
 HEADLINE = ["va", "au", "expr"]
 
 
-def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """compare()'s lines with the question each contrast answers, for display."""
+def verdict_table(verdicts: pd.DataFrame, learned: pd.DataFrame | None = None) -> pd.DataFrame:
+    """compare()'s lines with the question each contrast answers and, given above_floor()'s table, whether both rows
+    learned the task (False: a verdict between networks at the floor, which says nothing), for display."""
     questions = {(c.row, c.versus): c.question for c in sweep.CONTRASTS}
     shown = verdicts.assign(question=[questions.get((r, v), "training options changed against senet")
                                       for r, v in zip(verdicts["row"], verdicts["versus"])])
-    return (shown.set_index(["question", "metric"])[["row", "versus", "n", "diff", "ci_low", "ci_high", "p_holm",
-                                                     "verdict"]].round(3))
+    columns = ["row", "versus", "n", "diff", "ci_low", "ci_high", "p_holm", "verdict"]
+    if learned is not None:
+        ok = {(r, m): v for r, m, v in zip(learned["row"], learned["metric"], learned["learned"])}
+        both = []
+        for r, v, m in zip(shown["row"], shown["versus"], shown["metric"]):
+            pair = (ok.get((r, m)), ok.get((v, m)))
+            both.append(False if False in pair else (True if pair == (True, True) else None))
+        shown, columns = shown.assign(**{"both learned": both}), [*columns, "both learned"]
+    return shown.set_index(["question", "metric"])[columns].round(3)
 
 
 # %% [markdown]
@@ -177,8 +187,10 @@ if have_reference and split_bounds is not None:
             .reindex(index=list(dict.fromkeys(shown["row"])), columns=HEADLINE))
     floor_level = learned_tasks[learned_tasks["learned"] == False]  # noqa: E712 (None: too few seeds to test)
     by_task = floor_level.groupby("metric")["row"].apply(list)
+    untested = learned_tasks["learned"].isna()
     display(Markdown(
-        "Every row is above the floor on every task it was tested on." if floor_level.empty else
+        "No row has two seeds yet: whether its networks learned each task is not tested." if untested.all() else
+        "Every row with two seeds or more is above the floor on every task." if floor_level.empty else
         "Not distinguishable from the floor: " + "; ".join(
             f"**{t}** in {len(by_task[t])} of {int((learned_tasks['metric'] == t).sum())} rows "
             f"({', '.join(by_task[t])})" for t in HEADLINE if t in by_task)
@@ -227,7 +239,7 @@ if have_reference:
     if chosen:
         sweep.check_scored_at_end(ref_runs, {r for c in chosen for r in (c.row, c.versus)})
         ref_verdicts = compare(ref_runs, [(c.row, c.versus) for c in chosen], HEADLINE, margin=margin, alpha=0.05)
-        display(verdict_table(ref_verdicts))
+        display(verdict_table(ref_verdicts, learned_tasks))
         counts = ref_verdicts["verdict"].value_counts()
         display(Markdown(f"Of {len(ref_verdicts)} comparisons (margin {margin}): "
                          + ", ".join(f"{n} {k}" for k, n in counts.items()) + "."
@@ -356,9 +368,18 @@ own_contrasts = sweep.contrasts(names, extra=list(extra_rows))
 if own_contrasts and results.groupby("row")["seed"].nunique().min() >= 2:
     sweep.check_scored_at_end(results, {r for c in own_contrasts for r in (c.row, c.versus)})
     own = compare(results, [(c.row, c.versus) for c in own_contrasts], HEADLINE, margin=margin, alpha=0.05)
-    display(verdict_table(own))
+    own_bounds_file = root / synth.CEILING_FILE
+    own_learned = None
+    if (results["scored_on"] == "test").all() and own_bounds_file.is_file():
+        own_floor = json.loads(own_bounds_file.read_text())["splits"]["test"]["floor_score"]
+        own_learned = above_floor(results, own_floor, HEADLINE)
+    own_table = verdict_table(own, own_learned)
+    display(own_table)
+    unlearned = 0 if own_learned is None else int((own_table["both learned"] == False).sum())  # noqa: E712
     display(Markdown(f"Of {len(own)} comparisons: "
-                     + ", ".join(f"{n} {k}" for k, n in own["verdict"].value_counts().items()) + "."))
+                     + ", ".join(f"{n} {k}" for k, n in own["verdict"].value_counts().items()) + "."
+                     + (f" {unlearned} of them compare rows of which at least one did not learn the task (at the "
+                        "floor): they say nothing about the designs." if unlearned else "")))
 else:
     display(Markdown("Fewer than two seeds per row, or no contrast among these rows: no comparison."))
 
