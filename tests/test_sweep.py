@@ -213,7 +213,9 @@ def test_a_row_option_reaches_the_config_the_training_chapter_trains(smoke_root:
     assert {k: config[k] for k in ("warmup_steps", "stage1_lr", "feature_dim", "aug_flip", "backbone", "image_size")} \
         == {"warmup_steps": 1, "stage1_lr": 2e-3, "feature_dim": 32, "aug_flip": 0.0, "backbone": "seresnet26_half",
             "image_size": 32}
-    assert sweep.collect(out)["row"].tolist() == ["warm"]
+    collected = sweep.collect(out)
+    assert collected["row"].tolist() == ["warm"]
+    assert collected["checkpoint"].tolist() == ["last.pt"]  # the chapter scored the run's end, as the sweep asks
 
 
 @pytest.mark.slow
