@@ -46,7 +46,7 @@ from mtanet.tasks import EDITIONS, TASKS, Edition
 
 __all__ = ["predict_dataset", "predict_frames", "frames_edition", "score_predictions", "headline", "train_label_stats",
            "write_submission", "submission_paths", "evaluate", "read_names_list", "listed_frames", "held_out_folds",
-           "video_intervals", "SCORES_FILE"]
+           "video_intervals", "va_agreement", "SCORES_FILE"]
 
 #: The summary :func:`evaluate` writes beside the submission files; its ``files`` lists them.
 SCORES_FILE = "scores.json"
@@ -248,6 +248,44 @@ def video_intervals(frames: pd.DataFrame, preds: Mapping[str, np.ndarray], *,
                                   seed=seed)
         out[task] = {**ci, "videos": int(len(np.unique(names[rows])))}
     return json_clean(out)
+
+
+def va_agreement(frames: pd.DataFrame, va_pred: np.ndarray, noise_free: np.ndarray | None = None) -> pd.DataFrame:
+    """Where predicted valence and arousal agree with the labels: over all frames, between videos and within them.
+
+    One row per dimension, columns ``frames``: Pearson r with the annotations over every labelled frame;
+    ``noise_free``: r with the noise-free values behind them (the synthetic twin's, when given); ``between_videos``:
+    r of the per-video means (which videos run high or low: on new people this is each person's resting state);
+    ``within_videos``: median over videos of the r inside each video (the changes a face shows). A network that
+    learned its training people's annotation traces agrees with the annotations there more than with the noise-free
+    values, and its between-video r drops on new people.
+
+    Args:
+        frames: a frame table (its ``name``, ``image``, ``valence``, ``arousal`` columns).
+        va_pred: ``(len(frames), 2)`` predictions, NaN where none.
+        noise_free: ``(len(frames), 2)`` noise-free values, or None.
+    """
+    pred = np.asarray(va_pred, dtype=np.float64)
+    labels = frames[["valence", "arousal"]].to_numpy(dtype=np.float64)
+    rows = (frames["image"] != "").to_numpy() & np.isfinite(labels).all(axis=1) & np.isfinite(pred).all(axis=1)
+    names = frames["name"].to_numpy()[rows]
+    y, p = labels[rows], pred[rows]
+    z = None if noise_free is None else np.asarray(noise_free, dtype=np.float64)[rows]
+
+    def r(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+
+    videos = list(dict.fromkeys(names))
+    lines = {}
+    for j, dim in enumerate(("valence", "arousal")):
+        means = np.array([[y[names == v, j].mean(), p[names == v, j].mean()] for v in videos]).reshape(-1, 2)
+        within = [r(y[names == v, j], p[names == v, j]) for v in videos]
+        lines[dim] = {"frames": r(y[:, j], p[:, j]),
+                      "noise_free": float("nan") if z is None else r(z[:, j], p[:, j]),
+                      "between_videos": r(means[:, 0], means[:, 1]),
+                      "within_videos": float(np.nanmedian(within)) if np.isfinite(within).any() else float("nan"),
+                      "videos": len(videos)}
+    return pd.DataFrame(lines).T.astype({"videos": int})
 
 
 def headline(scores: Mapping[str, Any], *, with_edition: bool = False) -> dict[str, Any]:

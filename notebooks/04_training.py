@@ -58,7 +58,8 @@ from sklearn.metrics import confusion_matrix
 from mtanet import synth
 from mtanet.book import paper, record_run, sweep, work_root
 from mtanet.data import label_arrays, read_split
-from mtanet.evaluate import headline, held_out_folds, predict_frames, score_predictions, video_intervals
+from mtanet.evaluate import (headline, held_out_folds, predict_frames, score_predictions, va_agreement,
+                             video_intervals)
 from mtanet.metrics import tune_au_thresholds
 from mtanet.models import load_model
 from mtanet.runtime import write_json
@@ -328,6 +329,37 @@ if "va" in config.tasks:
     axes[-1, 0].set_xlabel("frame")
     plt.tight_layout()
     plt.show()
+
+# %% [markdown] tags=["report"]
+# ### People it trained on and new people
+#
+# Much of valence-arousal belongs to the person and the video: a resting mood, how much they talk, the raters'
+# biases. Where the predictions agree with the labels (`mtanet.evaluate.va_agreement`): over all frames, with the
+# twin's noise-free values, between videos (who runs high or low) and within videos (what changes on a face), on as
+# many training videos as the reported split has, and on the reported split.
+
+# %% tags=["report"]
+if "va" in config.tasks and is_synthetic:
+    train_frames = read_split(root, "train").frames
+    new_videos = report.loc[masks["va"], "name"].nunique()
+    seen_names = train_frames["name"].drop_duplicates().sample(n=min(new_videos, train_frames["name"].nunique()),
+                                                               random_state=0)
+    seen = labelled(train_frames[train_frames["name"].isin(seen_names)])
+    seen = seen[seen["valence"].notna()]
+    agreement = pd.concat({
+        "trained on": va_agreement(seen, predict(seen)["va"], synth.load_latent(root, seen)["va"]),
+        f"new ({report_name})": va_agreement(report, preds["va"], synth.load_latent(root, report)["va"])})
+    display(agreement.round(3))
+    seen_a, new_a = agreement.loc["trained on"].loc["arousal"], agreement.loc[f"new ({report_name})"].loc["arousal"]
+    display(Markdown(
+        f"On the videos it trained on, the predicted arousal follows the annotations (r = {seen_a['frames']:.2f}) "
+        + ("more" if seen_a["frames"] > seen_a["noise_free"] else "less")
+        + f" closely than the noise-free arousal behind them (r = {seen_a['noise_free']:.2f})"
+        + (": the network has learned those people's annotation traces, raters' noise included. "
+           if seen_a["frames"] > seen_a["noise_free"] + 0.05 else ". ")
+        + f"Between videos the correlation is {seen_a['between_videos']:.2f} on them and "
+        f"{new_a['between_videos']:.2f} on new people; within videos (median) {seen_a['within_videos']:.2f} and "
+        f"{new_a['within_videos']:.2f}."))
 
 # %% [markdown]
 # ## Reading the result

@@ -321,3 +321,37 @@ def test_video_intervals_resample_whole_videos_around_the_headline_score(smoke_r
     assert alone["expr"]["low"] == alone["expr"]["high"] == pytest.approx(alone["expr"]["score"])
     # a task without predictions is left out; rows whose prediction is NaN (no face) are not scored
     assert set(E.video_intervals(frames, {"expr": preds["expr"]}, n_boot=5)) == {"expr"}
+
+
+def test_va_agreement_separates_who_runs_high_from_what_changes_within_a_video() -> None:
+    """Predictions that know each video's mean but nothing within it: between-video r near 1, within-video r near 0;
+    predictions that follow the noise-free values but not the annotation noise agree more with the former; frames
+    without an image or a prediction are left out."""
+    from mtanet.evaluate import va_agreement
+
+    rng = np.random.default_rng(0)
+    rows, truth = [], []
+    for v in range(12):
+        level = rng.normal(0, 0.4)
+        clean = level + 0.3 * np.sin(np.arange(60) / 6 + v)
+        noisy = clean + rng.normal(0, 0.2, 60)
+        for t in range(60):
+            rows.append({"name": f"v{v}", "frame": t + 1, "image": f"v{v}/{t + 1:05d}.jpg",
+                         "valence": noisy[t], "arousal": noisy[t]})
+            truth.append((clean[t], level))
+    frames = pd.DataFrame(rows)
+    truth = np.array(truth)
+    levels = np.repeat(truth[:, 1:], 2, axis=1)  # only each video's mean
+    table = va_agreement(frames, levels, noise_free=np.repeat(truth[:, :1], 2, axis=1))
+    assert table.loc["arousal", "between_videos"] > 0.95
+    assert abs(table.loc["arousal", "within_videos"]) < 1e-6 or np.isnan(table.loc["arousal", "within_videos"])
+    follows_clean = np.repeat(truth[:, :1], 2, axis=1)
+    table = va_agreement(frames, follows_clean, noise_free=follows_clean)
+    assert table.loc["valence", "noise_free"] == pytest.approx(1.0)
+    assert 0.5 < table.loc["valence", "frames"] < table.loc["valence", "noise_free"]
+    assert table.loc["valence", "within_videos"] > 0.5 and table.loc["valence", "videos"] == 12
+    assert table["videos"].dtype.kind == "i"
+    # a frame without an image and one without a prediction do not count
+    frames.loc[0, "image"] = ""
+    follows_clean[1] = np.nan
+    assert va_agreement(frames, follows_clean)["noise_free"].isna().all()
