@@ -654,8 +654,7 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
         })
     columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms],
                *[f"{t}_{end}" for t in METRICS for end in ("low", "high")], "scored_on", "checkpoint", "edition",
-               "backbone",
-               "image_size", "steps", "train_seconds", "device_name",
+               "backbone", "image_size", "steps", "train_seconds", "device_name",
                *[f"{kind}_{t}" for kind in ("s", "s_star") for t in METRICS], "data_sha256", "commit", "versions",
                "config", "hardware", "folder"]
     df = pd.DataFrame.from_records(records, columns=columns)
@@ -744,9 +743,9 @@ def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike
     return Path(root or work_root()) / "runs" / "sweep" / f"{base.get('synth_size', 'data')}-{family}-{digest}"
 
 
+_SAME = 1e-9  # scores closer than this are the same score (reruns differ in the last bits)
 #: TrainConfig fields that say where and how a run executed, not what it computed: two runs that differ only in
 #: these are the same experiment (the reproducibility check compares such runs across machines).
-_SAME = 1e-9  # scores closer than this are the same score (reruns differ in the last bits)
 _EXECUTION_FIELDS = frozenset({"data_root", "output_dir", "cache_dir", "threads", "num_workers", "progress",
                                "device", "resume", "eval_batch_size", "log_every", "checkpoint_every"})
 
