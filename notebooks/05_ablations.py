@@ -191,10 +191,11 @@ if have_reference and split_bounds is not None:
     display(Markdown(
         "No row has two seeds yet: whether its networks learned each task is not tested." if untested.all() else
         "Every row with two seeds or more is above the floor on every task." if floor_level.empty else
-        "Not distinguishable from the floor: " + "; ".join(
+        "Not shown to score above the floor: " + "; ".join(
             f"**{t}** in {len(by_task[t])} of {int((learned_tasks['metric'] == t).sum())} rows "
             f"({', '.join(by_task[t])})" for t in HEADLINE if t in by_task)
-        + ". Verdicts on such a task compare networks that did not learn it: they say nothing about the designs."))
+        + f" (with {int(learned_tasks['n'].min())} to {int(learned_tasks['n'].max())} seeds per row). Verdicts on such "
+        "a task may compare networks that did not learn it, so the claims below set them aside."))
 
 # %% tags=["hide-input"]
 if have_reference:
