@@ -188,13 +188,15 @@ if have_reference and split_bounds is not None:
     floor_level = learned_tasks[learned_tasks["learned"] == False]  # noqa: E712 (None: too few seeds to test)
     by_task = floor_level.groupby("metric")["row"].apply(list)
     untested = learned_tasks["learned"].isna()
+    fewest, most = int(learned_tasks["n"].min()), int(learned_tasks["n"].max())
+    seed_counts = str(fewest) if fewest == most else f"{fewest} to {most}"
     display(Markdown(
         "No row has two seeds yet: whether its networks learned each task is not tested." if untested.all() else
         "Every row with two seeds or more is above the floor on every task." if floor_level.empty else
         "Not shown to score above the floor: " + "; ".join(
             f"**{t}** in {len(by_task[t])} of {int((learned_tasks['metric'] == t).sum())} rows "
             f"({', '.join(by_task[t])})" for t in HEADLINE if t in by_task)
-        + f" (with {int(learned_tasks['n'].min())} to {int(learned_tasks['n'].max())} seeds per row). Verdicts on such "
+        + f" (with {seed_counts} seeds per row). Verdicts on such "
         "a task may compare networks that did not learn it, so the claims below set them aside."))
 
 # %% tags=["hide-input"]
@@ -265,6 +267,14 @@ if ref_verdicts is not None:
         f"{reading}: {', '.join(claims.index[claims['reading'] == reading])}"
         for reading in ("supported", "refuted", "mixed", "undecided", "not learned", "not run")
         if (claims["reading"] == reading).any()) + "."))
+    shared_settings = ref_meta.get("shared") or {}
+    per_epoch = shared_settings.get("steps_per_epoch")
+    if per_epoch and {"sum_only", "fixed_weights"} & set(ref_verdicts["row"]):
+        display(Markdown(
+            f"The loss-weighting rows differ only in stage 2, which here is "
+            f"{shared_settings.get('stage2_epochs', 0) * per_epoch} steps after "
+            f"{shared_settings.get('stage1_epochs', 0) * per_epoch} of stage 1: their verdicts say what the weighting "
+            "changes at that length of stage 2, not at the paper's."))
 else:
     display(Markdown("No verdicts yet, so no claim is read."))
 

@@ -138,8 +138,8 @@ def test_rows_and_shared_parameters_carry_any_train_config_field() -> None:
     runs = sweep.plan(["senet", slow], [0], {"image_size": 40, "train_options": {"warmup_steps": 5, "stage2_lr": 1e-4}},
                       family="small")
     by_key = {r.key: dict(r.parameters) for r in runs}
-    assert by_key["senet/seed0"] == {"image_size": 40, "backbone": "seresnet26_half", "seed": 0,
-                                     "train_options": {"warmup_steps": 5, "stage2_lr": 1e-4}}
+    assert by_key["senet/seed0"] == {"held_out_checkpoint": "last.pt", "image_size": 40, "backbone": "seresnet26_half",
+                                     "seed": 0, "train_options": {"warmup_steps": 5, "stage2_lr": 1e-4}}
     assert by_key["slow/seed0"]["train_options"] == {"warmup_steps": 5, "stage2_lr": 1e-5}  # the row's value wins
     # no options, no key: the records of sweeps run before train_options existed still match
     assert "train_options" not in sweep.plan(["senet"], [0], {"train_options": {}}, family="small")[0].parameters
