@@ -28,7 +28,7 @@ from scipy import stats
 
 from mtanet.errors import ConfigError
 
-__all__ = ["COLUMNS", "VERDICTS", "above_floor", "compare", "holm"]
+__all__ = ["COLUMNS", "VERDICTS", "above_floor", "both_learned", "compare", "holm"]
 
 #: The columns of :func:`compare`'s table, in order.
 COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
@@ -278,3 +278,15 @@ def above_floor(results: pd.DataFrame, floors: dict[str, float], metrics: Sequen
     table["p_holm"] = holm(table["p"].to_numpy(dtype=float))
     table["learned"] = [None if np.isnan(p) else bool(p < alpha) for p in table["p_holm"]]
     return table
+
+
+def both_learned(verdicts: pd.DataFrame, learned: pd.DataFrame) -> list[bool | None]:
+    """For each line of :func:`compare`'s table, whether both its rows learned its metric (:func:`above_floor`'s
+    ``learned``): False when either did not (a verdict between networks at the floor says nothing about the designs),
+    True when both did, None when that is untested for either (fewer than two seeds, or no such line)."""
+    ok = {(r, m): v for r, m, v in zip(learned["row"], learned["metric"], learned["learned"])}
+    out: list[bool | None] = []
+    for row, versus, metric in zip(verdicts["row"], verdicts["versus"], verdicts["metric"]):
+        pair = (ok.get((row, metric)), ok.get((versus, metric)))
+        out.append(False if False in pair else True if pair == (True, True) else None)
+    return out

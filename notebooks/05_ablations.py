@@ -54,7 +54,7 @@ from IPython.display import Markdown, display
 
 from mtanet import synth
 from mtanet.book import paper, project_root, sweep, work_root
-from mtanet.stats import above_floor, compare
+from mtanet.stats import above_floor, both_learned, compare
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -80,12 +80,7 @@ def verdict_table(verdicts: pd.DataFrame, learned: pd.DataFrame | None = None) -
                                       for r, v in zip(verdicts["row"], verdicts["versus"])])
     columns = ["row", "versus", "n", "diff", "ci_low", "ci_high", "p_holm", "verdict"]
     if learned is not None:
-        ok = {(r, m): v for r, m, v in zip(learned["row"], learned["metric"], learned["learned"])}
-        both = []
-        for r, v, m in zip(shown["row"], shown["versus"], shown["metric"]):
-            pair = (ok.get((r, m)), ok.get((v, m)))
-            both.append(False if False in pair else (True if pair == (True, True) else None))
-        shown, columns = shown.assign(**{"both learned": both}), [*columns, "both learned"]
+        shown, columns = shown.assign(**{"both learned": both_learned(shown, learned)}), [*columns, "both learned"]
     return shown.set_index(["question", "metric"])[columns].round(3)
 
 
@@ -270,11 +265,15 @@ if ref_verdicts is not None:
     shared_settings = ref_meta.get("shared") or {}
     per_epoch = shared_settings.get("steps_per_epoch")
     if per_epoch and {"sum_only", "fixed_weights"} & set(ref_verdicts["row"]):
+        stage2_steps = shared_settings.get("stage2_epochs", 0) * per_epoch
+        long_rows = "sum_long" in set(ref_verdicts["row"])
         display(Markdown(
-            f"The loss-weighting rows differ only in stage 2, which here is "
-            f"{shared_settings.get('stage2_epochs', 0) * per_epoch} steps after "
+            f"The loss-weighting rows differ only in stage 2, which here is {stage2_steps} steps after "
             f"{shared_settings.get('stage1_epochs', 0) * per_epoch} of stage 1: their verdicts say what the weighting "
-            "changes at that length of stage 2, not at the paper's."))
+            "changes at that length of stage 2, not at the paper's"
+            + (f"; the rows `eq5_long` and `sum_long` ask the same question "
+               f"with {round(sweep.ROWS['sum_long'].stage2_share * stage2_steps)} steps of stage 2."
+               if long_rows else ".")))
 else:
     display(Markdown("No verdicts yet, so no claim is read."))
 

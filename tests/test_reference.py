@@ -34,6 +34,8 @@ train_options: dict = {}
 import json
 from pathlib import Path
 
+from mtanet.data import annotation_fingerprint
+
 out = Path(output_dir)
 with open(calls, "a") as log:
     log.write(f"{out.parent.name}/{out.name}\\n")
@@ -49,7 +51,7 @@ intervals = {t: {"score": s["score"], "low": s["score"] - 0.05, "high": s["score
     "config": {"backbone": backbone, "image_size": image_size, "seed": seed, "data_root": data_root,
                "output_dir": output_dir},
     "wall_time_s": {"total": 60.0}, "hardware": {"device_name": "test cpu"}, "git": {"commit": "abc123"},
-    "versions": {"torch": "x"}, "data": {"annotations_sha256": "d1"},
+    "versions": {"torch": "x"}, "data": {"annotations_sha256": annotation_fingerprint(data_root)},
     "uncertainty": {"log_vars": {"va": -1.0, "au": -0.5, "expr": 0.1},
                     "stationary_log_vars": {"va": -1.1, "au": -0.5, "expr": 0.0}}}))
 '''
@@ -110,6 +112,67 @@ def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resu
         # the runs read back into the table chapter 05 compares
         runs, meta = sweep.read_summary(output)
         assert set(runs["row"]) == {"senet", "resnet", "sum_only"} and meta["family"] == "small"
+
+
+def _values(smoke_root: Path, calls: Path, rows: list[str], seeds: list[int]) -> dict:
+    return {"data_root": str(smoke_root), "synth_size": "smoke", "family": "small", "image_size": 32,
+            "steps_per_epoch": 3, "rows": rows, "seeds": seeds, "jobs": 1, "calls": str(calls)}
+
+
+def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new(smoke_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    notebook = tmp_path / "fake.py"
+    notebook.write_text(FAKE)
+    calls = tmp_path / "calls.txt"
+    output = tmp_path / "reference.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "first"))
+        reference.run_reference(_values(smoke_root, calls, ["senet", "resnet"], [0]), output, notebook=notebook,
+                                log=lambda _: None)
+        first = {(r["row"], r["seed"]): r for r in json.loads(output.read_text())["runs"]}
+        # another machine: its results folder is empty, the committed file is all it has
+        mp.setenv("MTANET_WORK", str(tmp_path / "second"))
+        more = _values(smoke_root, calls, ["senet", "resnet", "sum_only"], [0, 1])
+        assert reference.run_reference(more, output, notebook=notebook, log=lambda _: None) == 6
+    assert calls.read_text().split() == ["senet/seed0", "resnet/seed0", "sum_only/seed0", "senet/seed1",
+                                         "resnet/seed1", "sum_only/seed1"]
+    runs = json.loads(output.read_text())["runs"]
+    assert [(r["row"], r["seed"]) for r in runs] == [("senet", 0), ("senet", 1), ("resnet", 0), ("resnet", 1),
+                                                     ("sum_only", 0), ("sum_only", 1)]
+    kept = {(r["row"], r["seed"]): r for r in runs if (r["row"], r["seed"]) in first}
+    assert kept == first  # the committed records pass through unchanged
+
+
+@pytest.mark.parametrize("spoil", ["settings", "family", "data", "corrupt"])
+def test_a_committed_file_of_another_experiment_is_refused_and_left_as_it_is(smoke_root: Path, tmp_path: Path,
+                                                                             spoil: str, capsys) -> None:
+    notebook = tmp_path / "fake.py"
+    notebook.write_text(FAKE)
+    calls = tmp_path / "calls.txt"
+    output = tmp_path / "reference.json"
+    values = _values(smoke_root, calls, ["senet"], [0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "work"))
+        reference.run_reference(values, output, notebook=notebook, log=lambda _: None)
+    data = json.loads(output.read_text())
+    if spoil == "settings":
+        data["meta"]["shared"]["image_size"] = 48
+    elif spoil == "family":
+        data["meta"]["family"] = "paper"
+    elif spoil == "data":
+        data["runs"][0]["data_sha256"] = "0" * 64
+    output.write_text("{not json" if spoil == "corrupt" else json.dumps(data))
+    before = output.read_bytes()
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({**values, "rows": ["senet", "resnet"]}))
+    from mtanet.book.__main__ import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "elsewhere"))
+        assert main(["--reference-sweep", "--settings", str(settings), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mtanet: error:") and str(output) in err[0], err
+    assert output.read_bytes() == before and calls.read_text().split() == ["senet/seed0"]
 
 
 def test_the_reference_command_gives_one_line_for_a_bad_settings_file(tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mtanet.errors import ConfigError
-from mtanet.stats import COLUMNS, above_floor, compare, holm
+from mtanet.stats import COLUMNS, above_floor, both_learned, compare, holm
 
 METRICS = ["va", "au", "expr"]
 
@@ -242,3 +242,11 @@ def test_above_floor_finds_learned_tasks_and_not_a_floor_level_row() -> None:
     assert (table["p_holm"].dropna() >= table["p"].dropna() - 1e-15).all()
     with pytest.raises(ConfigError, match="no floor given for"):
         above_floor(runs, {"va": 0.0}, ["va", "au"])
+
+
+def test_both_learned_is_false_when_either_row_sat_at_the_floor_and_none_when_untested() -> None:
+    learned = pd.DataFrame({"row": ["a", "b", "c", "d"], "metric": ["va"] * 4, "learned": [True, True, False, None]})
+    verdicts = pd.DataFrame({"row": ["a", "c", "a", "d", "c", "a"], "versus": ["b", "a", "c", "a", "d", "b"],
+                             "metric": ["va", "va", "va", "va", "va", "au"]})
+    # a-b both learned; c at the floor on either side; d untested; no line for au at all
+    assert both_learned(verdicts, learned) == [True, False, False, None, False, None]

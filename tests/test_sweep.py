@@ -550,9 +550,17 @@ def test_collect_takes_the_held_out_scores_when_the_chapter_wrote_them(fake, tmp
 
 def test_the_factorial_rows_change_one_factor_and_equal_frames_rows_train_a_third_of_the_steps() -> None:
     names = list(sweep.ROWS)
-    runs = {r.row: dict(r.parameters) for r in sweep.plan(names, [0], {"steps_per_epoch": 30}, family="small")}
+    base = {"steps_per_epoch": 30, "stage2_epochs": 2}
+    runs = {r.row: dict(r.parameters) for r in sweep.plan(names, [0], base, family="small")}
     assert runs["resnet"]["backbone"] == "resnet26_half" and runs["seresnext"]["backbone"] == "seresnext26_half"
     assert runs["va_only"]["steps_per_epoch"] == 30 and runs["va_only_frames"]["steps_per_epoch"] == 10
+    # the long-stage-2 rows scale the shared stage 2, and only it
+    assert runs["eq5_long"]["stage2_epochs"] == runs["sum_long"]["stage2_epochs"] == 6
+    assert runs["senet"]["stage2_epochs"] == runs["sum_only"]["stage2_epochs"] == 2
+    assert {k: v for k, v in runs["eq5_long"].items() if k != "stage2_epochs"} \
+        == {k: v for k, v in runs["senet"].items() if k != "stage2_epochs"}
+    with pytest.raises(ValueError, match="eq5_long.*stage2_epochs"):
+        sweep.plan(["eq5_long"], [0], {"steps_per_epoch": 30}, family="small")
     assert runs["fixed_weights"]["train_options"] == {"init_log_var": 0.0, "lr_log_vars": 0.0}
     assert runs["avgmax_add"]["pooling"] == "avgmax_add"
     # every contrast's two rows differ in their parameters (no contrast compares a row with itself)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from mtanet.stats import both_learned
+
 #: Table I of the paper (validation): valence CCC, arousal CCC, AU score, EXPR score.
 TABLE_I: dict[str, dict[str, float]] = {
     "Baseline (ABAW 2020)": {"valence": 0.14, "arousal": 0.24, "au": 0.31, "expr": 0.36},
@@ -119,6 +121,8 @@ CLAIMS: list[dict[str, object]] = [
      "metrics": ("va", "au", "expr")},
     {"claim": "fine-tuning with eq. 5 beats the summed loss", "contrasts": [("sum_only", "senet", -1)],
      "metrics": ("va", "au", "expr")},
+    {"claim": "fine-tuning with eq. 5 beats the summed loss, stage 2 three times longer",
+     "contrasts": [("sum_long", "eq5_long", -1)], "metrics": ("va", "au", "expr")},
     {"claim": "one network for three tasks beats one per task",
      "contrasts": [(f"{t}_only{k}", "senet", -1) for t in ("va", "au", "expr") for k in ("", "_frames")],
      "metrics": ("va", "au", "expr")},
@@ -137,9 +141,9 @@ def read_claims(verdicts: pd.DataFrame, learned: pd.DataFrame | None = None) -> 
     With ``learned`` (:func:`mtanet.stats.above_floor`'s table), a comparison on a task that either row did not learn
     (``learned`` False) is set aside: two networks at the floor are "equivalent" without saying anything about the
     designs. A claim whose every comparison was set aside reads **not learned**."""
-    floor_level = set()
-    if learned is not None:
-        floor_level = {(r, m) for r, m, ok in zip(learned["row"], learned["metric"], learned["learned"]) if ok is False}
+    verdicts = verdicts.reset_index(drop=True)
+    unlearned = [False] * len(verdicts) if learned is None else [b is False for b in both_learned(verdicts, learned)]
+    verdicts = verdicts.assign(unlearned=unlearned)
     lines = []
     for claim in CLAIMS:
         found, set_aside = [], []
@@ -147,7 +151,7 @@ def read_claims(verdicts: pd.DataFrame, learned: pd.DataFrame | None = None) -> 
             part = verdicts[(verdicts["row"] == row) & (verdicts["versus"] == versus)
                             & verdicts["metric"].isin(claim["metrics"])]  # type: ignore[arg-type]
             for line in part.itertuples(index=False):
-                if (row, line.metric) in floor_level or (versus, line.metric) in floor_level:
+                if line.unlearned:
                     set_aside.append(f"{row} vs {versus}, {line.metric}: not learned")
                     continue
                 agrees = {"better": sign > 0, "worse": sign < 0}.get(line.verdict)

@@ -11,7 +11,10 @@ runs repeat reference runs exactly (the reproducibility check on the page).
 
 Runs go seed by seed (every row's seed 0, then every row's seed 1, ...), so that a sweep stopped at any point holds
 complete pairs for the comparisons, and the JSON is rewritten after every finished run: stop it at any time (kill
-included), commit the file, and start it again later to go on (finished runs are skipped).
+included), commit the file, and start it again later to go on (finished runs are skipped). The committed file is
+itself a resume point: on a fresh clone, whose results folder is empty, the runs it holds are kept and not run again
+(:func:`committed_runs`), so adding rows or seeds to the settings runs only what is new. A file written with other
+shared settings, another family or other data is refused, never mixed in or overwritten.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from mtanet import synth
 from mtanet.book import sweep
+from mtanet.data import annotation_fingerprint
+from mtanet.errors import ConfigError
 from mtanet.runtime import project_root, work_root
 
-__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "export", "run_reference"]
+__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "committed_runs", "export",
+           "run_reference"]
 
 #: The reference sweep's parameters, relative to the checkout.
 SETTINGS = Path("notebooks") / "params" / "05_ablations" / "reference.yaml"
@@ -62,16 +70,61 @@ def plan_reference(values: dict[str, Any], rows: Sequence[str] | None = None) ->
     return runs, sweep.results_folder(shared, family)
 
 
+def _shown(shared: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in shared.items() if k != "data_root"}
+
+
+def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
+    """The runs ``output`` already holds that this sweep plans: its rows and seeds, scored on the sweep's checkpoint.
+
+    Raises:
+        ConfigError: ``output`` is no reference sweep's results file (not JSON, or no ``runs``), or it was written with other shared settings, another family, or on other annotations than
+            the settings' data root holds; its runs are another experiment, to be moved away, not mixed in.
+    """
+    if not output.is_file():
+        return pd.DataFrame(columns=["row", "seed"])
+    try:
+        runs, meta = sweep.read_summary(output)
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{output}: not a reference sweep's results file ({err}); move it away to start "
+                          "afresh") from None
+    if runs.empty:
+        return pd.DataFrame(columns=["row", "seed"])
+    shared = shared_parameters(values)
+    family = values.get("family", "small")
+    if meta.get("shared") != _shown(shared) or meta.get("family") != family:
+        raise ConfigError(f"{output}: its runs were made with other settings (family {meta.get('family')!r}, shared "
+                          f"{meta.get('shared')}) than {SETTINGS} (family {family!r}, shared {_shown(shared)}); move "
+                          "it away to start afresh, or pass --output")
+    fingerprint = annotation_fingerprint(shared["data_root"])
+    other_data = sorted(set(runs["data_sha256"]) - {fingerprint})
+    if other_data:
+        raise ConfigError(f"{output}: its runs were trained on other annotations ({', '.join(map(str, other_data))}) "
+                          f"than {shared['data_root']} holds ({fingerprint}); move it away to start afresh, or pass "
+                          "--output")
+    planned = runs["row"].isin(values["rows"]) & runs["seed"].isin(values["seeds"])
+    at_end = runs["checkpoint"] == sweep.SCORED_CHECKPOINT if "checkpoint" in runs else False
+    return runs[planned & at_end].reset_index(drop=True)
+
+
 def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
-    """Write the finished runs of ``results_dir`` to ``output``; returns how many runs it holds."""
+    """Write the finished runs of ``results_dir``, with those ``output`` already holds and this folder does not
+    (:func:`committed_runs`), to ``output``; returns how many runs it holds."""
     runs = sweep.collect(results_dir, values["rows"])
     # the record is committed: no path of the machine that ran it (same_settings ignores these fields anyway)
     runs["config"] = [{k: v for k, v in (c or {}).items() if k not in _MACHINE_PATHS} for c in runs["config"]]
+    kept = committed_runs(values, output)
+    here = set(zip(runs["row"], runs["seed"].astype(int)))
+    kept = kept[[(r, int(s)) not in here for r, s in zip(kept["row"], kept["seed"])]]
+    if len(kept):
+        runs = pd.concat([runs.drop(columns=["folder"]), kept], ignore_index=True)
+        order = {name: i for i, name in enumerate(sweep.ROWS)}
+        runs = runs.sort_values(["row", "seed"], key=lambda c: c.map(order) if c.name == "row" else c,
+                                ignore_index=True)
     shared = shared_parameters(values)
     bounds_file = Path(shared["data_root"]) / synth.CEILING_FILE
     bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None
-    shared_shown = {k: v for k, v in shared.items() if k != "data_root"}
-    sweep.write_summary(runs, output, shared=shared_shown, family=values.get("family", "small"),
+    sweep.write_summary(runs, output, shared=_shown(shared), family=values.get("family", "small"),
                         rows=list(values["rows"]), seeds=list(values["seeds"]), bounds=bounds,
                         written=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     return len(runs)
@@ -82,9 +135,13 @@ def run_reference(values: dict[str, Any], output: Path, *, rows: Sequence[str] |
     """Run the reference sweep's unfinished runs, ``jobs`` at a time, seed by seed, rewriting ``output`` after each
     group that ran; start none after ``hours`` (0: no limit). Returns the number of finished runs in ``output``."""
     runs, results_dir = plan_reference(values, rows)
+    committed = committed_runs(values, output)
+    done = set(zip(committed["row"], committed["seed"].astype(int)))
+    runs = [run for run in runs if (run.row, run.seed) not in done]
     jobs = max(1, int(values.get("jobs", 1)))
     shown = results_dir.relative_to(work_root()) if results_dir.is_relative_to(work_root()) else results_dir
-    log(f"reference sweep: {len(runs)} runs, {jobs} at a time, into {shown}; results -> {output}")
+    log(f"reference sweep: {len(runs)} runs to go ({len(done)} already in {output.name}), {jobs} at a time, into "
+        f"{shown}; results -> {output}")
     started = time.monotonic()
     for first in range(0, len(runs), jobs):
         if hours and time.monotonic() - started > hours * 3600:

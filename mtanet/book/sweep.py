@@ -127,6 +127,8 @@ class Row:
     #: share of the sweep's steps per epoch this row trains (a single-task row at 1/3 sees as many frames of its
     #: task as the three-task network, whose batches give each task a third)
     step_share: float = 1.0
+    #: factor on the shared parameters' ``stage2_epochs`` (3: stage 2 three times as long as the other rows')
+    stage2_share: float = 1.0
 
 
 #: The rows, in table order. ``senet`` is the paper's full configuration; :data:`CONTRASTS` says which rows are
@@ -152,6 +154,10 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         ("expr",), step_share=1 / 3),
     Row("avg_pool", "average pooling only", "neck", {"backbone": "se", "pooling": "avg"}),
     Row("avgmax_add", "avg + max added, not concatenated", "neck", {"backbone": "se", "pooling": "avgmax_add"}),
+    Row("eq5_long", "eq. 5 learned, stage 2 three times longer", "loss weighting", {"backbone": "se"},
+        stage2_share=3),
+    Row("sum_long", "summed loss in both stages, stage 2 three times longer", "loss weighting",
+        {"backbone": "se", "stage2_weighting": "sum"}, stage2_share=3),
 )}
 
 #: The paper's Table I rows, in its order.
@@ -189,6 +195,8 @@ CONTRASTS: tuple[Contrast, ...] = (
       for t in ("va", "au", "expr")),
     Contrast("avg_pool", "senet", "average pooling only vs the neck's avg + max"),
     Contrast("avgmax_add", "senet", "avg and max added vs concatenated"),
+    Contrast("sum_long", "eq5_long", "the plain sum in stage 2 vs eq. 5 learned, stage 2 three times longer"),
+    Contrast("eq5_long", "senet", "stage 2 with eq. 5 three times longer vs as long as the other rows'"),
 )
 
 
@@ -333,6 +341,10 @@ def plan(rows: Iterable[str | Row], seeds: Iterable[int], base: Mapping[str, Any
         _check_train_options(options, f"row {row.name!r}")
         if row.step_share != 1.0 and shared.get("steps_per_epoch"):
             changes["steps_per_epoch"] = max(1, round(shared["steps_per_epoch"] * row.step_share))
+        if row.stage2_share != 1.0:
+            if "stage2_epochs" not in shared:
+                raise ValueError(f"row {row.name!r} scales stage 2: the shared parameters must name stage2_epochs")
+            changes["stage2_epochs"] = max(1, round(shared["stage2_epochs"] * row.stage2_share))
         for seed in seeds:
             # no train_options key when there are none: the records and folders of earlier sweeps stay valid
             runs.append(SweepRun(row.name, seed, {**shared, **changes, "seed": seed,
