@@ -261,8 +261,10 @@ if is_synthetic:
         f"The `cpu` profile's goal is at least half of the gap on every task. This run (profile `{synth_size}`) "
         + ("meets it." if not short else f"does **not** meet it on {', '.join(short)}: on this twin, whose test "
            "people are new to the network and whose faces carry clutter, occluders and alignment error, a half-width "
-           "SE-ResNet-18 at 64 px and a few thousand steps learns the tasks only partly. How much of the gap the "
-           "`gpu` profile (SENet-50 at 112 px on the large set) closes has not been measured yet.")))
+           "SE-ResNet-18 at 64 px and a few thousand steps learns the tasks only partly (for valence-arousal, the "
+           "section *People it trained on and new people* below sets the people it trained on beside new ones). How "
+           "much of the gap the `gpu` profile (SENet-50 at 112 px on the large set) closes has not been measured "
+           "yet.")))
 else:
     table = paper.table_i()
     va_scores = scores.get("va", {})
