@@ -78,8 +78,9 @@ def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
     """The runs ``output`` already holds that this sweep plans: its rows and seeds, scored on the sweep's checkpoint.
 
     Raises:
-        ConfigError: ``output`` is no reference sweep's results file (not JSON, or no ``runs``), or it was written with other shared settings, another family, or on other annotations than
-            the settings' data root holds; its runs are another experiment, to be moved away, not mixed in.
+        ConfigError: ``output`` is no reference sweep's results file (not JSON, or no ``runs``), or it was written
+            with other shared settings, another family, or on other annotations than the settings' data root holds:
+            its runs are another experiment, to be moved away, not mixed in.
     """
     if not output.is_file():
         return pd.DataFrame(columns=["row", "seed"])
@@ -97,9 +98,9 @@ def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
                           f"{meta.get('shared')}) than {SETTINGS} (family {family!r}, shared {_shown(shared)}); move "
                           "it away to start afresh, or pass --output")
     fingerprint = annotation_fingerprint(shared["data_root"])
-    other_data = sorted(set(runs["data_sha256"]) - {fingerprint})
+    other_data = sorted(set(map(str, runs["data_sha256"])) - {fingerprint})
     if other_data:
-        raise ConfigError(f"{output}: its runs were trained on other annotations ({', '.join(map(str, other_data))}) "
+        raise ConfigError(f"{output}: its runs were trained on other annotations ({', '.join(other_data)}) "
                           f"than {shared['data_root']} holds ({fingerprint}); move it away to start afresh, or pass "
                           "--output")
     planned = runs["row"].isin(values["rows"]) & runs["seed"].isin(values["seeds"])
