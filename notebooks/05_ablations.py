@@ -127,8 +127,10 @@ if have_reference:
     seeds_per_row = ref_runs.groupby("row")["seed"].nunique().reindex(ref_rows)
     minutes = ref_runs["train_seconds"] / 60
     display(Markdown(
-        f"`{reference}`: **{len(ref_runs)} runs** of {len(ref_rows)} rows, on `{ref_runs['device_name'].iloc[0]}`, "
-        f"commit `{str(ref_runs['commit'].iloc[0])[:10]}`; a run took {minutes.median():.1f} min (median; "
+        f"`{reference}`: **{len(ref_runs)} runs** of {len(ref_rows)} rows, on "
+        + ", ".join(f"`{d}` ({n})" for d, n in ref_runs["device_name"].value_counts().items())
+        + ", at commit " + ", ".join(f"`{str(c)[:10]}` ({n})" for c, n in ref_runs["commit"].value_counts().items())
+        + f"; a run took {minutes.median():.1f} min (median; "
         f"{minutes.min():.1f} to {minutes.max():.1f}), {minutes.sum() / 60:.1f} h in all. Scored on: "
         + ", ".join(f"{k} ({v} runs)" for k, v in ref_runs["scored_on"].value_counts().items()) + "."))
     display(pd.Series({k: v for k, v in (ref_meta.get("shared") or {}).items() if k != "data_root"},
@@ -266,14 +268,16 @@ if ref_verdicts is not None:
     per_epoch = shared_settings.get("steps_per_epoch")
     if per_epoch and {"sum_only", "fixed_weights"} & set(ref_verdicts["row"]):
         stage2_steps = shared_settings.get("stage2_epochs", 0) * per_epoch
-        long_rows = "sum_long" in set(ref_verdicts["row"])
+        # the long rows' stage 2 as they ran it (their recorded configuration), not as the row is defined now
+        long_config = ref_runs.loc[ref_runs["row"] == "sum_long", "config"]
+        long_steps = (long_config.iloc[0]["stage2"]["epochs"] * long_config.iloc[0]["steps_per_epoch"]
+                      if "sum_long" in set(ref_verdicts["row"]) else None)
         display(Markdown(
             f"The loss-weighting rows differ only in stage 2, which here is {stage2_steps} steps after "
             f"{shared_settings.get('stage1_epochs', 0) * per_epoch} of stage 1: their verdicts say what the weighting "
             "changes at that length of stage 2, not at the paper's"
-            + (f"; the rows `eq5_long` and `sum_long` ask the same question "
-               f"with {round(sweep.ROWS['sum_long'].stage2_share * stage2_steps)} steps of stage 2."
-               if long_rows else ".")))
+            + (f"; the rows `eq5_long` and `sum_long` ask the same question with {long_steps} steps of stage 2."
+               if long_steps else ".")))
 else:
     display(Markdown("No verdicts yet, so no claim is read."))
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mtanet.book import reference, sweep
+from mtanet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,8 @@ intervals = {t: {"score": s["score"], "low": s["score"] - 0.05, "high": s["score
                                               "intervals": intervals}))
 (out / "metrics.json").write_text(json.dumps({
     "final": scores, "steps": 3,
-    "config": {"backbone": backbone, "image_size": image_size, "seed": seed, "data_root": data_root,
+    "config": {"backbone": backbone, "image_size": image_size, "seed": seed, "steps_per_epoch": steps_per_epoch,
+               "stage2": {"weighting": stage2_weighting}, "tasks": tasks, "data_root": data_root,
                "output_dir": output_dir},
     "wall_time_s": {"total": 60.0}, "hardware": {"device_name": "test cpu"}, "git": {"commit": "abc123"},
     "versions": {"torch": "x"}, "data": {"annotations_sha256": annotation_fingerprint(data_root)},
@@ -109,6 +111,10 @@ def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resu
         # a second start runs nothing and keeps the file
         assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 6
         assert len(calls.read_text().split()) == 6
+        # the results folder alone is a resume point too: without the file, nothing runs and the file is written anew
+        output.rename(tmp_path / "moved.json")
+        assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 6
+        assert len(calls.read_text().split()) == 6 and len(json.loads(output.read_text())["runs"]) == 6
         # the runs read back into the table chapter 05 compares
         runs, meta = sweep.read_summary(output)
         assert set(runs["row"]) == {"senet", "resnet", "sum_only"} and meta["family"] == "small"
@@ -143,7 +149,58 @@ def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new
     assert kept == first  # the committed records pass through unchanged
 
 
-@pytest.mark.parametrize("spoil", ["settings", "family", "data", "corrupt"])
+def test_records_the_settings_no_longer_plan_are_kept_and_one_scored_elsewhere_is_run_again(smoke_root: Path,
+                                                                                          tmp_path: Path) -> None:
+    notebook = tmp_path / "fake.py"
+    notebook.write_text(FAKE)
+    calls = tmp_path / "calls.txt"
+    output = tmp_path / "reference.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "first"))
+        reference.run_reference(_values(smoke_root, calls, ["senet", "resnet"], [0, 1]), output, notebook=notebook,
+                                log=lambda _: None)
+        data = json.loads(output.read_text())
+        old = next(r for r in data["runs"] if (r["row"], r["seed"]) == ("senet", 1))
+        old["checkpoint"], old["va"] = "best_mean.pt", -0.5  # an older protocol's record
+        output.write_text(json.dumps(data))
+        lines: list[str] = []
+        mp.setenv("MTANET_WORK", str(tmp_path / "second"))
+        # settings with resnet left out and a new seed: resnet's records stay, senet/seed1 runs again
+        assert reference.run_reference(_values(smoke_root, calls, ["senet"], [0, 1, 2]), output, notebook=notebook,
+                                       log=lines.append) == 5
+    assert calls.read_text().split()[4:] == ["senet/seed1", "senet/seed2"]
+    runs = {(r["row"], r["seed"]): r for r in json.loads(output.read_text())["runs"]}
+    assert set(runs) == {("senet", 0), ("senet", 1), ("senet", 2), ("resnet", 0), ("resnet", 1)}
+    assert runs[("senet", 1)]["checkpoint"] == "last.pt" and runs[("senet", 1)]["va"] != -0.5
+    assert any("senet/seed1" in line and "another checkpoint" in line for line in lines)
+
+
+def test_execution_settings_may_change_but_a_record_of_another_configuration_is_refused(smoke_root: Path,
+                                                                                       tmp_path: Path) -> None:
+    notebook = tmp_path / "fake.py"
+    notebook.write_text(FAKE)
+    calls = tmp_path / "calls.txt"
+    output = tmp_path / "reference.json"
+    values = _values(smoke_root, calls, ["senet", "resnet"], [0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "first"))
+        reference.run_reference(values, output, notebook=notebook, log=lambda _: None)
+        mp.setenv("MTANET_WORK", str(tmp_path / "second"))
+        # another cache folder and thread count: the same experiments, nothing runs again
+        assert reference.run_reference({**values, "cache_dir": "elsewhere", "threads": 1}, output,
+                                       notebook=notebook, log=lambda _: None) == 2
+        assert len(calls.read_text().split()) == 2
+        data = json.loads(output.read_text())
+        data["runs"][1]["config"]["backbone"] = "seresnet26_half"  # resnet's record, as if the row were redefined
+        output.write_text(json.dumps(data))
+        before = output.read_bytes()
+        with pytest.raises(ConfigError, match=r"resnet/seed0 \(backbone 'seresnet26_half', planned 'resnet26_half'"):
+            reference.run_reference(values, output, notebook=notebook, log=lambda _: None)
+    assert output.read_bytes() == before and len(calls.read_text().split()) == 2
+
+
+@pytest.mark.parametrize("spoil", ["settings", "family", "data", "corrupt", "twice", "no digest", "no meta",
+                                   "no seed column", "empty runs, other settings"])
 def test_a_committed_file_of_another_experiment_is_refused_and_left_as_it_is(smoke_root: Path, tmp_path: Path,
                                                                              spoil: str, capsys) -> None:
     notebook = tmp_path / "fake.py"
@@ -161,6 +218,16 @@ def test_a_committed_file_of_another_experiment_is_refused_and_left_as_it_is(smo
         data["meta"]["family"] = "paper"
     elif spoil == "data":
         data["runs"][0]["data_sha256"] = "0" * 64
+    elif spoil == "twice":
+        data["runs"].append(data["runs"][0])
+    elif spoil == "no digest":
+        data["runs"][0]["data_sha256"] = None
+    elif spoil == "no meta":
+        data["meta"] = None
+    elif spoil == "no seed column":
+        del data["runs"][0]["seed"]
+    elif spoil == "empty runs, other settings":
+        data["runs"], data["meta"]["shared"]["image_size"] = [], 48
     output.write_text("{not json" if spoil == "corrupt" else json.dumps(data))
     before = output.read_bytes()
     settings = tmp_path / "settings.yaml"

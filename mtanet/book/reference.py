@@ -74,54 +74,138 @@ def _shown(shared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shared.items() if k != "data_root"}
 
 
+#: Shared settings that say where and how runs execute, not what they compute: a committed file written with other
+#: values of these (another cache folder, more threads) holds the same experiments.
+_HOW = sweep.HOW_NOT_WHAT | {"device", "eval_batch_size", "progress"}
+
+
+def _named(runs: pd.DataFrame) -> str:
+    return ", ".join(f"{r}/seed{s}" for r, s in zip(runs["row"], runs["seed"]))
+
+
 def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
-    """The runs ``output`` already holds that this sweep plans: its rows and seeds, scored on the sweep's checkpoint.
+    """Every run ``output`` holds, once it is shown to belong to this sweep (none when there is no such file).
 
     Raises:
-        ConfigError: ``output`` is no reference sweep's results file (not JSON, or no ``runs``), or it was written
-            with other shared settings, another family, or on other annotations than the settings' data root holds:
-            its runs are another experiment, to be moved away, not mixed in.
+        ConfigError: naming ``output``: it is no reference sweep's results file (not JSON, no ``meta`` or ``runs``,
+            records without ``row``, ``seed``, ``config`` or ``data_sha256``); it was written with other shared
+            settings (those that change what a run computes) or another family; it holds a run twice, or runs
+            without the digest of their annotations, or trained on other annotations than the settings' data root
+            holds. Its runs are then another experiment or a damaged record, to be mended or moved away, never mixed in.
     """
     if not output.is_file():
         return pd.DataFrame(columns=["row", "seed"])
     try:
         runs, meta = sweep.read_summary(output)
-    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        if not isinstance(meta, dict) or not isinstance(meta.get("shared"), dict):
+            raise TypeError("no meta.shared mapping")
+        missing = [c for c in ("row", "seed", "config", "data_sha256") if c not in runs.columns]
+        if len(runs) and missing:
+            raise KeyError(f"records without {', '.join(missing)}")
+        if len(runs) and runs["seed"].isna().any():
+            raise ValueError("records without a seed")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{output}: not a reference sweep's results file ({err}); move it away to start "
                           "afresh") from None
+    shared, family = _shown(shared_parameters(values)), values.get("family", "small")
+    theirs = meta["shared"]
+    differ = sorted(k for k in (set(theirs) | set(shared)) - _HOW if theirs.get(k) != shared.get(k))
+    if differ or meta.get("family") != family:
+        what = [f"{k} {theirs.get(k)!r} there, {shared.get(k)!r} in the settings" for k in differ]
+        if meta.get("family") != family:
+            what.insert(0, f"family {meta.get('family')!r} there, {family!r} in the settings")
+        raise ConfigError(f"{output}: its runs were made with other settings ({'; '.join(what)}); move it away to "
+                          "start afresh, or pass --output")
     if runs.empty:
         return pd.DataFrame(columns=["row", "seed"])
-    shared = shared_parameters(values)
-    family = values.get("family", "small")
-    if meta.get("shared") != _shown(shared) or meta.get("family") != family:
-        raise ConfigError(f"{output}: its runs were made with other settings (family {meta.get('family')!r}, shared "
-                          f"{meta.get('shared')}) than {SETTINGS} (family {family!r}, shared {_shown(shared)}); move "
-                          "it away to start afresh, or pass --output")
-    fingerprint = annotation_fingerprint(shared["data_root"])
-    other_data = sorted(set(map(str, runs["data_sha256"])) - {fingerprint})
-    if other_data:
-        raise ConfigError(f"{output}: its runs were trained on other annotations ({', '.join(other_data)}) "
-                          f"than {shared['data_root']} holds ({fingerprint}); move it away to start afresh, or pass "
-                          "--output")
-    planned = runs["row"].isin(values["rows"]) & runs["seed"].isin(values["seeds"])
-    at_end = runs["checkpoint"] == sweep.SCORED_CHECKPOINT if "checkpoint" in runs else False
-    return runs[planned & at_end].reset_index(drop=True)
+    runs["seed"] = runs["seed"].astype(int)
+    twice = runs[runs.duplicated(["row", "seed"], keep="first")]
+    if len(twice):
+        raise ConfigError(f"{output}: runs recorded twice: {_named(twice)}; keep one record of each")
+    no_digest = runs[runs["data_sha256"].isna()]
+    if len(no_digest):
+        raise ConfigError(f"{output}: runs without the digest of their annotations: {_named(no_digest)}; they cannot "
+                          "be shown to use this data")
+    fingerprint = annotation_fingerprint(_data_root(values))
+    other = runs[runs["data_sha256"] != fingerprint]
+    if len(other):
+        raise ConfigError(f"{output}: runs trained on other annotations ({', '.join(sorted(set(other['data_sha256'])))}"
+                          f") than {_data_root(values)} holds ({fingerprint}): {_named(other)}; move it away to "
+                          "start afresh, or pass --output")
+    return runs
+
+
+def _data_root(values: dict[str, Any]) -> str:
+    """The data root the settings resolve to (the twin of their ``synth_size`` when they name none)."""
+    return shared_parameters(values)["data_root"]
+
+
+#: Notebook parameters and the :class:`mtanet.train.TrainConfig` fields (``metrics.json``'s ``config``) they set.
+_CONFIG_OF = {"backbone": ("backbone",), "image_size": ("image_size",), "batch_size": ("batch_size",),
+              "steps_per_epoch": ("steps_per_epoch",), "pooling": ("pooling",), "tasks": ("tasks",),
+              "seed": ("seed",), "stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("stage2", "epochs"),
+              "stage2_weighting": ("stage2", "weighting"), "lr_schedule": ("lr_schedule",)}
+
+
+def _disagreements(config: Any, parameters: dict[str, Any]) -> list[str]:
+    """Where a record's ``config`` differs from what its planned run's parameters would set."""
+    if not isinstance(config, dict):
+        return ["no config recorded"]
+    wanted = {_CONFIG_OF[k]: v for k, v in parameters.items() if k in _CONFIG_OF}
+    wanted.update({(k,): v for k, v in (parameters.get("train_options") or {}).items()})
+    out = []
+    for path, value in wanted.items():
+        there: Any = config
+        for key in path:
+            there = there.get(key) if isinstance(there, dict) else None
+        if there != value:
+            out.append(f"{'.'.join(path)} {there!r}, planned {value!r}")
+    return out
+
+
+def _check_against_plan(committed: pd.DataFrame, runs: Sequence[sweep.SweepRun], output: Path) -> None:
+    """Refuse committed records of a planned (row, seed) whose configuration is not what the plan now runs (a row or
+    a family redefined since): they would be kept as if they were the new experiment."""
+    planned = {(run.row, run.seed): dict(run.parameters) for run in runs}
+    odd = []
+    for record in committed.to_dict("records"):
+        parameters = planned.get((record["row"], int(record["seed"])))
+        if parameters is not None and (why := _disagreements(record.get("config"), parameters)):
+            odd.append(f"{record['row']}/seed{record['seed']} ({'; '.join(why)})")
+    if odd:
+        raise ConfigError(f"{output}: runs recorded with another configuration than the settings plan for them: "
+                          f"{', '.join(odd)}; move the file away to start afresh, or pass --output")
+
+
+def _ordered(runs: pd.DataFrame) -> pd.DataFrame:
+    order = {name: i for i, name in enumerate(sweep.ROWS)}
+    return runs.sort_values(["row", "seed"], key=lambda c: c.map(lambda r: order.get(r, len(order)))
+                            if c.name == "row" else c, ignore_index=True)
 
 
 def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
-    """Write the finished runs of ``results_dir``, with those ``output`` already holds and this folder does not
-    (:func:`committed_runs`), to ``output``; returns how many runs it holds."""
+    """Write the finished runs of ``results_dir`` (of the settings' rows and seeds) and every record ``output``
+    already holds that none of them replaces (:func:`committed_runs`: rows since left out of the settings and runs
+    scored on another checkpoint included; nothing is dropped) to ``output``; returns how many runs it holds.
+
+    Raises:
+        ConfigError: a finished run of ``results_dir`` was trained on other annotations than the settings' data root
+            holds (a twin written again at the same path): naming its folder.
+    """
     runs = sweep.collect(results_dir, values["rows"])
+    runs = runs[runs["seed"].isin(values["seeds"])]
+    fingerprint = annotation_fingerprint(_data_root(values))
+    stale = runs[runs["data_sha256"] != fingerprint]
+    if len(stale):
+        raise ConfigError(f"{', '.join(stale['folder'])}: trained on other annotations than "
+                          f"{_data_root(values)} holds; move these runs away and start again")
     # the record is committed: no path of the machine that ran it (same_settings ignores these fields anyway)
-    runs["config"] = [{k: v for k, v in (c or {}).items() if k not in _MACHINE_PATHS} for c in runs["config"]]
+    runs = runs.assign(config=[{k: v for k, v in (c or {}).items() if k not in _MACHINE_PATHS}
+                               for c in runs["config"]]).drop(columns=["folder"])
     kept = committed_runs(values, output)
     here = set(zip(runs["row"], runs["seed"].astype(int)))
     kept = kept[[(r, int(s)) not in here for r, s in zip(kept["row"], kept["seed"])]]
-    if len(kept):
-        runs = pd.concat([runs.drop(columns=["folder"]), kept], ignore_index=True)
-        order = {name: i for i, name in enumerate(sweep.ROWS)}
-        runs = runs.sort_values(["row", "seed"], key=lambda c: c.map(order) if c.name == "row" else c,
-                                ignore_index=True)
+    runs = _ordered(pd.concat([runs, kept], ignore_index=True) if len(kept) else runs)
     shared = shared_parameters(values)
     bounds_file = Path(shared["data_root"]) / synth.CEILING_FILE
     bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None
@@ -137,8 +221,16 @@ def run_reference(values: dict[str, Any], output: Path, *, rows: Sequence[str] |
     group that ran; start none after ``hours`` (0: no limit). Returns the number of finished runs in ``output``."""
     runs, results_dir = plan_reference(values, rows)
     committed = committed_runs(values, output)
-    done = set(zip(committed["row"], committed["seed"].astype(int)))
+    _check_against_plan(committed, runs, output)
+    # a record scored on another checkpoint is run again, and the new run replaces it in the file
+    at_end = committed[committed["checkpoint"] == sweep.SCORED_CHECKPOINT] if "checkpoint" in committed else \
+        committed.iloc[0:0]
+    done = set(zip(at_end["row"], at_end["seed"].astype(int)))
+    again = [r.key for r in runs if (r.row, r.seed) in set(zip(committed["row"], committed["seed"])) - done]
     runs = [run for run in runs if (run.row, run.seed) not in done]
+    if again:
+        log(f"reference sweep: {', '.join(again)} were scored on another checkpoint than {sweep.SCORED_CHECKPOINT}: "
+            "run again, their records replaced")
     jobs = max(1, int(values.get("jobs", 1)))
     shown = results_dir.relative_to(work_root()) if results_dir.is_relative_to(work_root()) else results_dir
     log(f"reference sweep: {len(runs)} runs to go ({len(done)} already in {output.name}), {jobs} at a time, into "
