@@ -125,12 +125,17 @@ def _values(smoke_root: Path, calls: Path, rows: list[str], seeds: list[int]) ->
             "steps_per_epoch": 3, "rows": rows, "seeds": seeds, "jobs": 1, "calls": str(calls)}
 
 
-def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new(smoke_root: Path,
-                                                                                 tmp_path: Path) -> None:
+@pytest.fixture
+def fake(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The stand-in chapter, the log of its executions and where the reference file goes, in this test's folder."""
     notebook = tmp_path / "fake.py"
     notebook.write_text(FAKE)
-    calls = tmp_path / "calls.txt"
-    output = tmp_path / "reference.json"
+    return notebook, tmp_path / "calls.txt", tmp_path / "reference.json"
+
+
+def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new(smoke_root: Path, tmp_path: Path,
+                                                                                 fake) -> None:
+    notebook, calls, output = fake
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTANET_WORK", str(tmp_path / "first"))
         reference.run_reference(_values(smoke_root, calls, ["senet", "resnet"], [0]), output, notebook=notebook,
@@ -150,11 +155,9 @@ def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new
 
 
 def test_records_the_settings_no_longer_plan_are_kept_and_one_scored_elsewhere_is_run_again(smoke_root: Path,
-                                                                                          tmp_path: Path) -> None:
-    notebook = tmp_path / "fake.py"
-    notebook.write_text(FAKE)
-    calls = tmp_path / "calls.txt"
-    output = tmp_path / "reference.json"
+                                                                                          tmp_path: Path,
+                                                                                          fake) -> None:
+    notebook, calls, output = fake
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTANET_WORK", str(tmp_path / "first"))
         reference.run_reference(_values(smoke_root, calls, ["senet", "resnet"], [0, 1]), output, notebook=notebook,
@@ -176,11 +179,9 @@ def test_records_the_settings_no_longer_plan_are_kept_and_one_scored_elsewhere_i
 
 
 def test_execution_settings_may_change_but_a_record_of_another_configuration_is_refused(smoke_root: Path,
-                                                                                       tmp_path: Path) -> None:
-    notebook = tmp_path / "fake.py"
-    notebook.write_text(FAKE)
-    calls = tmp_path / "calls.txt"
-    output = tmp_path / "reference.json"
+                                                                                       tmp_path: Path,
+                                                                                       fake) -> None:
+    notebook, calls, output = fake
     values = _values(smoke_root, calls, ["senet", "resnet"], [0])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTANET_WORK", str(tmp_path / "first"))
@@ -202,11 +203,8 @@ def test_execution_settings_may_change_but_a_record_of_another_configuration_is_
 @pytest.mark.parametrize("spoil", ["settings", "family", "data", "corrupt", "twice", "no digest", "no meta",
                                    "no seed column", "empty runs, other settings"])
 def test_a_committed_file_of_another_experiment_is_refused_and_left_as_it_is(smoke_root: Path, tmp_path: Path,
-                                                                             spoil: str, capsys) -> None:
-    notebook = tmp_path / "fake.py"
-    notebook.write_text(FAKE)
-    calls = tmp_path / "calls.txt"
-    output = tmp_path / "reference.json"
+                                                                             spoil: str, capsys, fake) -> None:
+    notebook, calls, output = fake
     values = _values(smoke_root, calls, ["senet"], [0])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTANET_WORK", str(tmp_path / "work"))
