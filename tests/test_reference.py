@@ -187,9 +187,9 @@ def test_execution_settings_may_change_but_a_record_of_another_configuration_is_
         mp.setenv("MTANET_WORK", str(tmp_path / "first"))
         reference.run_reference(values, output, notebook=notebook, log=lambda _: None)
         mp.setenv("MTANET_WORK", str(tmp_path / "second"))
-        # another cache folder and thread count: the same experiments, nothing runs again
-        assert reference.run_reference({**values, "cache_dir": "elsewhere", "threads": 1}, output,
-                                       notebook=notebook, log=lambda _: None) == 2
+        # another cache folder, thread count and evaluation batch: the same experiments, nothing runs again
+        assert reference.run_reference({**values, "cache_dir": "elsewhere", "threads": 1, "eval_batch_size": 7},
+                                       output, notebook=notebook, log=lambda _: None) == 2
         assert len(calls.read_text().split()) == 2
         data = json.loads(output.read_text())
         data["runs"][1]["config"]["backbone"] = "seresnet26_half"  # resnet's record, as if the row were redefined

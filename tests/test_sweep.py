@@ -605,6 +605,29 @@ def test_reproducibility_pairs_runs_of_the_same_experiment_only() -> None:
     assert sweep.same_settings(config, {**config, "cache_dir": "x"}) and not sweep.same_settings(config, None)
 
 
+@pytest.mark.parametrize("field", sorted(sweep.EXECUTION_FIELDS))
+def test_runs_that_differ_only_in_how_they_executed_are_the_same_experiment(field: str) -> None:
+    config = {"backbone": "seresnet26_half", "image_size": 48, "seed": 0, "stage2": {"weighting": "uncertainty"}}
+    assert sweep.same_settings(config, {**config, field: "elsewhere"})
+    # what a run computes is not among them; a training run could not resume across them either
+    assert not {"backbone", "image_size", "seed", "stage2", "tasks", "pooling", "batch_size"} & sweep.EXECUTION_FIELDS
+    assert not sweep.same_settings(config, {**config, "image_size": 64, field: "elsewhere"})
+    assert sweep.HOW_NOT_WHAT <= sweep.EXECUTION_FIELDS
+
+
+def test_runs_and_summaries_follow_the_table_order_with_rows_of_other_versions_last() -> None:
+    """A record of a row this version no longer defines keeps its place at the end (by name), not a NaN key that
+    sorts anywhere."""
+    runs = pd.DataFrame([{"row": r, "seed": s, "va": 0.1} for r, s in
+                         [("zz_old", 0), ("resnet", 1), ("aa_old", 1), ("senet", 1), ("aa_old", 0), ("resnet", 0),
+                          ("senet", 0)]])
+    ordered = sweep.in_row_order(runs)
+    assert list(zip(ordered["row"], ordered["seed"])) == [
+        ("senet", 0), ("senet", 1), ("resnet", 0), ("resnet", 1), ("aa_old", 0), ("aa_old", 1), ("zz_old", 0)]
+    assert list(ordered.index) == list(range(len(runs))) and list(runs["row"])[0] == "zz_old"  # input untouched
+    assert list(sweep.summarize(runs, ["va"]).index) == ["senet", "resnet", "aa_old", "zz_old"]
+
+
 def test_only_runs_scored_at_their_end_are_compared() -> None:
     """A best epoch may fall in stage 1, where rows that differ in stage 2 only are one model: such runs, and runs
     that recorded no checkpoint, are refused by name; rows outside the comparison are not looked at."""

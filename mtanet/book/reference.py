@@ -74,17 +74,13 @@ def _shown(shared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shared.items() if k != "data_root"}
 
 
-#: Shared settings that say where and how runs execute, not what they compute: a committed file written with other
-#: values of these (another cache folder, more threads) holds the same experiments.
-_HOW = sweep.HOW_NOT_WHAT | {"device", "eval_batch_size", "progress"}
-
-
 def _named(runs: pd.DataFrame) -> str:
     return ", ".join(f"{r}/seed{s}" for r, s in zip(runs["row"], runs["seed"]))
 
 
-def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
+def committed_runs(values: dict[str, Any], output: Path, fingerprint: str | None = None) -> pd.DataFrame:
     """Every run ``output`` holds, once it is shown to belong to this sweep (none when there is no such file).
+    ``fingerprint``: the digest of the settings' annotations, when the caller has it already.
 
     Raises:
         ConfigError: naming ``output``: it is no reference sweep's results file (not JSON, no ``meta`` or ``runs``,
@@ -109,7 +105,7 @@ def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
                           "afresh") from None
     shared, family = _shown(shared_parameters(values)), values.get("family", "small")
     theirs = meta["shared"]
-    differ = sorted(k for k in (set(theirs) | set(shared)) - _HOW if theirs.get(k) != shared.get(k))
+    differ = sorted(k for k in (set(theirs) | set(shared)) - sweep.EXECUTION_FIELDS if theirs.get(k) != shared.get(k))
     if differ or meta.get("family") != family:
         what = [f"{k} {theirs.get(k)!r} there, {shared.get(k)!r} in the settings" for k in differ]
         if meta.get("family") != family:
@@ -126,7 +122,7 @@ def committed_runs(values: dict[str, Any], output: Path) -> pd.DataFrame:
     if len(no_digest):
         raise ConfigError(f"{output}: runs without the digest of their annotations: {_named(no_digest)}; they cannot "
                           "be shown to use this data")
-    fingerprint = annotation_fingerprint(_data_root(values))
+    fingerprint = fingerprint or annotation_fingerprint(_data_root(values))
     other = runs[runs["data_sha256"] != fingerprint]
     if len(other):
         raise ConfigError(f"{output}: runs trained on other annotations ({', '.join(sorted(set(other['data_sha256'])))}"
@@ -177,12 +173,6 @@ def _check_against_plan(committed: pd.DataFrame, runs: Sequence[sweep.SweepRun],
                           f"{', '.join(odd)}; move the file away to start afresh, or pass --output")
 
 
-def _ordered(runs: pd.DataFrame) -> pd.DataFrame:
-    order = {name: i for i, name in enumerate(sweep.ROWS)}
-    return runs.sort_values(["row", "seed"], key=lambda c: c.map(lambda r: order.get(r, len(order)))
-                            if c.name == "row" else c, ignore_index=True)
-
-
 def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
     """Write the finished runs of ``results_dir`` (of the settings' rows and seeds) and every record ``output``
     already holds that none of them replaces (:func:`committed_runs`: rows since left out of the settings and runs
@@ -202,10 +192,10 @@ def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
     # the record is committed: no path of the machine that ran it (same_settings ignores these fields anyway)
     runs = runs.assign(config=[{k: v for k, v in (c or {}).items() if k not in _MACHINE_PATHS}
                                for c in runs["config"]]).drop(columns=["folder"])
-    kept = committed_runs(values, output)
+    kept = committed_runs(values, output, fingerprint)
     here = set(zip(runs["row"], runs["seed"].astype(int)))
     kept = kept[[(r, int(s)) not in here for r, s in zip(kept["row"], kept["seed"])]]
-    runs = _ordered(pd.concat([runs, kept], ignore_index=True) if len(kept) else runs)
+    runs = sweep.in_row_order(pd.concat([runs, kept], ignore_index=True) if len(kept) else runs)
     shared = shared_parameters(values)
     bounds_file = Path(shared["data_root"]) / synth.CEILING_FILE
     bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None

@@ -57,6 +57,8 @@ __all__ = [
     "EXECUTORS",
     "FAMILIES",
     "HOW_NOT_WHAT",
+    "EXECUTION_FIELDS",
+    "in_row_order",
     "KERNEL_LOG_FILE",
     "METRICS",
     "METRICS_FILE",
@@ -159,6 +161,7 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("sum_long", "summed loss in both stages, stage 2 three times longer", "loss weighting",
         {"backbone": "se", "stage2_weighting": "sum"}, stage2_share=3),
 )}
+_ROW_RANK = {name: i for i, name in enumerate(ROWS)}
 
 #: The paper's Table I rows, in its order.
 TABLE_I_ROWS: tuple[str, ...] = ("resnext", "resnext_cbam", "senet")
@@ -220,6 +223,13 @@ METRICS: dict[str, tuple[str, ...]] = {
 #: Parameters that change how a run executes, not what it computes: they may differ when a sweep is resumed, and
 #: they do not name its results folder.
 HOW_NOT_WHAT: frozenset[str] = frozenset({"cache_dir", "threads", "num_workers"})
+
+#: Settings (parameters, and :class:`mtanet.train.TrainConfig` fields) that say where and how a run executed, not
+#: what it computed: two runs that differ only in these are the same experiment, as a resumed training run is
+#: (:attr:`TrainConfig.RESUMABLE_CHANGES`). The reproducibility check compares such runs across machines, and a
+#: committed reference sweep may be resumed with other values of them. Wider than :data:`HOW_NOT_WHAT`: the device
+#: or mixed precision change the last bits of a score, so they still name another results folder.
+EXECUTION_FIELDS: frozenset[str] = HOW_NOT_WHAT | TrainConfig.RESUMABLE_CHANGES
 
 #: What the sweep decides for each run: neither the shared parameters' nor a row's ``train_options`` may set them
 #: (a seed there would give every seed of a row the same run).
@@ -669,10 +679,18 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
                "backbone", "image_size", "steps", "train_seconds", "device_name",
                *[f"{kind}_{t}" for kind in ("s", "s_star") for t in METRICS], "data_sha256", "commit", "versions",
                "config", "hardware", "folder"]
-    df = pd.DataFrame.from_records(records, columns=columns)
-    order = {name: i for i, name in enumerate(ROWS)}
-    return df.sort_values(["row", "seed"], key=lambda s: s.map(order) if s.name == "row" else s,
-                          ignore_index=True)
+    return in_row_order(pd.DataFrame.from_records(records, columns=columns))
+
+
+def _row_rank(row: str) -> int:
+    """A row's place in :data:`ROWS`; a row outside it (from another version of the project) comes after them all."""
+    return _ROW_RANK.get(row, len(_ROW_RANK))
+
+
+def in_row_order(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs sorted by row in :data:`ROWS` order, then by seed; rows outside :data:`ROWS` last, in name order."""
+    ranked = runs.assign(_rank=runs["row"].map(_row_rank))
+    return ranked.sort_values(["_rank", "row", "seed"], ignore_index=True).drop(columns="_rank")
 
 
 def summarize(runs: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
@@ -684,8 +702,7 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.Da
     grouped = runs.groupby("row", sort=False)[metrics]
     table = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1), "n": grouped.count()}, axis=1)
     table = table.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([metrics, ["mean", "std", "n"]]))
-    order = [r for r in ROWS if r in table.index] + [r for r in table.index if r not in ROWS]
-    return table.loc[order]
+    return table.loc[sorted(table.index, key=lambda r: (_row_rank(r), r))]
 
 
 _ROUNDING = 1e-9  # scores live in [-1, 1]; spreads and differences below this are float rounding
@@ -756,17 +773,13 @@ def results_folder(base: Mapping[str, Any], family: str, root: str | os.PathLike
 
 
 _SAME = 1e-9  # scores closer than this are the same score (reruns differ in the last bits)
-#: TrainConfig fields that say where and how a run executed, not what it computed: two runs that differ only in
-#: these are the same experiment (the reproducibility check compares such runs across machines).
-_EXECUTION_FIELDS = frozenset({"data_root", "output_dir", "cache_dir", "threads", "num_workers", "progress",
-                               "device", "resume", "eval_batch_size", "log_every", "checkpoint_every"})
 
 
 def same_settings(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
     """Whether two runs' ``config`` dicts (``metrics.json``) describe the same experiment, execution fields aside."""
     if not isinstance(a, Mapping) or not isinstance(b, Mapping):
         return False
-    keys = (set(a) | set(b)) - _EXECUTION_FIELDS
+    keys = (set(a) | set(b)) - EXECUTION_FIELDS
     return all(a.get(k) == b.get(k) for k in keys)
 
 
