@@ -28,10 +28,10 @@ from scipy import stats
 
 from mtanet.errors import ConfigError
 
-__all__ = ["COLUMNS", "VERDICTS", "above_floor", "both_learned", "compare", "holm"]
+__all__ = ["COLUMNS", "VERDICTS", "above_floor", "both_learned", "compare", "holm", "seeds_for_margin"]
 
 #: The columns of :func:`compare`'s table, in order.
-COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
+COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "sd", "ci_low", "ci_high", "eq_low", "eq_high", "p", "p_holm",
            "verdict")
 
 #: The verdicts :func:`compare` gives.
@@ -62,12 +62,13 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 def _paired(diffs: np.ndarray, alpha: float) -> dict[str, float]:
     """Mean, two-sided ``1-alpha`` and ``1-2*alpha`` t intervals and the paired t test's p of ``diffs``."""
     n = diffs.size
-    nan = {"diff": float(diffs.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+    nan = {"diff": float(diffs.mean()) if n else math.nan, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan,
            "eq_low": math.nan, "eq_high": math.nan, "p": math.nan}
     if n < 2:
         return nan
     mean, sd = float(diffs.mean()), float(diffs.std(ddof=1))
     mean = 0.0 if abs(mean) < _ROUNDING else mean
+    sd = 0.0 if sd < _ROUNDING else sd
     se = 0.0 if sd < _ROUNDING else sd / math.sqrt(n)
     df = n - 1
     if se == 0.0:  # every pair differs by the same amount: no spread, so the difference is exactly known
@@ -77,7 +78,7 @@ def _paired(diffs: np.ndarray, alpha: float) -> dict[str, float]:
         p = float(2.0 * stats.t.sf(abs(mean / se), df))
         half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
         eq_half = float(stats.t.ppf(1.0 - alpha, df)) * se
-    return {"diff": mean, "ci_low": mean - half, "ci_high": mean + half, "eq_low": mean - eq_half,
+    return {"diff": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "eq_low": mean - eq_half,
             "eq_high": mean + eq_half, "p": p}
 
 
@@ -178,7 +179,8 @@ def compare(results: pd.DataFrame, reference: str | Sequence[tuple[str, str]], m
         - ``versus``: the reference row of the line;
         - ``n``: seeds present in both the row and the reference (the pairs);
         - ``unpaired``: seeds of the row or the reference left out because the other has no run of that seed;
-        - ``diff``: mean paired difference, row minus reference;
+        - ``diff``: mean paired difference, row minus reference; ``sd``: the paired differences' standard deviation
+          (ddof 1), what :func:`seeds_for_margin` reads;
         - ``ci_low``, ``ci_high``: the two-sided ``1 - alpha`` t interval of that mean;
         - ``eq_low``, ``eq_high``: the ``1 - 2*alpha`` t interval the equivalence rule (TOST) reads;
         - ``p``: two-sided paired t test; ``p_holm``: Holm-adjusted over every line of the call with a p-value;
@@ -289,4 +291,35 @@ def both_learned(verdicts: pd.DataFrame, learned: pd.DataFrame) -> list[bool | N
     for row, versus, metric in zip(verdicts["row"], verdicts["versus"], verdicts["metric"]):
         pair = (ok.get((row, metric)), ok.get((versus, metric)))
         out.append(False if False in pair else True if pair == (True, True) else None)
+    return out
+
+
+def seeds_for_margin(sd: float | Sequence[float] | np.ndarray, margin: float = 0.02, alpha: float = 0.05,
+                     most: int = 10_000) -> np.ndarray:
+    """The fewest seeds per row whose paired comparison could be called ``equivalent`` by :func:`compare` when the
+    true difference is zero, for a spread ``sd`` of the paired differences (e.g. :func:`compare`'s ``sd``): the
+    smallest ``n >= 2`` with ``t(1 - alpha, n - 1) * sd / sqrt(n) < margin``, the half-width of the TOST interval.
+
+    This is the precision a sweep needs to say "no difference", planned from the spread it saw, not a power to
+    find a difference after the fact. NaN for a NaN ``sd`` (fewer than two pairs); ``most + 1`` when even ``most``
+    seeds would not do.
+
+    Raises:
+        mtanet.errors.ConfigError: margin not positive, alpha outside (0, 0.5), or a negative ``sd``.
+    """
+    if not margin > 0 or not 0 < alpha < 0.5:
+        raise ConfigError(f"seeds_for_margin: need margin > 0 and 0 < alpha < 0.5, got margin={margin!r}, "
+                          f"alpha={alpha!r}")
+    spread = np.atleast_1d(np.asarray(sd, dtype=float))
+    if (spread[~np.isnan(spread)] < 0).any():
+        raise ConfigError("seeds_for_margin: a standard deviation below zero")
+    n = np.arange(2, most + 1)
+    # half-widths fall as n grows: the first n under the margin, found by a search over the table of them
+    unit = stats.t.ppf(1.0 - alpha, n - 1) / np.sqrt(n)  # the half-width per unit of sd, decreasing in n
+    out = np.full(spread.shape, np.nan)
+    known = ~np.isnan(spread)
+    # unit * sd < margin  <=>  unit < margin / sd; unit is decreasing, so count the n that fail
+    limit = np.divide(margin, spread[known], out=np.full(known.sum(), np.inf), where=spread[known] > 0)
+    failing = np.searchsorted(-unit, -limit, side="right")  # how many n have unit >= limit
+    out[known] = n[0] + failing
     return out

@@ -54,7 +54,7 @@ from IPython.display import Markdown, display
 
 from mtanet import synth
 from mtanet.book import paper, project_root, sweep, work_root
-from mtanet.stats import above_floor, both_learned, compare
+from mtanet.stats import above_floor, both_learned, compare, seeds_for_margin
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -198,7 +198,7 @@ if have_reference and split_bounds is not None:
 
 # %% tags=["hide-input"]
 if have_reference:
-    order = [r for r in sweep.ROWS if r in ref_rows] + [r for r in ref_rows if r not in sweep.ROWS]
+    order = list(dict.fromkeys(sweep.in_row_order(ref_runs)["row"]))
     fig, axes = plt.subplots(1, 3, figsize=(12, 0.45 * len(order) + 1.2), sharey=True)
     for ax, task in zip(axes, HEADLINE):
         for y, row in enumerate(order):
@@ -247,6 +247,36 @@ if have_reference:
                             if waiting else "")))
     else:
         display(Markdown("No contrast of the reference has two rows with two seeds or more: no comparison yet."))
+
+# %% [markdown]
+# ### What this many seeds can resolve
+#
+# An inconclusive verdict says the seeds could not tell, not that the rows are alike. How finely they can tell is
+# read from the spread of the paired differences (`sd` in `compare`'s table): per task, the median half-width of the
+# 95% intervals above, and the seeds per row with which the equivalence test's interval would fit inside the margin
+# were the true difference zero (`mtanet.stats.seeds_for_margin`, planned from the spread seen here).
+
+# %% tags=["hide-input"]
+if ref_verdicts is not None:
+    spread = ref_verdicts[ref_verdicts["sd"].notna()]
+    by_metric = spread.groupby("metric", sort=False)
+    resolution = pd.DataFrame({
+        "comparisons": by_metric.size(),
+        "seeds (median)": by_metric["n"].median(),
+        "sd of paired differences (median)": by_metric["sd"].median(),
+        "95% half-width (median)": ((spread["ci_high"] - spread["ci_low"]) / 2).groupby(spread["metric"]).median(),
+        "seeds for equivalence (median)": pd.Series(seeds_for_margin(spread["sd"], margin),
+                                                    index=spread.index).groupby(spread["metric"]).median(),
+    }).reindex([t for t in HEADLINE if t in set(spread["metric"])])
+    display(resolution.round(3))
+    display(Markdown(
+        f"With {resolution['seeds (median)'].median():.0f} seeds per row, the median 95% interval of a difference is "
+        + ", ".join(f"plus or minus {h:.3f} on {t.upper()}" for t, h in resolution["95% half-width (median)"].items())
+        + f", against an equivalence margin of {margin}. Were two rows truly alike, showing them equivalent at the "
+        + "median spread would take "
+        + ", ".join(f"{n:.0f} seeds per row on {t.upper()}"
+                    for t, n in resolution["seeds for equivalence (median)"].items())
+        + ": a difference smaller than the interval is neither found nor ruled out here."))
 
 # %% [markdown]
 # ### The paper's claims, read from these verdicts

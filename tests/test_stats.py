@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mtanet.errors import ConfigError
-from mtanet.stats import COLUMNS, above_floor, both_learned, compare, holm
+from mtanet.stats import COLUMNS, above_floor, both_learned, compare, holm, seeds_for_margin
 
 METRICS = ["va", "au", "expr"]
 
@@ -133,7 +133,7 @@ def test_the_interval_and_p_value_match_scipy_on_a_worked_example() -> None:
     row = [0.530, 0.509, 0.538, 0.531, 0.529]
     line = compare(_table({"ref": reference, "row": row}), "ref", ["va"], alpha=0.05).iloc[0]
     diffs = np.subtract(row, reference)
-    assert line["diff"] == pytest.approx(diffs.mean())
+    assert line["diff"] == pytest.approx(diffs.mean()) and line["sd"] == pytest.approx(np.std(diffs, ddof=1))
     assert line["p"] == pytest.approx(scipy_stats.ttest_rel(row, reference).pvalue)
     se = scipy_stats.sem(diffs)
     low, high = scipy_stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=se)
@@ -250,3 +250,37 @@ def test_both_learned_is_false_when_either_row_sat_at_the_floor_and_none_when_un
                              "metric": ["va", "va", "va", "va", "va", "au"]})
     # a-b both learned; c at the floor on either side; d untested; no line for au at all
     assert both_learned(verdicts, learned) == [True, False, False, None, False, None]
+
+
+@pytest.mark.parametrize(("margin", "alpha"), [(0.02, 0.05), (0.01, 0.05), (0.05, 0.1)])
+def test_seeds_for_margin_is_the_fewest_seeds_whose_equivalence_interval_fits_inside_the_margin(margin: float,
+                                                                                                alpha: float) -> None:
+    spreads = [0.0, 0.004, 0.01, 0.02, 0.03, 0.05, 0.08]
+    needed = seeds_for_margin(spreads, margin, alpha)
+    for sd, n in zip(spreads, needed):
+        half = lambda k: scipy_stats.t.ppf(1 - alpha, k - 1) * sd / math.sqrt(k)  # noqa: E731
+        assert n >= 2 and half(n) < margin and (n == 2 or half(n - 1) >= margin), (sd, n)
+    assert list(needed) == sorted(needed)  # more spread never needs fewer seeds
+    assert np.isnan(seeds_for_margin(float("nan"))[0]) and seeds_for_margin(1.0, most=30)[0] == 31
+
+
+def test_seeds_for_margin_agrees_with_the_verdict_compare_gives() -> None:
+    """Paired differences of mean exactly zero and spread sd: with the seeds it names, compare calls the rows
+    equivalent; with one seed fewer, it cannot."""
+    rng = np.random.default_rng(7)
+    for sd in (0.01, 0.025, 0.04):
+        n = int(seeds_for_margin(sd, 0.02)[0])
+        for seeds, verdict in ((n, "equivalent"), (n - 1, "inconclusive")):
+            noise = rng.normal(size=seeds)
+            diffs = (noise - noise.mean()) / noise.std(ddof=1) * sd
+            line = compare(_table({"ref": [0.5] * seeds, "row": list(0.5 + diffs)}), "ref", ["va"],
+                           margin=0.02).iloc[0]
+            assert line["sd"] == pytest.approx(sd) and line["verdict"] == verdict, (sd, seeds)
+
+
+def test_seeds_for_margin_refuses_a_margin_or_level_that_plans_nothing() -> None:
+    for kwargs in ({"margin": 0.0}, {"alpha": 0.5}, {"margin": -1}):
+        with pytest.raises(ConfigError, match="seeds_for_margin"):
+            seeds_for_margin(0.02, **kwargs)
+    with pytest.raises(ConfigError, match="below zero"):
+        seeds_for_margin([-0.01])
