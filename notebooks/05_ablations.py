@@ -196,6 +196,42 @@ if have_reference and split_bounds is not None:
         + f" (with {seed_counts} seeds per row). Verdicts on such "
         "a task may compare networks that did not learn it, so the claims below set them aside."))
 
+# %% [markdown]
+# The test split is one sample of new people, the validation split another. Runs that recorded both (the trainer's
+# last evaluation on validation, the same model as `last.pt`, no selection) show how much a score owes to which
+# people a split holds; the seeds share both samples, so their spread cannot show it.
+
+# %% tags=["hide-input"]
+if have_reference and split_bounds is not None and {f"val_{t}" for t in HEADLINE} <= set(ref_runs.columns):
+    people = pd.DataFrame([
+        {"task": t, "runs": int(both.sum()), "rows": ref_runs.loc[both, "row"].nunique(),
+         "validation": ref_runs.loc[both, f"val_{t}"].mean(), "test": ref_runs.loc[both, t].mean(),
+         "largest |difference|": (ref_runs.loc[both, f"val_{t}"] - ref_runs.loc[both, t]).abs().max()}
+        for t in HEADLINE if (both := ref_runs[f"val_{t}"].notna() & ref_runs[t].notna()).sum() >= 2]).set_index("task")
+    if len(people):
+        display(people.round(3))
+        gaps = people["validation"] - people["test"]
+        widest = gaps.abs().idxmax()
+        sentence = ("Mean over the runs that recorded both, validation people then test people: " + "; ".join(
+            f"**{t}** {people.loc[t, 'validation']:.3f} and {people.loc[t, 'test']:.3f} ({people.loc[t, 'runs']} runs "
+            f"of {people.loc[t, 'rows']} rows)" for t in people.index)
+            + f". The largest difference between the two samples of people is on **{widest}** ({gaps[widest]:+.3f})")
+        if "va" in people.index:
+            # VA's floor is CCC 0 on every split (no constant correlates), so both splits have the same floor; the
+            # same test over the same rows, once per split
+            rows_both = ref_runs[ref_runs["val_va"].notna() & ref_runs["va"].notna()]
+            on_val = above_floor(rows_both.assign(va=rows_both["val_va"]), {"va": 0.0}, ["va"])
+            on_test = above_floor(rows_both, {"va": 0.0}, ["va"])
+            tested = int(on_val["learned"].notna().sum())
+            if tested:
+                shown_val, shown_test = (int(t["learned"].eq(True).sum()) for t in (on_val, on_test))
+                sentence += (f". Of these {tested} rows, **VA** is shown above its floor in {shown_val} on the "
+                             f"validation people and in {shown_test} on the test people (one-sided t test over "
+                             "seeds, Holm over the rows, per split)")
+        display(Markdown(sentence + "."))
+    else:
+        display(Markdown("No run recorded both its validation and its test scores."))
+
 # %% tags=["hide-input"]
 if have_reference:
     order = list(dict.fromkeys(sweep.in_row_order(ref_runs)["row"]))

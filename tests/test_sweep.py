@@ -546,6 +546,10 @@ def test_collect_takes_the_held_out_scores_when_the_chapter_wrote_them(fake, tmp
             == [0.123, 0.1, 0.456, 0.2, 0.321, 0.465])
     assert after.loc["resnext", "va"] == before.loc["resnext", "va"]
     assert after.loc["senet", "va"] != before.loc["senet", "va"]
+    # the validation people's scores stay beside the test people's: the last epoch's, whatever was held out
+    for row in ("senet", "resnext"):
+        assert after.loc[row, ["val_va", "val_au", "val_expr"]].tolist() \
+            == before.loc[row, ["va", "au", "expr"]].tolist()
 
 
 def test_the_factorial_rows_change_one_factor_and_equal_frames_rows_train_a_third_of_the_steps() -> None:

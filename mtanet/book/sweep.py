@@ -631,8 +631,9 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
     the thresholds chosen on validation), ``scored_on`` names that split and ``checkpoint`` the model scored (a sweep's
     runs score ``last.pt``, see :func:`plan`). A run without that file
     (made before it existed) gives the *last* epoch's validation scores (``metrics.json``'s ``final``), not the best
-    epoch's, so no run is picked on the frames it is scored on; ``scored_on`` then says ``val (last epoch)``. Runs
-    without ``metrics.json`` (unfinished) are left out.
+    epoch's, so no run is picked on the frames it is scored on; ``scored_on`` then says ``val (last epoch)``. Columns
+    ``val_va``, ``val_au``, ``val_expr`` are always that last epoch's validation scores (the same model as
+    ``last.pt``; AU at threshold 0.5). Runs without ``metrics.json`` (unfinished) are left out.
     """
     wanted = set(rows) if rows is not None else None
     records = []
@@ -655,12 +656,15 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
                 intervals.update({f"{task}_low": ci["low"], f"{task}_high": ci["high"]})
         else:
             scores, scored_on, checkpoint = _run_metrics(metrics), "val (last epoch)", None
+        # the same model's headline scores on the validation people (the trainer's last evaluation, no selection):
+        # beside the test people's, they show how much a score owes to which people a split holds
+        validation = {f"val_{t}": v for t, v in _run_metrics(metrics).items() if t in METRICS}
         uncertainty = metrics.get("uncertainty") or {}
         learned = {f"s_{t}": v for t, v in (uncertainty.get("log_vars") or {}).items()}
         learned.update({f"s_star_{t}": v for t, v in (uncertainty.get("stationary_log_vars") or {}).items()})
         provenance = metrics.get("provenance") or {}
         records.append({
-            "row": record["row"], "seed": record["seed"], **scores, **intervals, "scored_on": scored_on,
+            "row": record["row"], "seed": record["seed"], **scores, **intervals, **validation, "scored_on": scored_on,
             "checkpoint": checkpoint,
             "edition": (metrics.get("data") or {}).get("edition"),
             "backbone": metrics["config"]["backbone"], "image_size": metrics["config"]["image_size"],
@@ -675,7 +679,8 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
             "folder": str(folder),
         })
     columns = ["row", "seed", *[m for ms in METRICS.values() for m in ms],
-               *[f"{t}_{end}" for t in METRICS for end in ("low", "high")], "scored_on", "checkpoint", "edition",
+               *[f"{t}_{end}" for t in METRICS for end in ("low", "high")], *[f"val_{t}" for t in METRICS],
+               "scored_on", "checkpoint", "edition",
                "backbone", "image_size", "steps", "train_seconds", "device_name",
                *[f"{kind}_{t}" for kind in ("s", "s_star") for t in METRICS], "data_sha256", "commit", "versions",
                "config", "hardware", "folder"]
