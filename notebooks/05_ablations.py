@@ -45,6 +45,7 @@ extra_rows: dict = {}  # more rows: name -> TrainConfig fields changed against s
 
 # %% tags=["hide-input"]
 import json
+import math
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -198,39 +199,47 @@ if have_reference and split_bounds is not None:
 
 # %% [markdown]
 # The test split is one sample of new people, the validation split another. Runs that recorded both (the trainer's
-# last evaluation on validation, the same model as `last.pt`, no selection) show how much a score owes to which
-# people a split holds; the seeds share both samples, so their spread cannot show it.
+# last evaluation on validation: the same model as `last.pt`, no selection, AU at threshold 0.5 as on test here) show
+# how much a score owes to which people a split holds. The seeds share both samples, so their spread cannot show it.
 
 # %% tags=["hide-input"]
-if have_reference and split_bounds is not None and {f"val_{t}" for t in HEADLINE} <= set(ref_runs.columns):
-    people = pd.DataFrame([
-        {"task": t, "runs": int(both.sum()), "rows": ref_runs.loc[both, "row"].nunique(),
-         "validation": ref_runs.loc[both, f"val_{t}"].mean(), "test": ref_runs.loc[both, t].mean(),
-         "largest |difference|": (ref_runs.loc[both, f"val_{t}"] - ref_runs.loc[both, t]).abs().max()}
-        for t in HEADLINE if (both := ref_runs[f"val_{t}"].notna() & ref_runs[t].notna()).sum() >= 2]).set_index("task")
+on_test = ref_runs[ref_runs["scored_on"] == "test"] if have_reference else None
+if on_test is not None and {f"val_{t}" for t in HEADLINE} <= set(on_test.columns):
+    lines = []
+    for t in HEADLINE:
+        both = on_test[on_test[f"val_{t}"].notna() & on_test[t].notna()]
+        if len(both) >= 2:
+            lines.append({"task": t, "runs": len(both), "rows": both["row"].nunique(),
+                          "validation": both[f"val_{t}"].mean(), "test": both[t].mean(),
+                          "largest |difference|": (both[f"val_{t}"] - both[t]).abs().max()})
+    people = pd.DataFrame(lines, columns=["task", "runs", "rows", "validation", "test", "largest |difference|"])
     if len(people):
+        people = people.set_index("task")
         display(people.round(3))
-        gaps = people["validation"] - people["test"]
-        widest = gaps.abs().idxmax()
-        sentence = ("Mean over the runs that recorded both, validation people then test people: " + "; ".join(
+        sentence = "Mean over the runs that recorded both, validation people then test people: " + "; ".join(
             f"**{t}** {people.loc[t, 'validation']:.3f} and {people.loc[t, 'test']:.3f} ({people.loc[t, 'runs']} runs "
             f"of {people.loc[t, 'rows']} rows)" for t in people.index)
-            + f". The largest difference between the two samples of people is on **{widest}** ({gaps[widest]:+.3f})")
+        va_rows = on_test[on_test["val_va"].notna() & on_test["va"].notna()]
         if "va" in people.index:
-            # VA's floor is CCC 0 on every split (no constant correlates), so both splits have the same floor; the
-            # same test over the same rows, once per split
-            rows_both = ref_runs[ref_runs["val_va"].notna() & ref_runs["va"].notna()]
-            on_val = above_floor(rows_both.assign(va=rows_both["val_va"]), {"va": 0.0}, ["va"])
-            on_test = above_floor(rows_both, {"va": 0.0}, ["va"])
-            tested = int(on_val["learned"].notna().sum())
+            # VA's floor is CCC 0 on every split (no constant correlates), so both splits share it: the same test over
+            # the same rows, once per split, Holm over those rows only (a smaller family than the table above)
+            on_val_people = above_floor(va_rows.assign(va=va_rows["val_va"]), {"va": 0.0}, ["va"])
+            on_test_people = above_floor(va_rows, {"va": 0.0}, ["va"])
+            tested = int(on_val_people["learned"].notna().sum())
             if tested:
-                shown_val, shown_test = (int(t["learned"].eq(True).sum()) for t in (on_val, on_test))
+                shown_val, shown_test = (int(t["learned"].eq(True).sum()) for t in (on_val_people, on_test_people))
                 sentence += (f". Of these {tested} rows, **VA** is shown above its floor in {shown_val} on the "
                              f"validation people and in {shown_test} on the test people (one-sided t test over "
-                             "seeds, Holm over the rows, per split)")
+                             "seeds, Holm over these rows, per split)"
+                             + (": whether the networks count as having learned VA depends on which people a split "
+                                "holds, so neither split alone settles it" if shown_val != shown_test else ""))
         display(Markdown(sentence + "."))
     else:
-        display(Markdown("No run recorded both its validation and its test scores."))
+        display(Markdown("No two runs recorded both their validation and their test scores: no comparison of the two "
+                         "samples of people."))
+elif have_reference:
+    display(Markdown("The reference's runs do not record validation scores beside test scores: no comparison of the "
+                     "two samples of people."))
 
 # %% tags=["hide-input"]
 if have_reference:
@@ -288,31 +297,40 @@ if have_reference:
 # ### What this many seeds can resolve
 #
 # An inconclusive verdict says the seeds could not tell, not that the rows are alike. How finely they can tell is
-# read from the spread of the paired differences (`sd` in `compare`'s table): per task, the median half-width of the
-# 95% intervals above, and the seeds per row with which the equivalence test's interval would fit inside the margin
-# were the true difference zero (`mtanet.stats.seeds_for_margin`, planned from the spread seen here).
+# read from the spread of the paired differences (`sd` in `compare`'s table), over the comparisons on a task both rows
+# learned (the others compare noise): per task, the median half-width of the 95% intervals above, and the seeds per
+# row with which two truly alike rows would be called equivalent with a chance of 80% (`mtanet.stats.seeds_for_margin`,
+# planned from the spread seen here).
 
 # %% tags=["hide-input"]
 if ref_verdicts is not None:
-    spread = ref_verdicts[ref_verdicts["sd"].notna()]
-    by_metric = spread.groupby("metric", sort=False)
-    resolution = pd.DataFrame({
-        "comparisons": by_metric.size(),
-        "seeds (median)": by_metric["n"].median(),
-        "sd of paired differences (median)": by_metric["sd"].median(),
-        "95% half-width (median)": ((spread["ci_high"] - spread["ci_low"]) / 2).groupby(spread["metric"]).median(),
-        "seeds for equivalence (median)": pd.Series(seeds_for_margin(spread["sd"], margin),
-                                                    index=spread.index).groupby(spread["metric"]).median(),
-    }).reindex([t for t in HEADLINE if t in set(spread["metric"])])
-    display(resolution.round(3))
-    display(Markdown(
-        f"With {resolution['seeds (median)'].median():.0f} seeds per row, the median 95% interval of a difference is "
-        + ", ".join(f"plus or minus {h:.3f} on {t.upper()}" for t, h in resolution["95% half-width (median)"].items())
-        + f", against an equivalence margin of {margin}. Were two rows truly alike, showing them equivalent at the "
-        + "median spread would take "
-        + ", ".join(f"{n:.0f} seeds per row on {t.upper()}"
-                    for t, n in resolution["seeds for equivalence (median)"].items())
-        + ": a difference smaller than the interval is neither found nor ruled out here."))
+    readable = ref_verdicts["sd"].notna().to_numpy(copy=True)
+    if learned_tasks is not None:
+        readable &= np.array([b is True for b in both_learned(ref_verdicts, learned_tasks)], dtype=bool)
+    spread = ref_verdicts[readable]
+    if len(spread):
+        by_metric = spread.groupby("metric", sort=False)
+        resolution = pd.DataFrame({
+            "comparisons": by_metric.size(),
+            "seeds (median)": by_metric["n"].median(),
+            "sd of paired differences (median)": by_metric["sd"].median(),
+            "95% half-width (median)": ((spread["ci_high"] - spread["ci_low"]) / 2).groupby(spread["metric"]).median(),
+            "seeds for equivalence, 80% (median)": pd.Series(seeds_for_margin(spread["sd"], margin, power=0.8),
+                                                             index=spread.index).groupby(spread["metric"]).median(),
+        }).reindex([t for t in HEADLINE if t in set(spread["metric"])])
+        display(resolution.round(3))
+        display(Markdown(
+            f"Over the {len(spread)} comparisons on a task both rows learned, with "
+            f"{resolution['seeds (median)'].median():.0f} seeds per row, the median 95% interval of a difference is "
+            + ", ".join(f"plus or minus {h:.3f} on {t.upper()}"
+                        for t, h in resolution["95% half-width (median)"].items())
+            + f", against an equivalence margin of {margin}. Were two rows truly alike, calling them equivalent with "
+            "a chance of 80% at the median spread would take about "
+            + ", ".join(f"{math.ceil(n)} seeds per row on {t.upper()}"
+                        for t, n in resolution["seeds for equivalence, 80% (median)"].items())
+            + ": a difference smaller than the interval is neither found nor ruled out here."))
+    else:
+        display(Markdown("No comparison is on a task both its rows learned: nothing to plan from."))
 
 # %% [markdown]
 # ### The paper's claims, read from these verdicts

@@ -252,34 +252,44 @@ def test_both_learned_is_false_when_either_row_sat_at_the_floor_and_none_when_un
     assert both_learned(verdicts, learned) == [True, False, False, None, False, None]
 
 
-@pytest.mark.parametrize(("margin", "alpha"), [(0.02, 0.05), (0.01, 0.05), (0.05, 0.1)])
-def test_seeds_for_margin_is_the_fewest_seeds_whose_equivalence_interval_fits_inside_the_margin(margin: float,
-                                                                                                alpha: float) -> None:
+@pytest.mark.parametrize(("margin", "alpha", "power"), [(0.02, 0.05, 0.8), (0.01, 0.05, 0.9), (0.05, 0.1, 0.5)])
+def test_seeds_for_margin_is_the_fewest_seeds_whose_planned_interval_fits_inside_the_margin(margin: float,
+                                                                                            alpha: float,
+                                                                                            power: float) -> None:
     spreads = [0.0, 0.004, 0.01, 0.02, 0.03, 0.05, 0.08]
-    needed = seeds_for_margin(spreads, margin, alpha)
+    needed = seeds_for_margin(spreads, margin, alpha, power)
     for sd, n in zip(spreads, needed):
-        half = lambda k: scipy_stats.t.ppf(1 - alpha, k - 1) * sd / math.sqrt(k)  # noqa: E731
+        def half(k: int) -> float:
+            return (scipy_stats.t.ppf(1 - alpha, k - 1) + scipy_stats.t.ppf(1 - (1 - power) / 2, k - 1)) * sd \
+                / math.sqrt(k)
         assert n >= 2 and half(n) < margin and (n == 2 or half(n - 1) >= margin), (sd, n)
     assert list(needed) == sorted(needed)  # more spread never needs fewer seeds
     assert np.isnan(seeds_for_margin(float("nan"))[0]) and seeds_for_margin(1.0, most=30)[0] == 31
 
 
-def test_seeds_for_margin_agrees_with_the_verdict_compare_gives() -> None:
-    """Paired differences of mean exactly zero and spread sd: with the seeds it names, compare calls the rows
-    equivalent; with one seed fewer, it cannot."""
-    rng = np.random.default_rng(7)
-    for sd in (0.01, 0.025, 0.04):
-        n = int(seeds_for_margin(sd, 0.02)[0])
-        for seeds, verdict in ((n, "equivalent"), (n - 1, "inconclusive")):
-            noise = rng.normal(size=seeds)
-            diffs = (noise - noise.mean()) / noise.std(ddof=1) * sd
-            line = compare(_table({"ref": [0.5] * seeds, "row": list(0.5 + diffs)}), "ref", ["va"],
-                           margin=0.02).iloc[0]
-            assert line["sd"] == pytest.approx(sd) and line["verdict"] == verdict, (sd, seeds)
+def test_with_the_seeds_it_plans_compare_calls_truly_alike_rows_equivalent_about_as_often_as_planned() -> None:
+    """Rows with no true difference from the reference, as many seeds each as seeds_for_margin plans for 80%:
+    compare calls about 80% of them equivalent; with the fewest seeds that could ever do it, far fewer."""
+    rng = np.random.default_rng(11)
+    sd, rows = 0.02, 500
+    planned = int(seeds_for_margin(sd, 0.02, power=0.8)[0])
+    barely = int(seeds_for_margin(sd, 0.02, power=0.05)[0])
+    assert barely < planned
+    rates = []
+    for seeds in (planned, barely):
+        # the reference scores 0.5 on every seed; each row differs from it by paired noise of spread sd, mean zero
+        table = pd.DataFrame([{"row": "ref", "seed": s, "va": 0.5} for s in range(seeds)]
+                             + [{"row": f"r{r}", "seed": s, "va": 0.5 + d}
+                                for r in range(rows) for s, d in enumerate(rng.normal(0.0, sd, size=seeds))])
+        rates.append((compare(table, "ref", ["va"], margin=0.02)["verdict"] == "equivalent").mean())
+    assert 0.74 <= rates[0] <= 0.88 and rates[1] < 0.35, rates
+    # and the sd column compare gives is the paired differences' spread the plan reads
+    line = compare(_table({"ref": [0.5, 0.5, 0.5], "row": [0.49, 0.5, 0.52]}), "ref", ["va"]).iloc[0]
+    assert line["sd"] == pytest.approx(np.std([-0.01, 0.0, 0.02], ddof=1))
 
 
 def test_seeds_for_margin_refuses_a_margin_or_level_that_plans_nothing() -> None:
-    for kwargs in ({"margin": 0.0}, {"alpha": 0.5}, {"margin": -1}):
+    for kwargs in ({"margin": 0.0}, {"alpha": 0.5}, {"margin": -1}, {"power": 1.0}, {"most": 1}):
         with pytest.raises(ConfigError, match="seeds_for_margin"):
             seeds_for_margin(0.02, **kwargs)
     with pytest.raises(ConfigError, match="below zero"):

@@ -225,11 +225,14 @@ METRICS: dict[str, tuple[str, ...]] = {
 HOW_NOT_WHAT: frozenset[str] = frozenset({"cache_dir", "threads", "num_workers"})
 
 #: Settings (parameters, and :class:`mtanet.train.TrainConfig` fields) that say where and how a run executed, not
-#: what it computed: two runs that differ only in these are the same experiment, as a resumed training run is
-#: (:attr:`TrainConfig.RESUMABLE_CHANGES`). The reproducibility check compares such runs across machines, and a
-#: committed reference sweep may be resumed with other values of them. Wider than :data:`HOW_NOT_WHAT`: the device
-#: or mixed precision change the last bits of a score, so they still name another results folder.
-EXECUTION_FIELDS: frozenset[str] = HOW_NOT_WHAT | TrainConfig.RESUMABLE_CHANGES
+#: what it computed: two runs that differ only in these are the same experiment. The reproducibility check compares
+#: such runs across machines, and a committed reference sweep may be resumed with other values of them. Wider than
+#: :data:`HOW_NOT_WHAT` (the device and the evaluation batch change the last bits of a score, so they still name
+#: another results folder); narrower than :attr:`TrainConfig.RESUMABLE_CHANGES`, which also lets a training run resume
+#: with mixed precision or compilation switched: those change more than the last bits, so runs that differ in them
+#: are not repeats of one another.
+EXECUTION_FIELDS: frozenset[str] = HOW_NOT_WHAT | frozenset({"data_root", "output_dir", "progress", "device", "resume",
+                                                             "eval_batch_size", "log_every", "checkpoint_every"})
 
 #: What the sweep decides for each run: neither the shared parameters' nor a row's ``train_options`` may set them
 #: (a seed there would give every seed of a row the same run).
