@@ -651,6 +651,9 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
         hardware = metrics.get("hardware") or {}
         held_out = folder / HELD_OUT_FILE
         intervals: dict[str, float] = {}
+        # the same model's headline scores on the validation people (the trainer's last evaluation, no selection):
+        # beside the test people's, they show how much a score owes to which people a split holds
+        last_epoch = _run_metrics(metrics)
         if held_out.is_file():
             scored = json.loads(held_out.read_text())
             scores, scored_on = _run_metrics({"final": scored["scores"]}), scored["split"]
@@ -658,10 +661,8 @@ def collect(results_dir: str | os.PathLike[str], rows: Iterable[str] | None = No
             for task, ci in (scored.get("intervals") or {}).items():
                 intervals.update({f"{task}_low": ci["low"], f"{task}_high": ci["high"]})
         else:
-            scores, scored_on, checkpoint = _run_metrics(metrics), "val (last epoch)", None
-        # the same model's headline scores on the validation people (the trainer's last evaluation, no selection):
-        # beside the test people's, they show how much a score owes to which people a split holds
-        validation = {f"val_{t}": v for t, v in _run_metrics(metrics).items() if t in METRICS}
+            scores, scored_on, checkpoint = last_epoch, "val (last epoch)", None
+        validation = {f"val_{t}": v for t, v in last_epoch.items() if t in METRICS}
         uncertainty = metrics.get("uncertainty") or {}
         learned = {f"s_{t}": v for t, v in (uncertainty.get("log_vars") or {}).items()}
         learned.update({f"s_star_{t}": v for t, v in (uncertainty.get("stationary_log_vars") or {}).items()})
