@@ -233,6 +233,13 @@ if on_test is not None and {f"val_{t}" for t in HEADLINE} <= set(on_test.columns
                              "seeds, Holm over these rows, per split)"
                              + (": whether the networks count as having learned VA depends on which people a split "
                                 "holds, so neither split alone settles it" if shown_val != shown_test else ""))
+            if {"va_low", "va_high"} <= set(va_rows.columns) and va_rows["va_low"].notna().any():
+                # how far a run's test VA moves with which test videos are drawn, against how far it moves with the seed
+                half_width = ((va_rows["va_high"] - va_rows["va_low"]) / 2).median()
+                seed_sd = va_rows.groupby("row")["va"].std().median()
+                sentence += (f". A run's own 95% interval over test videos spans plus or minus {half_width:.2f} "
+                             f"on VA (median), the seeds of a row {seed_sd:.2f} (median standard deviation): "
+                             "the test over seeds sees the second and not the first")
         display(Markdown(sentence + "."))
     else:
         display(Markdown("No two runs recorded both their validation and their test scores: no comparison of the two "
@@ -344,10 +351,11 @@ if ref_verdicts is not None:
 if ref_verdicts is not None:
     claims = paper.read_claims(ref_verdicts, learned=learned_tasks)
     display(claims)
-    display(Markdown("On this twin, at the reference's size: " + "; ".join(
-        f"{reading}: {', '.join(claims.index[claims['reading'] == reading])}"
+    # one line per reading, each claim quoted whole: a claim's own commas must not read as a list's
+    display(Markdown("On this twin, at the reference's size:\n\n" + "\n".join(
+        f"- **{reading}**: " + "; ".join(f"\u201c{claim}\u201d" for claim in claims.index[claims["reading"] == reading])
         for reading in ("supported", "refuted", "mixed", "undecided", "not learned", "not run")
-        if (claims["reading"] == reading).any()) + "."))
+        if (claims["reading"] == reading).any())))
     shared_settings = ref_meta.get("shared") or {}
     per_epoch = shared_settings.get("steps_per_epoch")
     if per_epoch and {"sum_only", "fixed_weights"} & set(ref_verdicts["row"]):
