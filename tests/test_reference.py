@@ -61,7 +61,7 @@ intervals = {t: {"score": s["score"], "low": s["score"] - 0.05, "high": s["score
 
 def _shared(path: Path) -> dict:
     values = yaml.safe_load(path.read_text())
-    return {k: v for k, v in values.items() if k not in ("rows", "seeds", "jobs")}
+    return {k: v for k, v in values.items() if k not in ("rows", "seeds", "more_seeds", "jobs")}
 
 
 def test_the_cpu_profile_reruns_reference_experiments_with_exactly_its_settings() -> None:
@@ -152,6 +152,38 @@ def test_a_fresh_clone_resumes_from_the_committed_file_and_runs_only_what_is_new
                                                      ("sum_only", 0), ("sum_only", 1)]
     kept = {(r["row"], r["seed"]): r for r in runs if (r["row"], r["seed"]) in first}
     assert kept == first  # the committed records pass through unchanged
+
+
+def test_more_seeds_run_only_for_the_rows_they_name_after_the_shared_seeds(smoke_root: Path, tmp_path: Path,
+                                                                          fake) -> None:
+    notebook, calls, output = fake
+    values = {**_values(smoke_root, calls, ["senet", "resnet", "sum_only"], [0]),
+              "more_seeds": {"rows": ["sum_only", "senet"], "seeds": [1, 2]}}
+    assert reference.seeds_of(values) == {"senet": [0, 1, 2], "resnet": [0], "sum_only": [0, 1, 2]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "work"))
+        assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 7
+        # seed by seed, each seed's rows in the settings' order, resnet never past its seeds
+        assert calls.read_text().split() == ["senet/seed0", "resnet/seed0", "sum_only/seed0", "senet/seed1",
+                                             "sum_only/seed1", "senet/seed2", "sum_only/seed2"]
+        data = json.loads(output.read_text())
+        assert data["meta"]["more_seeds"] == values["more_seeds"] and data["meta"]["seeds"] == [0]
+        assert sorted((r["row"], r["seed"]) for r in data["runs"]) == [
+            ("resnet", 0), ("senet", 0), ("senet", 1), ("senet", 2), ("sum_only", 0), ("sum_only", 1), ("sum_only", 2)]
+        # dropping more_seeds later keeps their records (nothing committed is dropped) and runs nothing
+        assert reference.run_reference({**values, "more_seeds": None}, output, notebook=notebook,
+                                       log=lambda _: None) == 7
+        assert len(calls.read_text().split()) == 7
+
+
+@pytest.mark.parametrize("more, message", [
+    ({"rows": ["avg_pool"], "seeds": [5]}, "rows not in the sweep's rows: avg_pool"),
+    ({"rows": ["senet"], "seeds": [1, 5]}, r"seeds already in seeds: \[1\]"),
+    ([5, 6], "must be a mapping with the keys rows and seeds"),
+])
+def test_more_seeds_that_name_unknown_rows_or_repeat_seeds_are_refused(more, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        reference.seeds_of({"rows": ["senet", "resnet"], "seeds": [0, 1], "more_seeds": more})
 
 
 def test_records_the_settings_no_longer_plan_are_kept_and_one_scored_elsewhere_is_run_again(smoke_root: Path,

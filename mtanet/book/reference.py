@@ -34,7 +34,7 @@ from mtanet.data import annotation_fingerprint
 from mtanet.errors import ConfigError
 from mtanet.runtime import project_root, work_root
 
-__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "plan_reference", "committed_runs", "export",
+__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "seeds_of", "plan_reference", "committed_runs", "export",
            "run_reference"]
 
 #: The reference sweep's parameters, relative to the checkout.
@@ -43,7 +43,7 @@ SETTINGS = Path("notebooks") / "params" / "05_ablations" / "reference.yaml"
 OUTPUT = Path("book") / "results" / "ablations-reference.json"
 #: Keys of the settings file that are not parameters of the training chapter.
 _MACHINE_PATHS = ("data_root", "output_dir", "cache_dir")
-_SWEEP_KEYS = ("rows", "seeds", "jobs", "family", "reference", "results_dir", "extra_rows", "margin")
+_SWEEP_KEYS = ("rows", "seeds", "more_seeds", "jobs", "family", "reference", "results_dir", "extra_rows", "margin")
 
 
 def settings(path: str | Path | None = None) -> dict[str, Any]:
@@ -61,12 +61,42 @@ def shared_parameters(values: dict[str, Any]) -> dict[str, Any]:
     return shared
 
 
+def seeds_of(values: dict[str, Any]) -> dict[str, list[int]]:
+    """Each row's seeds: ``seeds`` for every row, and ``more_seeds`` (``{"rows": [...], "seeds": [...]}``, optional)
+    added for the rows it names, where a finer comparison is wanted than the shared seeds resolve.
+
+    Raises:
+        ConfigError: ``more_seeds`` names a row not in ``rows``, repeats a seed of ``seeds``, or is not that mapping.
+    """
+    shared_seeds = [int(s) for s in values["seeds"]]
+    seeds = {row: list(shared_seeds) for row in values["rows"]}
+    more = values.get("more_seeds")
+    if more is None:
+        return seeds
+    if not isinstance(more, dict) or set(more) != {"rows", "seeds"}:
+        raise ConfigError(f"more_seeds must be a mapping with the keys rows and seeds, got {more!r}")
+    unknown = [row for row in more["rows"] if row not in seeds]
+    again = sorted(set(int(s) for s in more["seeds"]) & set(shared_seeds))
+    if unknown or again:
+        raise ConfigError("more_seeds: " + "; ".join(
+            ([f"rows not in the sweep's rows: {', '.join(unknown)}"] if unknown else [])
+            + ([f"seeds already in seeds: {again}"] if again else [])))
+    for row in more["rows"]:
+        seeds[row] += [int(s) for s in more["seeds"]]
+    return seeds
+
+
 def plan_reference(values: dict[str, Any], rows: Sequence[str] | None = None) -> tuple[list[sweep.SweepRun], Path]:
-    """The runs, seed by seed, and the results folder (the one chapter 05 would use for the same settings)."""
+    """The runs, seed by seed (every row's seed, in the settings' row order, before the next seed), and the results
+    folder (the one chapter 05 would use for the same settings)."""
     shared = shared_parameters(values)
     family = values.get("family", "small")
     chosen = list(rows or values["rows"])
-    runs = [run for seed in values["seeds"] for run in sweep.plan(chosen, [seed], shared, family=family)]
+    seeds = seeds_of(values)
+    every_seed = sorted({seed for row in chosen for seed in seeds.get(row, [])})
+    runs = [run for seed in every_seed
+            for run in sweep.plan([row for row in chosen if seed in seeds.get(row, [])], [seed], shared,
+                                  family=family)]
     return runs, sweep.results_folder(shared, family)
 
 
@@ -183,7 +213,10 @@ def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
             holds (a twin written again at the same path): naming its folder.
     """
     runs = sweep.collect(results_dir, values["rows"])
-    runs = runs[runs["seed"].isin(values["seeds"])]
+    seeds = seeds_of(values)
+    planned = pd.Series([int(seed) in seeds.get(row, []) for row, seed in zip(runs["row"], runs["seed"])],
+                        index=runs.index, dtype=bool)
+    runs = runs[planned]
     fingerprint = annotation_fingerprint(_data_root(values))
     stale = runs[runs["data_sha256"] != fingerprint]
     if len(stale):
@@ -200,7 +233,8 @@ def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
     bounds_file = Path(shared["data_root"]) / synth.CEILING_FILE
     bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None
     sweep.write_summary(runs, output, shared=_shown(shared), family=values.get("family", "small"),
-                        rows=list(values["rows"]), seeds=list(values["seeds"]), bounds=bounds,
+                        rows=list(values["rows"]), seeds=list(values["seeds"]),
+                        **({"more_seeds": values["more_seeds"]} if values.get("more_seeds") else {}), bounds=bounds,
                         written=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     return len(runs)
 
