@@ -28,7 +28,8 @@ from scipy import stats
 
 from mtanet.errors import ConfigError
 
-__all__ = ["COLUMNS", "VERDICTS", "above_floor", "both_learned", "compare", "holm", "seeds_for_margin"]
+__all__ = ["COLUMNS", "VERDICTS", "above_floor", "both_learned", "compare", "holm", "seeds_for_margin",
+           "spread_sources"]
 
 #: The columns of :func:`compare`'s table, in order.
 COLUMNS = ("row", "versus", "metric", "n", "unpaired", "diff", "sd", "ci_low", "ci_high", "eq_low", "eq_high", "p",
@@ -326,3 +327,29 @@ def seeds_for_margin(sd: float | Sequence[float] | np.ndarray, margin: float = 0
     failing = np.searchsorted(-unit, -limit, side="right")
     out[known] = n[0] + failing
     return out
+
+
+def spread_sources(results: pd.DataFrame, metrics: Sequence[str], level: float = 0.95) -> pd.DataFrame:
+    """How far a score moves with which evaluation videos are drawn, beside how far it moves with the seed, in one
+    unit (a standard deviation), per metric.
+
+    ``video_se``: the median over runs of a run's own interval ``{metric}_low``/``{metric}_high`` (a video-level
+    bootstrap at ``level``) turned into a standard error, half-width / z. ``seed_sd``: the median over rows of the
+    standard deviation of the row's scores over its seeds (rows with two seeds or more). Seeds share the evaluation
+    videos, so ``seed_sd`` does not contain ``video_se``: a test over seeds alone ignores it. ``runs`` and ``rows``:
+    how many each median is over. A metric without intervals gets NaN ``video_se``.
+    """
+    if not 0 < level < 1:
+        raise ConfigError(f"spread_sources: level must lie in (0, 1), got {level!r}")
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    lines = {}
+    for metric in metrics:
+        scored = results[results[metric].notna()]
+        if {f"{metric}_low", f"{metric}_high"} <= set(scored.columns):
+            half = ((scored[f"{metric}_high"] - scored[f"{metric}_low"]) / 2.0).dropna()
+        else:
+            half = pd.Series(dtype=float)
+        by_row = scored.groupby("row")[metric].std(ddof=1).dropna()
+        lines[metric] = {"video_se": float(half.median() / z) if len(half) else float("nan"), "runs": len(half),
+                         "seed_sd": float(by_row.median()) if len(by_row) else float("nan"), "rows": len(by_row)}
+    return pd.DataFrame.from_dict(lines, orient="index", columns=["video_se", "runs", "seed_sd", "rows"])

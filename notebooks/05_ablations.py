@@ -55,7 +55,7 @@ from IPython.display import Markdown, display
 
 from mtanet import synth
 from mtanet.book import paper, project_root, sweep, work_root
-from mtanet.stats import above_floor, both_learned, compare, seeds_for_margin
+from mtanet.stats import above_floor, both_learned, compare, seeds_for_margin, spread_sources
 
 sns.set_theme(context="notebook", style="whitegrid")
 root = synth.resolve_data_root(data_root, synth_size)
@@ -149,8 +149,9 @@ else:
 # ### Scores per row
 #
 # Mean and standard deviation over seeds of each row's scores on test, and the median width of the runs' own
-# video-level intervals: which test videos happen to be drawn moves a score about as much as the seed does, and
-# the seeds' spread does not show that ({numref}`fig-05-reference` shows every run with its interval).
+# video-level intervals ({numref}`fig-05-reference` shows every run with its interval). The seeds share the test
+# videos, so their spread does not contain how much a score owes to which videos were drawn; the sentence below the
+# table sets the two side by side (`mtanet.stats.spread_sources`).
 
 # %% tags=["hide-input"]
 if have_reference:
@@ -171,6 +172,23 @@ if have_reference:
             + " of the gap from the floor (the best constant) to the reference (the noise-free labels) on test "
             "(floor " + ", ".join(f"{t} {split_bounds['floor_score'][t]:.3f}" for t in HEADLINE) + "; reference "
             + ", ".join(f"{t} {split_bounds['reference_score'][t]:.3f}" for t in HEADLINE) + ")."))
+    sources = spread_sources(ref_runs, HEADLINE).dropna()
+    if len(sources):
+        def as_much(ratio: float) -> str:
+            return "more than" if ratio > 1.5 else "less than" if ratio < 1 / 1.5 else "about as much as"
+        readings: dict[str, list[str]] = {}
+        for t in sources.index:
+            readings.setdefault(as_much(sources.loc[t, "video_se"] / sources.loc[t, "seed_sd"]), []).append(t)
+        display(Markdown(
+            "In one unit, a standard deviation: a run's own interval over test videos amounts to a standard error of "
+            + ", ".join(f"**{t}** {sources.loc[t, 'video_se']:.3f}" for t in sources.index)
+            + " (median half-width / 1.96); the seeds of a row spread by "
+            + ", ".join(f"**{t}** {sources.loc[t, 'seed_sd']:.3f}" for t in sources.index)
+            + " (median over rows). So which test videos are drawn moves a score "
+            + "; ".join(f"{reading} the seed does on " + (", ".join(tasks[:-1]) + " and " if len(tasks) > 1 else "")
+                        + tasks[-1] for reading, tasks in readings.items())
+            + ". Two rows compared on the same videos share that draw; a score against a fixed level (the floor, "
+            "the paper's number) carries it whole."))
 
 # %% [markdown]
 # A comparison only means something on a task both rows learned. Whether each row's seeds score above the floor
@@ -233,13 +251,12 @@ if on_test is not None and {f"val_{t}" for t in HEADLINE} <= set(on_test.columns
                              "seeds, Holm over these rows, per split)"
                              + (": whether the networks count as having learned VA depends on which people a split "
                                 "holds, so neither split alone settles it" if shown_val != shown_test else ""))
-            if {"va_low", "va_high"} <= set(va_rows.columns) and va_rows["va_low"].notna().any():
-                # how far a run's test VA moves with which test videos are drawn, against how far it moves with the seed
-                half_width = ((va_rows["va_high"] - va_rows["va_low"]) / 2).median()
-                seed_sd = va_rows.groupby("row")["va"].std().median()
-                sentence += (f". A run's own 95% interval over test videos spans plus or minus {half_width:.2f} "
-                             f"on VA (median), the seeds of a row {seed_sd:.2f} (median standard deviation): "
-                             "the test over seeds sees the second and not the first")
+            va_sources = spread_sources(on_test, ["va"]).loc["va"]
+            if va_sources.notna().all():
+                # the test above reads the seeds only; which people were drawn moves VA more than the seed does
+                sentence += (f". That test reads the seeds' spread (VA {va_sources['seed_sd']:.3f}), not the "
+                             f"standard error of a run's VA over which test videos were drawn "
+                             f"({va_sources['video_se']:.3f}; both medians, as in the sentence under the scores)")
         display(Markdown(sentence + "."))
     else:
         display(Markdown("No two runs recorded both their validation and their test scores: no comparison of the two "
@@ -293,8 +310,14 @@ if have_reference:
         ref_verdicts = compare(ref_runs, [(c.row, c.versus) for c in chosen], HEADLINE, margin=margin, alpha=0.05)
         display(verdict_table(ref_verdicts, learned_tasks))
         counts = ref_verdicts["verdict"].value_counts()
+        pairs = ref_verdicts["n"].value_counts().sort_index(ascending=False)
+        unpaired = ref_verdicts[ref_verdicts["unpaired"] > 0]
         display(Markdown(f"Of {len(ref_verdicts)} comparisons (margin {margin}): "
                          + ", ".join(f"{n} {k}" for k, n in counts.items()) + "."
+                         + (" They pair " + " and ".join(f"{n} seeds in {k}" for n, k in pairs.items()) + (
+                             f"; {len(unpaired)} of them set aside the seeds only one of their rows holds, so their "
+                             "difference is not the difference of the two rows' means in the table above"
+                             if len(unpaired) else "") + "." if len(pairs) > 1 else "")
                          + (f" Not yet compared (a row with fewer than two seeds): {', '.join(waiting)}."
                             if waiting else "")))
     else:
@@ -305,9 +328,9 @@ if have_reference:
 #
 # An inconclusive verdict says the seeds could not tell, not that the rows are alike. How finely they can tell is
 # read from the spread of the paired differences (`sd` in `compare`'s table), over the comparisons on a task both rows
-# learned (the others compare noise): per task, the median half-width of the 95% intervals above, and the seeds per
-# row with which two truly alike rows would be called equivalent with a chance of 80% (`mtanet.stats.seeds_for_margin`,
-# planned from the spread seen here).
+# learned (the others compare noise): per task and number of seeds paired, the median half-width of the 95% intervals
+# above; and the seeds per row with which two truly alike rows would be called equivalent with a chance of 80%
+# (`mtanet.stats.seeds_for_margin`, planned from the spread seen here).
 
 # %% tags=["hide-input"]
 if ref_verdicts is not None:
@@ -316,25 +339,30 @@ if ref_verdicts is not None:
         readable &= np.array([b is True for b in both_learned(ref_verdicts, learned_tasks)], dtype=bool)
     spread = ref_verdicts[readable]
     if len(spread):
-        by_metric = spread.groupby("metric", sort=False)
+        # grouped by how many seeds a comparison pairs: rows given more seeds resolve finer than the rest
+        spread = spread.assign(half_width=(spread["ci_high"] - spread["ci_low"]) / 2,
+                               planned=seeds_for_margin(spread["sd"], margin, power=0.8))
+        by_pairs = spread.groupby(["n", "metric"])
         resolution = pd.DataFrame({
-            "comparisons": by_metric.size(),
-            "seeds (median)": by_metric["n"].median(),
-            "sd of paired differences (median)": by_metric["sd"].median(),
-            "95% half-width (median)": ((spread["ci_high"] - spread["ci_low"]) / 2).groupby(spread["metric"]).median(),
-            "seeds for equivalence, 80% (median)": pd.Series(seeds_for_margin(spread["sd"], margin, power=0.8),
-                                                             index=spread.index).groupby(spread["metric"]).median(),
-        }).reindex([t for t in HEADLINE if t in set(spread["metric"])])
+            "comparisons": by_pairs.size(),
+            "sd of paired differences (median)": by_pairs["sd"].median(),
+            "95% half-width (median)": by_pairs["half_width"].median(),
+        }).reindex([(n, t) for n in sorted(set(spread["n"]), reverse=True) for t in HEADLINE
+                    if (n, t) in by_pairs.groups])
+        resolution.index = resolution.index.set_names(["seeds paired", "task"])
         display(resolution.round(3))
+        planned = spread.groupby("metric")["planned"].median().reindex([t for t in HEADLINE
+                                                                        if t in set(spread["metric"])])
         display(Markdown(
-            f"Over the {len(spread)} comparisons on a task both rows learned, with "
-            f"{resolution['seeds (median)'].median():.0f} seeds per row, the median 95% interval of a difference is "
-            + ", ".join(f"plus or minus {h:.3f} on {t.upper()}"
-                        for t, h in resolution["95% half-width (median)"].items())
-            + f", against an equivalence margin of {margin}. Were two rows truly alike, calling them equivalent with "
-            "a chance of 80% at the median spread would take about "
-            + ", ".join(f"{math.ceil(n)} seeds per row on {t.upper()}"
-                        for t, n in resolution["seeds for equivalence, 80% (median)"].items())
+            f"Over the {len(spread)} comparisons on a task both rows learned, the median 95% interval of a "
+            "difference is, " + "; ".join(
+                f"with {n} seeds paired ({int(part['comparisons'].sum())} comparisons), "
+                + ", ".join(f"plus or minus {h:.3f} on {t.upper()}"
+                            for t, h in part.droplevel(0)["95% half-width (median)"].items())
+                for n, part in resolution.groupby(level=0, sort=False))
+            + f"; against an equivalence margin of {margin}. Were two rows truly alike, calling them equivalent "
+            "with a chance of 80% at the median spread of all these comparisons would take about "
+            + ", ".join(f"{math.ceil(n)} seeds per row on {t.upper()}" for t, n in planned.items())
             + ": a difference smaller than the interval is neither found nor ruled out here."))
     else:
         display(Markdown("No comparison is on a task both its rows learned: nothing to plan from."))

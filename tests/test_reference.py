@@ -71,6 +71,10 @@ def test_the_cpu_profile_reruns_reference_experiments_with_exactly_its_settings(
     cpu = yaml.safe_load((params / "cpu.yaml").read_text())
     assert set(cpu["rows"]) <= set(values["rows"]) and set(cpu["seeds"]) <= set(values["seeds"])
     assert len(values["seeds"]) >= 5 and set(values["rows"]) <= set(sweep.ROWS)
+    # the committed more_seeds reads: Table I's rows and their factorial carry ten seeds, every other row five
+    seeds = reference.seeds_of(values)
+    backbones = {"senet", "resnet", "resnext", "seresnext", "resnext_cbam"}
+    assert {row: len(s) for row, s in seeds.items()} == {row: 10 if row in backbones else 5 for row in values["rows"]}
 
 
 def test_the_reference_runs_seed_by_seed_writes_its_file_after_each_run_and_resumes(smoke_root: Path,
@@ -176,10 +180,43 @@ def test_more_seeds_run_only_for_the_rows_they_name_after_the_shared_seeds(smoke
         assert len(calls.read_text().split()) == 7
 
 
+def test_more_seeds_run_after_the_shared_seeds_whatever_their_numbers(smoke_root: Path, tmp_path: Path) -> None:
+    values = {**_values(smoke_root, tmp_path / "calls.txt", ["senet", "resnet"], [5, 3]),
+              "more_seeds": {"rows": ["resnet"], "seeds": [0]}}
+    runs, _ = reference.plan_reference(values)
+    assert [(run.row, run.seed) for run in runs] == [("senet", 5), ("resnet", 5), ("senet", 3), ("resnet", 3),
+                                                     ("resnet", 0)]
+    assert [(run.row, run.seed) for run in reference.plan_reference(values, ["resnet"])[0]] == [
+        ("resnet", 5), ("resnet", 3), ("resnet", 0)]
+    with pytest.raises(ConfigError, match="rows not in the reference settings' rows: sum_only"):
+        reference.plan_reference(values, ["senet", "sum_only"])
+
+
+def test_a_results_folder_run_the_settings_no_longer_plan_is_not_exported(smoke_root: Path, tmp_path: Path,
+                                                                          fake) -> None:
+    notebook, calls, output = fake
+    values = {**_values(smoke_root, calls, ["senet", "resnet"], [0]), "more_seeds": {"rows": ["resnet"], "seeds": [1]}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTANET_WORK", str(tmp_path / "work"))
+        assert reference.run_reference(values, output, notebook=notebook, log=lambda _: None) == 3
+        output.rename(tmp_path / "moved.json")
+        # resnet/seed1 is still in the results folder; the settings without more_seeds do not plan it
+        assert reference.run_reference({**values, "more_seeds": None}, output, notebook=notebook,
+                                       log=lambda _: None) == 2
+    assert sorted((r["row"], r["seed"]) for r in json.loads(output.read_text())["runs"]) == [("resnet", 0),
+                                                                                           ("senet", 0)]
+    assert "more_seeds" not in json.loads(output.read_text())["meta"] and len(calls.read_text().split()) == 3
+
+
 @pytest.mark.parametrize("more, message", [
     ({"rows": ["avg_pool"], "seeds": [5]}, "rows not in the sweep's rows: avg_pool"),
     ({"rows": ["senet"], "seeds": [1, 5]}, r"seeds already in seeds: \[1\]"),
-    ([5, 6], "must be a mapping with the keys rows and seeds"),
+    ({"rows": ["senet", "senet"], "seeds": [5]}, "rows named twice: senet"),
+    ({"rows": ["senet"], "seeds": [5, 5]}, "lists a seed twice"),
+    ({"rows": ["senet"], "seeds": 5}, "more_seeds.seeds must be a list of integers"),
+    ({"rows": ["senet"], "seeds": ["5"]}, "more_seeds.seeds must be a list of integers"),
+    ({"rows": "senet", "seeds": [5]}, "must be a mapping"),
+    ([5, 6], "must be a mapping"),
 ])
 def test_more_seeds_that_name_unknown_rows_or_repeat_seeds_are_refused(more, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mtanet.errors import ConfigError
-from mtanet.stats import COLUMNS, above_floor, both_learned, compare, holm, seeds_for_margin
+from mtanet.stats import COLUMNS, above_floor, both_learned, compare, holm, seeds_for_margin, spread_sources
 
 METRICS = ["va", "au", "expr"]
 
@@ -294,3 +294,24 @@ def test_seeds_for_margin_refuses_a_margin_or_level_that_plans_nothing() -> None
             seeds_for_margin(0.02, **kwargs)
     with pytest.raises(ConfigError, match="below zero"):
         seeds_for_margin([-0.01])
+
+
+def test_spread_sources_turns_each_runs_interval_into_a_standard_error_beside_the_seeds_spread() -> None:
+    rng = np.random.default_rng(0)
+    lines = []
+    for row, centre in (("a", 0.5), ("b", 0.3), ("c", 0.7)):
+        for seed, score in enumerate(centre + rng.normal(0, 0.01, 6)):
+            # intervals of half-width 1.96 * 0.05: a video-level standard error of 0.05
+            lines.append({"row": row, "seed": seed, "va": score, "va_low": score - 1.96 * 0.05,
+                          "va_high": score + 1.96 * 0.05, "au": score})
+    lines.append({"row": "d", "seed": 0, "va": 0.1, "va_low": 0.0, "va_high": 0.2, "au": float("nan")})  # one seed
+    runs = pd.DataFrame(lines)
+    out = spread_sources(runs, ["va", "au"])
+    assert out.loc["va", "video_se"] == pytest.approx(0.05, abs=1e-3) and out.loc["va", "runs"] == 19
+    # the median of the rows' own spreads (about 0.01), not the spread of all runs (the rows' means differ by 0.2)
+    assert 0.004 < out.loc["va", "seed_sd"] < 0.02 and out.loc["va", "rows"] == 3
+    assert math.isnan(out.loc["au", "video_se"]) and out.loc["au", "runs"] == 0 and out.loc["au", "rows"] == 3
+    # a 90% interval of the same width is a larger standard error
+    assert spread_sources(runs, ["va"], level=0.9).loc["va", "video_se"] > out.loc["va", "video_se"]
+    with pytest.raises(ConfigError):
+        spread_sources(runs, ["va"], level=1.0)

@@ -6,8 +6,9 @@ seed, configuration, scores on the twin's test split and their video-level inter
 eq. 5, wall time, commit, package versions and hardware (:func:`mtanet.book.sweep.collect`'s columns).
 
 Its settings live in ``notebooks/params/05_ablations/reference.yaml``: the chapter's parameters (shared by every
-run) plus ``rows``, ``seeds`` and ``jobs``. The `cpu` profile of the chapter uses the same shared settings, so its
-runs repeat reference runs exactly (the reproducibility check on the page).
+run) plus ``rows``, ``seeds``, ``more_seeds`` (seeds added to some rows only) and ``jobs``. The `cpu` profile of
+the chapter uses the same shared settings, so its runs repeat reference runs exactly (the reproducibility check on
+the page).
 
 Runs go seed by seed (every row's seed 0, then every row's seed 1, ...), so that a sweep stopped at any point holds
 complete pairs for the comparisons, and the JSON is rewritten after every finished run: stop it at any time (kill
@@ -34,8 +35,8 @@ from mtanet.data import annotation_fingerprint
 from mtanet.errors import ConfigError
 from mtanet.runtime import project_root, work_root
 
-__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "seeds_of", "plan_reference", "committed_runs", "export",
-           "run_reference"]
+__all__ = ["SETTINGS", "OUTPUT", "settings", "shared_parameters", "more_seeds", "seeds_of", "plan_reference",
+           "committed_runs", "export", "run_reference"]
 
 #: The reference sweep's parameters, relative to the checkout.
 SETTINGS = Path("notebooks") / "params" / "05_ablations" / "reference.yaml"
@@ -61,42 +62,68 @@ def shared_parameters(values: dict[str, Any]) -> dict[str, Any]:
     return shared
 
 
-def seeds_of(values: dict[str, Any]) -> dict[str, list[int]]:
-    """Each row's seeds: ``seeds`` for every row, and ``more_seeds`` (``{"rows": [...], "seeds": [...]}``, optional)
-    added for the rows it names, where a finer comparison is wanted than the shared seeds resolve.
+def _int_list(value: Any, what: str) -> list[int]:
+    """A list of distinct integers (seeds), or a ConfigError naming ``what``."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{what} must be a list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{what} lists a seed twice: {value!r}")
+    return list(value)
+
+
+def more_seeds(values: dict[str, Any]) -> dict[str, list] | None:
+    """The settings' ``more_seeds`` (``{"rows": [...], "seeds": [...]}``: seeds added to the rows it names, where a
+    finer comparison is wanted than the shared seeds resolve), checked; None when there is none.
 
     Raises:
-        ConfigError: ``more_seeds`` names a row not in ``rows``, repeats a seed of ``seeds``, or is not that mapping.
+        ConfigError: it is not that mapping of two lists, names a row not in ``rows`` or twice, or repeats a seed (of
+            its own or of ``seeds``).
     """
-    shared_seeds = [int(s) for s in values["seeds"]]
-    seeds = {row: list(shared_seeds) for row in values["rows"]}
     more = values.get("more_seeds")
     if more is None:
-        return seeds
-    if not isinstance(more, dict) or set(more) != {"rows", "seeds"}:
-        raise ConfigError(f"more_seeds must be a mapping with the keys rows and seeds, got {more!r}")
-    unknown = [row for row in more["rows"] if row not in seeds]
-    again = sorted(set(int(s) for s in more["seeds"]) & set(shared_seeds))
-    if unknown or again:
+        return None
+    if not isinstance(more, dict) or set(more) != {"rows", "seeds"} or not isinstance(more["rows"], list):
+        raise ConfigError(f"more_seeds must be a mapping {{rows: [...], seeds: [...]}} of two lists, got {more!r}")
+    seeds = _int_list(more["seeds"], "more_seeds.seeds")
+    unknown = [str(row) for row in more["rows"] if row not in values["rows"]]
+    twice = sorted({str(row) for row in more["rows"] if more["rows"].count(row) > 1})
+    shared_seeds = _int_list(values["seeds"], "seeds")
+    again = [seed for seed in seeds if seed in shared_seeds]
+    if unknown or twice or again:
         raise ConfigError("more_seeds: " + "; ".join(
             ([f"rows not in the sweep's rows: {', '.join(unknown)}"] if unknown else [])
+            + ([f"rows named twice: {', '.join(twice)}"] if twice else [])
             + ([f"seeds already in seeds: {again}"] if again else [])))
-    for row in more["rows"]:
-        seeds[row] += [int(s) for s in more["seeds"]]
+    return {"rows": list(more["rows"]), "seeds": seeds}
+
+
+def seeds_of(values: dict[str, Any]) -> dict[str, list[int]]:
+    """Each row's seeds, in the order they run: ``seeds`` for every row, then :func:`more_seeds`'s for the rows it
+    names."""
+    shared_seeds = _int_list(values["seeds"], "seeds")
+    seeds = {row: list(shared_seeds) for row in values["rows"]}
+    more = more_seeds(values)
+    for row in (more or {}).get("rows", []):
+        seeds[row] += more["seeds"]
     return seeds
 
 
 def plan_reference(values: dict[str, Any], rows: Sequence[str] | None = None) -> tuple[list[sweep.SweepRun], Path]:
-    """The runs, seed by seed (every row's seed, in the settings' row order, before the next seed), and the results
-    folder (the one chapter 05 would use for the same settings)."""
+    """The runs, seed by seed (every row's seed, in the settings' row order, before the next seed; the shared seeds
+    before ``more_seeds``), and the results folder (the one chapter 05 would use for the same settings).
+
+    Raises:
+        ConfigError: ``rows`` names a row the settings do not hold (its seeds are unknown).
+    """
     shared = shared_parameters(values)
     family = values.get("family", "small")
     chosen = list(rows or values["rows"])
     seeds = seeds_of(values)
-    every_seed = sorted({seed for row in chosen for seed in seeds.get(row, [])})
+    if unknown := [row for row in chosen if row not in seeds]:
+        raise ConfigError(f"rows not in the reference settings' rows: {', '.join(map(str, unknown))}")
+    every_seed = list(dict.fromkeys(seed for row in chosen for seed in seeds[row]))
     runs = [run for seed in every_seed
-            for run in sweep.plan([row for row in chosen if seed in seeds.get(row, [])], [seed], shared,
-                                  family=family)]
+            for run in sweep.plan([row for row in chosen if seed in seeds[row]], [seed], shared, family=family)]
     return runs, sweep.results_folder(shared, family)
 
 
@@ -234,7 +261,7 @@ def export(values: dict[str, Any], results_dir: Path, output: Path) -> int:
     bounds = json.loads(bounds_file.read_text())["splits"].get("test") if bounds_file.is_file() else None
     sweep.write_summary(runs, output, shared=_shown(shared), family=values.get("family", "small"),
                         rows=list(values["rows"]), seeds=list(values["seeds"]),
-                        **({"more_seeds": values["more_seeds"]} if values.get("more_seeds") else {}), bounds=bounds,
+                        **({"more_seeds": more} if (more := more_seeds(values)) else {}), bounds=bounds,
                         written=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     return len(runs)
 
