@@ -324,3 +324,19 @@ def test_the_gpu_profile_is_the_full_factorial_at_the_papers_size_with_five_seed
     gpu = yaml.safe_load((ROOT / "notebooks" / "params" / "05_ablations" / "gpu.yaml").read_text())
     assert gpu["rows"] == list(sweep.ROWS) and len(gpu["seeds"]) >= 5
     assert gpu["family"] == "paper" and gpu["image_size"] == 112
+
+
+def test_the_committed_reference_file_is_the_experiment_the_committed_settings_plan(smoke_root: Path) -> None:
+    # another data root only so that nothing is generated here; no shared setting compared below reads it
+    values = {**reference.settings(), "data_root": str(smoke_root)}
+    output = ROOT / reference.OUTPUT
+    runs, _ = sweep.read_summary(output)
+    digests = set(runs["data_sha256"])
+    assert len(digests) == 1  # one twin for every record
+    # same shared settings and family, no run twice (committed_runs raises otherwise)
+    committed = reference.committed_runs(values, output, fingerprint=digests.pop())
+    planned, _ = reference.plan_reference(values)
+    reference._check_against_plan(committed, planned, output)  # every record has the configuration its row plans
+    seeds = reference.seeds_of(values)
+    assert all(int(seed) in seeds[row] for row, seed in zip(committed["row"], committed["seed"]))
+    assert set(committed["row"]) == set(values["rows"])
